@@ -1,0 +1,67 @@
+"""The blend stage: per-phase blend files, the report, and megatron-core's check of each blend."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from nano3.blend.report import write_report
+from nano3.blend.spec import PHASES, blend_rows, load_manifests, per_split_blend, phase_weights
+from nano3.blend.validate import build_phase, megatron_tokenizer, split_sizes
+from nano3.data.tokenizer import read_info
+from nano3.errors import UserError
+from nano3.files import atomic_write_json
+from nano3.train.schedule import build_schedule
+
+
+def build_blends(params, log=print) -> dict:
+    """Write `<blend.out_dir>/{phase1,phase2,lc}.json`, report.{md,csv,png}; validate; return a summary."""
+    out_dir = Path(params.get_key("blend.out_dir", kind=str))
+    root = Path(params.get_key("prep.out_dir", kind=str))
+    schedule = build_schedule(params)
+    weights = {phase: phase_weights(params, phase) for phase in PHASES}
+    manifests = load_manifests(params, {name for w in weights.values() for name in w})
+    tokenizer_dir = params.get_key("tokenizer.dir", kind=str)
+    info = read_info(tokenizer_dir)
+    fingerprint = next(iter(manifests.values()))["tokenizer"]["fingerprint"]
+    if fingerprint != info.fingerprint:
+        raise UserError(f"{tokenizer_dir}: tokenizer {info.fingerprint} differs from the one the datasets were "
+                        f"prepared with ({fingerprint}); rerun prep (dvc repro) so data and tokenizer match")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, summary = [], {"phases": {}, "tokenizer": fingerprint}
+    for phase in PHASES:
+        plan = schedule.phase(phase) if phase in {p.name for p in schedule.phases} else None
+        phase_tokens = plan.tokens if plan else 0
+        blend = per_split_blend(manifests, weights[phase], root)
+        if blend["valid"] is None:
+            log(f"blend {phase}: no dataset has validation documents; training will skip validation")
+        atomic_write_json(out_dir / f"{phase}.json", blend)
+        rows += blend_rows(phase, manifests, weights[phase], phase_tokens)
+        summary["phases"][phase] = {"datasets": weights[phase], "tokens": phase_tokens}
+
+    max_epochs = float(params.get_key("blend.max_epochs", kind=(int, float)))
+    report_dir = Path(params.get_key("blend.report_dir", kind=str))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for warning in write_report(rows, max_epochs, report_dir):
+        log(f"warning: {warning}")
+
+    cache_dir = out_dir / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    if params.get_key("blend.validate", True, kind=bool) or params.get_key("blend.prebuild_cache", False, kind=bool):
+        prebuild = params.get_key("blend.prebuild_cache", False, kind=bool)
+        tokenizer = megatron_tokenizer(tokenizer_dir, info)
+        g = params.get_key
+        for phase in PHASES:
+            plan = next((p for p in schedule.phases if p.blend == phase), None)
+            if plan is None:
+                continue
+            sizes = split_sizes(plan.train_iters, plan.global_batch_size, g("train.eval_interval", kind=int),
+                                g("train.eval_iters", kind=int))
+            lengths = build_phase(out_dir / f"{phase}.json", seq_length=plan.seq_length, seed=g("train.seed", kind=int),
+                                  sizes=sizes, tokenizer=tokenizer, cache_dir=cache_dir if prebuild else None)
+            summary["phases"][phase]["samples"] = dict(zip(("train", "valid", "test"), lengths))
+            log(f"blend {phase}: megatron-core built train/valid/test = {lengths} samples of {plan.seq_length} tokens"
+                + (" (index cache written)" if prebuild else ""))
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,337 @@
+"""Raw documents -> Megatron IndexedDataset shards (.bin/.idx), one dataset at a time.
+
+Design, and why:
+- The source is planned into units (sources.py) that depend only on the input; each unit is
+  tokenized by one worker process into its own train/valid/test pieces with megatron-core's
+  `IndexedDatasetBuilder`. Output therefore does not depend on the worker count, and memory is
+  bounded by the batch and unit size, never by the dataset size.
+- A document's split is chosen from a hash of its text: stable across reruns and worker counts,
+  and duplicates never straddle train and test.
+- Each finished unit leaves a receipt in the work directory, written after its files are renamed
+  into place: a killed run restarts from the completed units, and nothing half-written is used.
+- The dataset directory is assembled in a temporary directory and renamed whole, manifest last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import gc
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from nano3.data.sources import DatasetSpec, Source, Unit
+from nano3.data.tokenizer import Encoder, read_info
+from nano3.errors import UserError
+from nano3.files import atomic_dir, atomic_write_json, read_json, sha256_file
+
+SPLITS = ("train", "valid", "test")
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PrepJob:
+    """Everything a worker needs to turn one unit into shard pieces (picklable)."""
+
+    spec: DatasetSpec
+    hf_mirror: str | None
+    tokenizer_dir: str
+    work_dir: str
+    batch_size: int
+
+
+def split_of(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, bytes]:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    split = "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
+    return split, digest
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+
+_worker: dict = {}
+
+
+def _init_worker(job: PrepJob, progress_queue) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker.update(job=job, encoder=Encoder(job.tokenizer_dir), source=Source(job.spec, job.hf_mirror),
+                   progress=progress_queue)
+
+
+def unit_prefix(work_dir: str | Path, index: int, split: str) -> Path:
+    return Path(work_dir) / f"unit_{index:06d}.{split}"
+
+
+def receipt_path(work_dir: str | Path, index: int) -> Path:
+    return Path(work_dir) / f"unit_{index:06d}.json"
+
+
+def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
+    """Stream the unit's rows through the tokenizer into the split builders; return the counts."""
+    job: PrepJob = _worker["job"]
+    encoder: Encoder = _worker["encoder"]
+    progress = _worker["progress"]
+    counts = {"rows": 0, "documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0),
+              "skipped": {"null": 0, "not_string": 0, "empty": 0}}
+    unit_digest = hashlib.blake2b(digest_size=16)
+    for batch in _worker["source"].read(unit, job.batch_size):
+        if row_limit is not None:
+            batch = batch[: row_limit - counts["rows"]]
+        counts["rows"] += len(batch)
+        texts, splits = [], []
+        for text in batch:
+            reason = "null" if text is None else "not_string" if not isinstance(text, str) else \
+                "empty" if not text.strip() else None
+            if reason:
+                counts["skipped"][reason] += 1
+                continue
+            split, digest = split_of(text, job.spec.valid_fraction, job.spec.test_fraction)
+            unit_digest.update(digest)
+            texts.append(text)
+            splits.append(split)
+        batch_tokens = 0
+        for split, ids in zip(splits, encoder.encode_documents(texts)):
+            builders[split].add_document(ids, [len(ids)])
+            counts["documents"][split] += 1
+            counts["tokens"][split] += len(ids)
+            batch_tokens += len(ids)
+        if progress is not None:
+            progress.put((len(texts), batch_tokens))
+        if row_limit is not None and counts["rows"] >= row_limit:
+            break
+    counts["digest"] = unit_digest.hexdigest()
+    return counts
+
+
+def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
+    """Tokenize one unit into its train/valid/test pieces; return (and save) its receipt."""
+    job: PrepJob = _worker["job"]
+    dtype = _worker["encoder"].info.token_dtype
+    prefixes = {s: unit_prefix(job.work_dir, unit.index, s) for s in SPLITS}
+    builders = {s: IndexedDatasetBuilder(f"{p}.bin.tmp", dtype=dtype) for s, p in prefixes.items()}
+    try:
+        counts = _tokenize_into(builders, unit, row_limit)
+    except BaseException:
+        for split, builder in builders.items():  # a failed unit leaves nothing behind
+            builder.data_file.close()
+            Path(f"{prefixes[split]}.bin.tmp").unlink(missing_ok=True)
+        raise
+    sha = {}
+    for split, builder in builders.items():
+        builder.finalize(f"{prefixes[split]}.idx.tmp")
+        for ext in (".bin", ".idx"):
+            os.replace(f"{prefixes[split]}{ext}.tmp", f"{prefixes[split]}{ext}")
+            sha[f"{split}{ext}"] = sha256_file(f"{prefixes[split]}{ext}")
+    receipt = {"unit": asdict(unit), **counts, "sha256": sha}
+    atomic_write_json(receipt_path(job.work_dir, unit.index), receipt)
+    return receipt
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _plan_fingerprint(spec: DatasetSpec, units: list[Unit], tokenizer_fp: str, sample_rows: int | None) -> str:
+    doc = {"version": FORMAT_VERSION, "spec": asdict(spec), "units": [asdict(u) for u in units],
+           "tokenizer": tokenizer_fp, "sample_rows": sample_rows}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_receipts(work_dir: Path, units: list[Unit]) -> dict[int, dict]:
+    done = {}
+    for unit in units:
+        path = receipt_path(work_dir, unit.index)
+        if not path.exists():
+            continue
+        receipt = json.loads(path.read_text())
+        files_ok = all(Path(f"{unit_prefix(work_dir, unit.index, s)}{ext}").exists()
+                       for s in SPLITS for ext in (".bin", ".idx"))
+        if receipt["unit"] == json.loads(json.dumps(asdict(unit))) and files_ok:  # JSON turns tuples to lists
+            done[unit.index] = receipt
+    return done
+
+
+def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool) -> None:
+    plan_file = work_dir / "plan.json"
+    stale = force or not plan_file.exists() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint
+    if stale:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        atomic_write_json(plan_file, {"fingerprint": fingerprint})
+    for tmp in work_dir.glob("*.tmp"):  # left by a killed run
+        tmp.unlink()
+
+
+def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: int,
+               sample_rows: int | None, show_progress: bool) -> dict[int, dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    todo = [u for u in units if u.index not in done]
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("units  {task.fields[docs]:,} docs  {task.fields[tokens]:,} tokens"), TimeElapsedColumn())
+    with Progress(*columns, disable=not show_progress, transient=False) as bar:
+        task = bar.add_task(f"prep {job.spec.name}", total=len(units), completed=len(done), docs=0, tokens=0)
+        counts = [0, 0]
+
+        def drain(q) -> None:
+            while True:
+                try:
+                    d, t = q.get_nowait()
+                except queue.Empty:
+                    break
+                counts[0] += d
+                counts[1] += t
+            bar.update(task, docs=counts[0], tokens=counts[1])
+
+        if sample_rows is not None or workers <= 1:
+            # In-process: --sample takes the first N rows in unit order, which is sequential by nature.
+            q = queue.SimpleQueue()
+            _init_worker(job, q)
+            remaining = None if sample_rows is None else sample_rows - sum(r["rows"] for r in done.values())
+            for unit in todo:
+                if remaining is not None and remaining <= 0:
+                    break
+                receipt = prepare_unit(unit, remaining)
+                done[unit.index] = receipt
+                if remaining is not None:
+                    remaining -= receipt["rows"]
+                drain(q)
+                bar.advance(task)
+            return done
+
+        ctx = mp.get_context("fork")  # workers inherit the imported libraries; they load their own tokenizer
+        q = ctx.Queue()
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                    initargs=(job, q)) as pool:
+            pending = {pool.submit(prepare_unit, u): u for u in todo}
+            try:
+                while pending:
+                    finished, _ = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                    drain(q)
+                    for fut in finished:
+                        unit = pending.pop(fut)
+                        done[unit.index] = fut.result()
+                        bar.advance(task)
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+        drain(q)
+    return done
+
+
+def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[int, dict], dtype,
+              describe: Callable[[dict], dict]) -> dict:
+    """Link train pieces as shards and merge the small valid/test pieces; manifest last, atomically."""
+    splits: dict[str, dict] = {}
+    with atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            (tmp / split).mkdir()
+            shards = []
+            used = [u for u in units if u.index in receipts and receipts[u.index]["documents"][split] > 0]
+            if split == "train":
+                for u in used:
+                    name = f"train/shard_{u.index:06d}"
+                    for ext in (".bin", ".idx"):
+                        src = f"{unit_prefix(work_dir, u.index, split)}{ext}"
+                        try:
+                            os.link(src, tmp / f"{name}{ext}")
+                        except OSError:
+                            shutil.copyfile(src, tmp / f"{name}{ext}")
+                    r = receipts[u.index]
+                    shards.append({"prefix": name, "documents": r["documents"][split], "tokens": r["tokens"][split],
+                                   "sha256_bin": r["sha256"]["train.bin"], "sha256_idx": r["sha256"]["train.idx"]})
+            elif used:
+                name = f"{split}/shard_000000"
+                builder = IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype)
+                for u in used:
+                    builder.add_index(str(unit_prefix(work_dir, u.index, split)))
+                builder.finalize(str(tmp / f"{name}.idx"))
+                shards.append({"prefix": name,
+                               "documents": sum(receipts[u.index]["documents"][split] for u in used),
+                               "tokens": sum(receipts[u.index]["tokens"][split] for u in used),
+                               "sha256_bin": sha256_file(tmp / f"{name}.bin"),
+                               "sha256_idx": sha256_file(tmp / f"{name}.idx")})
+            splits[split] = {"documents": sum(s["documents"] for s in shards),
+                             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        manifest = describe(splits)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def prepare_dataset(params, name: str, *, workers: int | None = None, sample_rows: int | None = None,
+                    force: bool = False, show_progress: bool = True) -> dict:
+    """The prep stage for one dataset: returns its manifest (also written to `<out>/manifest.json`)."""
+    # megatron-core's builder calls gc.collect() per merged piece; with torch loaded each call costs
+    # ~0.2 s. Freezing the import-time objects makes those collections cheap.
+    gc.freeze()
+    try:
+        return _prepare_dataset(params, name, workers, sample_rows, force, show_progress)
+    finally:
+        gc.unfreeze()
+
+
+def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | None, force: bool,
+                     show_progress: bool) -> dict:
+    spec = DatasetSpec.from_params(params, name)
+    prep = params.get_key("prep", kind=dict)
+    out_dir = Path(params.get_key("prep.out_dir", kind=str)) / name
+    work_dir = Path(params.get_key("prep.work_dir", kind=str)) / name
+    tokenizer_dir = params.get_key("tokenizer.dir", kind=str)
+    tok = read_info(tokenizer_dir)
+    if sample_rows is None:
+        sample_rows = prep.get("sample_rows")
+    workers = workers if workers is not None else int(prep.get("workers", 0)) or os.cpu_count() or 1
+    source = Source(spec, prep.get("hf_mirror"))
+    units = source.plan(int(prep.get("unit_mb", 1024)) << 20)
+    fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
+
+    existing = out_dir / MANIFEST
+    if not force and existing.exists() and read_json(existing, "manifest").get("plan_fingerprint") == fingerprint:
+        return read_json(existing, "manifest")
+
+    _prepare_work_dir(work_dir, fingerprint, force)
+    done = _load_receipts(work_dir, units)
+    if done and show_progress:
+        print(f"prep {name}: resuming, {len(done)} of {len(units)} units already done")
+    job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
+                  work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)))
+    receipts = _run_units(job, units, done, min(workers, len(units)), sample_rows, show_progress)
+
+    unit_digests = hashlib.sha256("".join(receipts[i]["digest"] for i in sorted(receipts)).encode()).hexdigest()[:16]
+    documents = sum(sum(r["documents"].values()) for r in receipts.values())
+    if documents == 0:
+        raise UserError(f"datasets.{name}.source={spec.source}: no non-empty documents in field "
+                        f"'{spec.text_field}'; check the field name and the data")
+    skipped: dict[str, int] = {}
+    for r in receipts.values():
+        for k, v in r["skipped"].items():
+            skipped[k] = skipped.get(k, 0) + v
+
+    def describe(splits: dict) -> dict:
+        return {
+            "dataset": name, "format_version": FORMAT_VERSION, "plan_fingerprint": fingerprint,
+            "source": {"source": spec.source, "text_field": spec.text_field, "split": spec.split,
+                       "revision": spec.revision, "units": len(units), "content_fingerprint": unit_digests},
+            "tokenizer": {"kind": tok.kind, "source": tok.source, "fingerprint": tok.fingerprint,
+                          "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
+            "dtype": np.dtype(tok.token_dtype).name, "sample_rows": sample_rows,
+            "rows": sum(r["rows"] for r in receipts.values()), "documents": documents,
+            "tokens": sum(s["tokens"] for s in splits.values()),
+            "skipped": skipped,
+            "valid_fraction": spec.valid_fraction, "test_fraction": spec.test_fraction,
+            "splits": splits,
+        }
+
+    return _assemble(out_dir, work_dir, units, receipts, tok.token_dtype, describe)

@@ -1,0 +1,320 @@
+"""Raw text sources, cut into independent work units.
+
+A dataset's `source` is one of:
+- `hf://org/name[/subset]`: a Hugging Face Hub dataset, streamed with `datasets`
+  (`prep.hf_mirror` points at a local directory holding hub repos as `org/name/...` instead);
+- a local directory, file or glob of JSONL (`.jsonl`, `.json`, optionally `.gz`/`.zst`), Parquet,
+  plain text (`.txt`, one document per file), or a `datasets.save_to_disk` directory.
+
+Planning cuts a source into units whose boundaries depend only on the input files (row groups,
+byte ranges, file groups, hub shards), never on the number of workers: each unit becomes one output
+shard, which is what makes data preparation parallel, resumable and byte-identical for any worker count.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from nano3.errors import UserError, brief
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt",)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of a source; `start`/`stop` are row groups, bytes or rows by kind."""
+
+    index: int
+    kind: str  # parquet | jsonl | text | arrow | hf
+    files: tuple[str, ...]
+    start: int = 0
+    stop: int = 0
+    size: int = 0  # input bytes, for progress (0 when unknown)
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    source: str
+    text_field: str = "text"
+    split: str = "train"  # which split of a hub dataset or DatasetDict to read
+    revision: str | None = None
+    valid_fraction: float = 0.0
+    test_fraction: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params, name: str) -> "DatasetSpec":
+        key = f"datasets.{name}"
+        cfg = params.get_key(key, kind=dict)
+        if "source" not in cfg:
+            raise UserError(f"{params.source}: '{key}.source' is missing; give a path, glob or hf://org/name")
+        spec = cls(
+            name=name, source=str(cfg["source"]), text_field=str(cfg.get("text_field", "text")),
+            split=str(cfg.get("split", "train")), revision=cfg.get("revision"),
+            valid_fraction=float(cfg.get("valid_fraction", params.get_key("prep.valid_fraction", 0.0))),
+            test_fraction=float(cfg.get("test_fraction", params.get_key("prep.test_fraction", 0.0))),
+        )
+        if not (0 <= spec.valid_fraction < 1 and 0 <= spec.test_fraction < 1
+                and spec.valid_fraction + spec.test_fraction < 1):
+            raise UserError(f"{params.source}: '{key}' valid_fraction + test_fraction must lie in [0, 1)")
+        return spec
+
+
+def _is_save_to_disk(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _suffix_kind(path: str) -> str | None:
+    name = path.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+class Source:
+    """A dataset's raw documents: plans units and reads the text field of each unit in batches."""
+
+    def __init__(self, spec: DatasetSpec, hf_mirror: str | None = None):
+        self.spec = spec
+        self.hf_mirror = hf_mirror
+        self.where = f"datasets.{spec.name}.source={spec.source}"
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(self, unit_bytes: int) -> list[Unit]:
+        src = self.spec.source
+        if src.startswith("hf://"):
+            units = self._plan_hf()
+        elif _is_save_to_disk(Path(src)):
+            units = self._plan_arrow(unit_bytes)
+        else:
+            units = self._plan_files(unit_bytes)
+        if not units:
+            raise UserError(f"{self.where}: the dataset is empty; check the path or the split")
+        return units
+
+    def _local_files(self) -> list[str]:
+        src = self.spec.source
+        path = Path(src)
+        if path.is_dir():
+            files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _suffix_kind(str(p)))
+        elif path.is_file():
+            files = [src]
+        else:
+            files = sorted(glob.glob(src, recursive=True))
+            if not files:
+                raise UserError(f"{self.where}: no such file or directory; fix the path or run the stage that makes it")
+        if not files:
+            raise UserError(f"{self.where}: no .jsonl/.json(.gz/.zst), .parquet or .txt files found")
+        kinds = {_suffix_kind(f) for f in files}
+        if None in kinds:
+            bad = next(f for f in files if _suffix_kind(f) is None)
+            raise UserError(f"{bad}: unsupported file type; use JSONL, Parquet or .txt")
+        if len(kinds) > 1:
+            raise UserError(f"{self.where}: mixes {sorted(kinds)} files; give each format its own dataset")
+        return files
+
+    def _plan_files(self, unit_bytes: int) -> list[Unit]:
+        files = self._local_files()
+        kind = _suffix_kind(files[0])
+        units: list[Unit] = []
+        if kind == "jsonl":
+            for f in files:
+                size = Path(f).stat().st_size
+                if f.endswith((".gz", ".zst")) or size <= unit_bytes:
+                    units.append(Unit(len(units), "jsonl", (f,), 0, size, size))
+                else:  # plain JSONL splits at line boundaries found when reading
+                    for start in range(0, size, unit_bytes):
+                        stop = min(start + unit_bytes, size)
+                        units.append(Unit(len(units), "jsonl", (f,), start, stop, stop - start))
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            for f in files:
+                try:
+                    meta = pq.ParquetFile(f).metadata
+                    names = meta.schema.to_arrow_schema().names
+                except Exception as e:  # pyarrow raises several types for damaged files
+                    raise UserError(f"{f}: not a readable Parquet file ({brief(e)}); re-download it") from None
+                if self.spec.text_field not in names:
+                    raise UserError(f"{f}: no column '{self.spec.text_field}' (has {names}); set datasets.{self.spec.name}.text_field")
+                start, acc = 0, 0
+                for rg in range(meta.num_row_groups):
+                    acc += meta.row_group(rg).total_byte_size
+                    if acc >= unit_bytes or rg == meta.num_row_groups - 1:
+                        units.append(Unit(len(units), "parquet", (f,), start, rg + 1, acc))
+                        start, acc = rg + 1, 0
+        else:  # text: one document per file, files grouped by size
+            group, acc = [], 0
+            for f in files:
+                group.append(f)
+                acc += Path(f).stat().st_size
+                if acc >= unit_bytes:
+                    units.append(Unit(len(units), "text", tuple(group), 0, 0, acc))
+                    group, acc = [], 0
+            if group:
+                units.append(Unit(len(units), "text", tuple(group), 0, 0, acc))
+        return units
+
+    def _load_arrow(self):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(self.spec.source)
+        except Exception as e:
+            raise UserError(f"{self.where}: not a readable save_to_disk directory ({brief(e)})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if self.spec.split not in ds:
+                raise UserError(f"{self.where}: no split '{self.spec.split}' (has {list(ds)}); set datasets.{self.spec.name}.split")
+            ds = ds[self.spec.split]
+        if self.spec.text_field not in ds.column_names:
+            raise UserError(f"{self.where}: no column '{self.spec.text_field}' (has {ds.column_names}); "
+                            f"set datasets.{self.spec.name}.text_field")
+        return ds
+
+    def _plan_arrow(self, unit_bytes: int) -> list[Unit]:
+        ds = self._load_arrow()
+        rows = len(ds)
+        total = max(ds.data.nbytes, 1)
+        per_unit = max(1, int(rows * unit_bytes / total))
+        return [Unit(i, "arrow", (self.spec.source,), s, min(s + per_unit, rows), 0)
+                for i, s in enumerate(range(0, rows, per_unit))]
+
+    def _hf_stream(self):
+        import datasets
+
+        parts = self.spec.source.removeprefix("hf://").strip("/").split("/")
+        if len(parts) not in (2, 3):
+            raise UserError(f"{self.where}: expected hf://org/name or hf://org/name/subset")
+        repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+        path = str(Path(self.hf_mirror) / repo) if self.hf_mirror else repo
+        if self.hf_mirror and not Path(path).is_dir():
+            raise UserError(f"{self.where}: prep.hf_mirror has no copy at {path}; download it there or unset prep.hf_mirror")
+        try:
+            return datasets.load_dataset(path, name=subset, split=self.spec.split, streaming=True,
+                                         revision=None if self.hf_mirror else self.spec.revision)
+        except Exception as e:
+            raise UserError(f"{self.where}: cannot open the dataset ({type(e).__name__}: {brief(e, 200)}); "
+                            f"check the name and subset, or set prep.hf_mirror to a local copy") from None
+
+    def _plan_hf(self) -> list[Unit]:
+        n = self._hf_stream().num_shards
+        return [Unit(i, "hf", (self.spec.source,), i, n, 0) for i in range(n)]
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def read(self, unit: Unit, batch_size: int) -> Iterator[list]:
+        """Yield lists of text values (None where a row's text is null) for one unit, in order."""
+        reader = {"jsonl": self._read_jsonl, "parquet": self._read_parquet, "text": self._read_text,
+                  "arrow": self._read_arrow, "hf": self._read_hf}[unit.kind]
+        yield from reader(unit, batch_size)
+
+    def _missing_field(self, where: str, row) -> UserError:
+        keys = list(row)[:8] if isinstance(row, dict) else type(row).__name__
+        return UserError(f"{where}: no field '{self.spec.text_field}' (has {keys}); set datasets.{self.spec.name}.text_field")
+
+    def _read_jsonl(self, unit: Unit, batch_size: int) -> Iterator[list]:
+        path = unit.files[0]
+        field_name = self.spec.text_field
+        try:
+            if path.endswith(".gz"):
+                f = gzip.open(path, "rb")
+            elif path.endswith(".zst"):
+                import zstandard
+
+                f = io.BufferedReader(zstandard.open(path, "rb"))
+            else:
+                f = open(path, "rb")
+        except OSError as e:
+            raise UserError(f"{path}: cannot open ({e.strerror})") from None
+        with f:
+            pos = 0
+            if unit.start > 0:
+                f.seek(unit.start - 1)
+                f.readline()  # finish the line holding byte start-1: ours begin at or after start
+                pos = f.tell()
+            batch, line_no = [], 0
+            compressed = path.endswith((".gz", ".zst"))  # read whole; stop counts compressed bytes
+            while compressed or pos < unit.stop:
+                try:
+                    line = f.readline()
+                except Exception as e:  # gzip and zstd raise their own error types
+                    raise UserError(f"{path}: corrupt compressed data ({brief(e)}); re-download it") from None
+                if not line:
+                    break
+                where = f"{path}:{line_no + 1}" if unit.start == 0 else f"{path} (byte {pos})"
+                pos += len(line)
+                line_no += 1
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise UserError(f"{where}: invalid JSON ({getattr(e, 'msg', e)}); fix or drop the line") from None
+                if not isinstance(row, dict) or field_name not in row:
+                    raise self._missing_field(where, row)
+                batch.append(row[field_name])
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    def _read_parquet(self, unit: Unit, batch_size: int) -> Iterator[list]:
+        import pyarrow.parquet as pq
+
+        path = unit.files[0]
+        try:
+            pf = pq.ParquetFile(path)
+            for rb in pf.iter_batches(batch_size=batch_size, row_groups=range(unit.start, unit.stop),
+                                      columns=[self.spec.text_field]):
+                yield rb.column(0).to_pylist()
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path}: corrupt Parquet data ({brief(e)}); re-download it") from None
+
+    def _read_text(self, unit: Unit, batch_size: int) -> Iterator[list]:
+        batch = []
+        for path in unit.files:
+            try:
+                batch.append(Path(path).read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: not UTF-8 text; convert it or remove it from the dataset") from None
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _read_arrow(self, unit: Unit, batch_size: int) -> Iterator[list]:
+        ds = self._load_arrow().select_columns([self.spec.text_field]).with_format("arrow")
+        for s in range(unit.start, unit.stop, batch_size):
+            yield ds[s:min(s + batch_size, unit.stop)].column(0).to_pylist()
+
+    def _read_hf(self, unit: Unit, batch_size: int) -> Iterator[list]:
+        stream = self._hf_stream().shard(num_shards=unit.stop, index=unit.start)
+        for batch in stream.iter(batch_size=batch_size):
+            if self.spec.text_field not in batch:
+                raise self._missing_field(f"{self.spec.source} shard {unit.start}", batch)
+            yield batch[self.spec.text_field]
+
+
+def iter_texts(source: Source, unit_bytes: int = 1 << 30, batch_size: int = 1000) -> Iterator[str]:
+    """Every non-empty document of a source, in order (for tokenizer training)."""
+    for unit in source.plan(unit_bytes):
+        for batch in source.read(unit, batch_size):
+            yield from (t for t in batch if isinstance(t, str) and t.strip())

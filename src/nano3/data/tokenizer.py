@@ -1,0 +1,200 @@
+"""The tokenizer stage's output, and the one encoder interface data preparation uses.
+
+`params.tokenizer.name` is either `train` (a SentencePiece BPE model trained on the sample corpus,
+the embedded default) or a Hugging Face tokenizer: a hub name, resolved through the local HF cache
+and the hub, or a local directory. Either way the stage writes `data/tokenizer/` with the tokenizer
+files and `info.json` (kind, vocab size, EOD id, fingerprint), so every later stage is offline and
+pinned to exactly the files that were fingerprinted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from nano3.errors import UserError, brief
+from nano3.files import atomic_dir, atomic_write_json, read_json
+
+INFO_FILE = "info.json"
+SPM_FILE = "tokenizer.model"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    kind: str  # "sentencepiece" or "huggingface"
+    source: str
+    vocab_size: int  # every id the tokenizer can emit is < vocab_size
+    eod_id: int
+    eod_token: str
+    fingerprint: str
+
+    @property
+    def token_dtype(self) -> type:
+        """Megatron's rule: uint16 below 65,500 ids, else int32."""
+        from megatron.core.datasets.indexed_dataset import DType
+
+        return DType.optimal_dtype(self.vocab_size)
+
+
+def fingerprint_files(directory: Path, names: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode() + b"\0")
+        h.update(hashlib.sha256((directory / name).read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def read_info(directory: str | Path) -> TokenizerInfo:
+    fields = read_json(Path(directory) / INFO_FILE, "tokenizer info (run the tokenizer stage)")
+    return TokenizerInfo(**{k: fields[k] for k in TokenizerInfo.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tokenizer directory
+
+
+def train_sentencepiece(texts: Iterator[str], out_dir: str | Path, vocab_size: int, max_sentences: int, seed: int):
+    """Train a byte-fallback BPE model that round-trips code and prose exactly (no normalisation)."""
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    # SentencePiece's own sentence sampling differs between processes even with a fixed seed, so
+    # sample here: a seeded reservoir of at most max_sentences lines, identical on every run.
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if not line.strip():
+                continue
+            seen += 1
+            if len(sample) < max_sentences:
+                sample.append(line)
+            elif (j := rng.randrange(seen)) < max_sentences:
+                sample[j] = line
+
+    model = io.BytesIO()  # a model_prefix would be recorded in the model: write the bytes ourselves
+    with atomic_dir(out_dir) as tmp:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=1.0,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            user_defined_symbols=["\n", "\t"],
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            max_sentence_length=16384,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=1,  # deterministic: the same corpus gives the same model
+            minloglevel=2,
+        )
+        (tmp / SPM_FILE).write_bytes(model.getvalue())
+        sp = spm.SentencePieceProcessor(model_file=str(tmp / SPM_FILE))
+        info = TokenizerInfo(
+            kind="sentencepiece", source="train", vocab_size=sp.get_piece_size(), eod_id=sp.eos_id(),
+            eod_token=sp.id_to_piece(sp.eos_id()), fingerprint=fingerprint_files(tmp, [SPM_FILE]),
+        )
+        atomic_write_json(tmp / INFO_FILE, info.__dict__)
+    return info
+
+
+def save_huggingface(name_or_dir: str, out_dir: str | Path) -> TokenizerInfo:
+    """Resolve a hub name (local HF cache first, then the hub) or a local directory, and pin it."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_dir).expanduser()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_dir)
+    except (OSError, ValueError) as e:
+        where = "the directory" if local.is_dir() else "the local Hugging Face cache or the Hub"
+        raise UserError(
+            f"tokenizer.name={name_or_dir}: could not load a Hugging Face tokenizer from {where} "
+            f"({brief(e, 160)}); download it (hf download {name_or_dir}) or set "
+            f"tokenizer.name to a local directory or to 'train'"
+        ) from None
+    if not tok.is_fast:
+        raise UserError(f"tokenizer.name={name_or_dir}: only fast (tokenizer.json) tokenizers are supported")
+    eod = tok.eos_token
+    if eod is None:
+        raise UserError(f"tokenizer.name={name_or_dir}: the tokenizer defines no eos_token to use as EOD")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)
+        files = [p.name for p in tmp.iterdir() if p.is_file()]
+        info = TokenizerInfo(
+            kind="huggingface", source=name_or_dir, vocab_size=len(tok), eod_id=tok.convert_tokens_to_ids(eod),
+            eod_token=eod, fingerprint=fingerprint_files(tmp, files),
+        )
+        atomic_write_json(tmp / INFO_FILE, info.__dict__)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+class Encoder:
+    """Batch text -> token ids, single-threaded (parallelism comes from worker processes)."""
+
+    def __init__(self, directory: str | Path):
+        directory = Path(directory)
+        self.info = read_info(directory)
+        if self.info.kind == "sentencepiece":
+            import sentencepiece as spm
+
+            self._sp = spm.SentencePieceProcessor(model_file=str(directory / SPM_FILE))
+            self.encode_batch = self._encode_sentencepiece
+        elif self.info.kind == "huggingface":
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            from tokenizers import Tokenizer
+
+            self._hf = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self.encode_batch = self._encode_huggingface
+        else:
+            raise UserError(f"{directory / INFO_FILE}: unknown tokenizer kind {self.info.kind!r}; rerun the tokenizer stage")
+
+    def _encode_sentencepiece(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int, num_threads=1)
+
+    def _encode_huggingface(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text with EOD appended, in the on-disk dtype."""
+        dtype, eod = self.info.token_dtype, self.info.eod_id
+        out = []
+        for ids in self.encode_batch(texts):
+            arr = np.empty(len(ids) + 1, dtype=dtype)
+            arr[:-1] = ids
+            arr[-1] = eod
+            out.append(arr)
+        return out
+
+
+def build_tokenizer(params, sample_texts: Iterator[str] | None) -> TokenizerInfo:
+    """The tokenizer stage: train or pin the tokenizer named in params into `tokenizer.dir`."""
+    name = params.get_key("tokenizer.name", kind=str)
+    out_dir = params.get_key("tokenizer.dir", kind=str)
+    if name == "train":
+        if sample_texts is None:
+            raise UserError("tokenizer.name=train needs tokenizer.train_datasets to name prepared sources")
+        return train_sentencepiece(
+            sample_texts, out_dir,
+            vocab_size=params.get_key("tokenizer.vocab_size", kind=int),
+            max_sentences=params.get_key("tokenizer.max_sentences", kind=int),
+            seed=params.get_key("tokenizer.seed", 1234, kind=int),
+        )
+    return save_huggingface(name, out_dir)

@@ -1,0 +1,42 @@
+"""The data pipeline under real DVC, in a temporary git repository copied from this checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_repo
+
+
+def dvc(repo: Path, *args: str, timeout: int = 900) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    out = subprocess.run(["dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.mark.slow
+def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    first = dvc(repo, "repro", "blend")
+    assert ran(first) == {"sample", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "blend"}
+    for phase in ("phase1", "phase2", "lc"):
+        assert (repo / "data" / "blend" / f"{phase}.json").exists()
+    lock = (repo / "dvc.lock").read_text()
+    assert "prep@stdlib-docs" in lock and "data/prepared/stdlib-docs" in lock
+
+    again = dvc(repo, "repro", "blend")
+    assert ran(again) == set() and "Data and pipelines are up to date" in again
+
+    exp = dvc(repo, "exp", "run", "-S", "datasets.stdlib-docs.valid_fraction=0.05", "blend")
+    assert ran(exp) == {"prep@stdlib-docs", "blend"}
+    assert "Stage 'prep@stdlib-code' didn't change, skipping" in exp

@@ -1,0 +1,163 @@
+"""Data preparation: exact read-back through megatron-core, determinism, resume, and clean failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from nano3.data.prep import prepare_dataset, split_of
+from nano3.data.tokenizer import Encoder
+from nano3.errors import UserError
+from tests.conftest import ROOT
+from tests.unit.test_sources import docs_from, write_jsonl
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def read_split(out_dir: Path, manifest: dict, split: str) -> list[list[int]]:
+    docs = []
+    for shard in manifest["splits"][split]["shards"]:
+        ds = IndexedDataset(str(out_dir / shard["prefix"]))
+        assert len(ds.document_indices) - 1 == shard["documents"] == len(ds)
+        docs += [ds[i].tolist() for i in range(len(ds))]
+    return docs
+
+
+def test_every_document_reads_back_as_tokenizer_output_plus_eod(tmp_path, sample_dir, spm_dir, params_factory):
+    code = {"source": str(sample_dir / "stdlib-code"), "valid_fraction": 0.05, "test_fraction": 0.05}
+    docs = {"source": str(sample_dir / "stdlib-docs"), "valid_fraction": 0.05, "test_fraction": 0.05}
+    params = params_factory({"code": code, "docs": docs}, prep={"workers": 2})
+    enc = Encoder(spm_dir)
+    for name, sample in (("docs", None), ("code", 300)):
+        manifest = prepare_dataset(params, name, sample_rows=sample, show_progress=False)
+        texts = docs_from(sample_dir, f"stdlib-{name}", sample)
+        expected = {"train": [], "valid": [], "test": []}
+        for text, ids in zip(texts, enc.encode_batch(texts)):
+            expected[split_of(text, 0.05, 0.05)[0]].append(ids + [enc.info.eod_id])
+        out = tmp_path / "prepared" / name
+        assert manifest["documents"] == len(texts) and manifest["dtype"] == "uint16"
+        for split in ("train", "valid", "test"):
+            assert read_split(out, manifest, split) == expected[split], f"{name}/{split} differs"
+            assert manifest["splits"][split]["tokens"] == sum(map(len, expected[split]))
+        assert all(expected[s] for s in expected)  # every split really holds documents
+        for shard in manifest["splits"]["train"]["shards"]:  # checksums describe the files on disk
+            assert hashlib.sha256((out / f"{shard['prefix']}.bin").read_bytes()).hexdigest() == shard["sha256_bin"]
+
+
+def test_int32_tokens_when_the_vocab_exceeds_65500(tmp_path, spm_dir, params_factory):
+    import shutil
+
+    big = tmp_path / "big_tok"
+    shutil.copytree(spm_dir, big)
+    info = json.loads((big / "info.json").read_text())
+    (big / "info.json").write_text(json.dumps(info | {"vocab_size": 131072}))
+    write_jsonl(tmp_path / "d.jsonl", [{"text": f"document number {i}"} for i in range(20)])
+    params = params_factory({"d": {"source": str(tmp_path / "d.jsonl")}}, tokenizer={"dir": str(big)})
+    manifest = prepare_dataset(params, "d", show_progress=False)
+    assert manifest["dtype"] == "int32"
+    ds = IndexedDataset(str(tmp_path / "prepared" / "d" / manifest["splits"]["train"]["shards"][0]["prefix"]))
+    assert ds[0].dtype == np.int32
+
+
+def test_one_and_four_workers_are_byte_identical(tmp_path, sample_dir, params_factory):
+    outputs = []
+    for workers in (1, 4):
+        params = params_factory({"code": {"source": str(sample_dir / "stdlib-code"), "valid_fraction": 0.02}},
+                                prep={"unit_mb": 2, "out_dir": str(tmp_path / f"out{workers}"),
+                                      "work_dir": str(tmp_path / f"work{workers}")})
+        manifest = prepare_dataset(params, "code", workers=workers, show_progress=False)
+        assert manifest["source"]["units"] >= 8  # enough units for four workers to interleave
+        outputs.append(tree_digest(tmp_path / f"out{workers}" / "code"))
+    assert outputs[0] == outputs[1]
+
+
+def write_params_file(path: Path, params) -> Path:
+    path.write_text(yaml.safe_dump(dict(params)))
+    return path
+
+
+def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, sample_dir, params_factory):
+    dataset = {"code": {"source": str(sample_dir / "stdlib-code"), "valid_fraction": 0.02}}
+    reference = params_factory(dataset, prep={"unit_mb": 2, "out_dir": str(tmp_path / "ref"),
+                                              "work_dir": str(tmp_path / "refwork")})
+    prepare_dataset(reference, "code", workers=1, show_progress=False)
+
+    params = params_factory(dataset, prep={"unit_mb": 2, "workers": 1})
+    params_file = write_params_file(tmp_path / "params.yaml", params)
+    cmd = [sys.executable, str(ROOT / "stages" / "prep.py"), "--params", str(params_file), "code"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    work = tmp_path / "work" / "code"
+    deadline = time.time() + 300
+    while len(list(work.glob("unit_*.json"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(work.glob("unit_*.json")))
+    assert 3 <= done_before and not (tmp_path / "prepared" / "code").exists()  # nothing half-written is visible
+
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    total = json.loads((tmp_path / "prepared" / "code" / "manifest.json").read_text())["source"]["units"]
+    assert f"resuming, {done_before} of {total} units already done" in out.stdout
+    assert tree_digest(tmp_path / "prepared" / "code") == tree_digest(tmp_path / "ref" / "code")
+
+
+def test_sample_takes_the_first_n_rows_and_force_redoes(tmp_path, sample_dir, params_factory):
+    params = params_factory({"docs": {"source": str(sample_dir / "stdlib-docs")}})
+    m = prepare_dataset(params, "docs", sample_rows=250, show_progress=False)
+    assert m["rows"] == 250 and m["documents"] == 250 and m["sample_rows"] == 250
+    manifest_file = tmp_path / "prepared" / "docs" / "manifest.json"
+    mtime = manifest_file.stat().st_mtime_ns
+    assert prepare_dataset(params, "docs", sample_rows=250, show_progress=False) == m  # up to date: untouched
+    assert manifest_file.stat().st_mtime_ns == mtime
+    assert prepare_dataset(params, "docs", sample_rows=250, force=True, show_progress=False) == m
+    assert manifest_file.stat().st_mtime_ns != mtime
+
+
+def test_skipped_rows_are_counted_with_reasons(tmp_path, params_factory):
+    rows = [{"text": "a real document"}, {"text": ""}, {"text": "   \n"}, {"text": None}, {"text": 7}, {"text": "another"}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    m = prepare_dataset(params_factory({"d": {"source": str(tmp_path / "d.jsonl")}}), "d", show_progress=False)
+    assert m["documents"] == 2 and m["rows"] == 6
+    assert m["skipped"] == {"empty": 2, "null": 1, "not_string": 1}
+
+
+@pytest.mark.parametrize("bad", ["missing_field", "invalid_json", "all_empty"])
+def test_bad_input_fails_in_one_line_and_leaves_no_dataset(tmp_path, params_factory, bad):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):  # good files first, so some units finish before the bad one
+        write_jsonl(src / f"{i}.jsonl", [{"text": f"doc {i} {j}"} for j in range(10)])
+    if bad == "missing_field":
+        write_jsonl(src / "9.jsonl", [{"text": "x"}, {"body": "y"}])
+    elif bad == "invalid_json":
+        (src / "9.jsonl").write_text('{"text": "x"}\n{oops\n')
+    else:
+        for f in src.iterdir():
+            f.unlink()
+        write_jsonl(src / "9.jsonl", [{"text": " "}] * 5)
+    params = params_factory({"d": {"source": str(src)}})
+    params_file = write_params_file(tmp_path / "params.yaml", params)
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "prep.py"), "--params", str(params_file), "d"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    error_lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "Traceback" not in out.stderr
+    assert {"missing_field": "9.jsonl:2: no field 'text'", "invalid_json": "9.jsonl:2: invalid JSON",
+            "all_empty": "no non-empty documents"}[bad] in error_lines[0]
+    assert not (tmp_path / "prepared" / "d").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
