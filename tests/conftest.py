@@ -85,10 +85,23 @@ def params_factory(tmp_path, spm_dir):
     return factory
 
 
+SKIP_WHEN_NOT_GIT = {".git", ".venv", "data", "checkpoints", "dvclive", "reports", "logs", "__pycache__",
+                     ".pytest_cache", ".ruff_cache"}
+
+
+def source_files() -> list[str]:
+    """Tracked and untracked-but-not-ignored files (or, in a copy without .git, all but outputs)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode == 0:
+        return out.stdout.split("\n")
+    return [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+            if p.is_file() and not ({*p.relative_to(ROOT).parts} & SKIP_WHEN_NOT_GIT)
+            and not p.relative_to(ROOT).parts[0].startswith((".dev", ".whl"))]
+
+
 def copy_repo(dest: Path) -> Path:
-    """The tracked and untracked-but-not-ignored files of this checkout, as a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split("\n")
+    """This checkout's source (not its outputs), as a fresh git repository."""
+    files = source_files()
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():

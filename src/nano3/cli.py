@@ -20,15 +20,15 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage(main: Callable[[argparse.Namespace, Params], int | None], parser: argparse.ArgumentParser,
-              argv: list[str] | None = None) -> None:
-    """Parse, load params, run; a UserError becomes `error: <one line>` and exit status 2."""
-    args = parser.parse_args(argv)
+def run_stage(main: Callable[[argparse.Namespace, Params | None], int | None], parser: argparse.ArgumentParser,
+              argv: list[str] | None = None, load: bool = True) -> None:
+    """Parse, load params (unless the stage loads them itself), run; a UserError becomes
+    `error: <one line>` and exit status 2."""
+    args = parser.parse_intermixed_args(argv)
     args.overrides = [item for item in args.items if "=" in item]
     args.names = [item for item in args.items if "=" not in item]
     try:
-        params = load_params(args.params, args.overrides)
-        code = main(args, params)
+        code = main(args, load_params(args.params, args.overrides) if load else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,7 @@ missing or mistyped key in its error so a typo in params.yaml is a one-line fix.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,10 +19,34 @@ PARAMS_FILE = "params.yaml"
 _MISSING = object()
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats (`25e12`, `1e-4`), as DVC reads params.yaml; PyYAML alone reads them as strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*$"
+               r"|^[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 class Params(dict):
     """The parsed parameter tree; remembers the file it came from for error messages."""
 
     source: str = PARAMS_FILE
+
+    def has_key(self, dotted: str) -> bool:
+        node: Any = self
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
 
     def get_key(self, dotted: str, default: Any = _MISSING, kind: type | tuple[type, ...] | None = None):
         node: Any = self
@@ -42,7 +67,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise UserError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml_load(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -63,7 +88,7 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: Iterable[str] = ()) -
     if not path.exists():
         raise UserError(f"{path}: parameter file not found; run from the repository root or pass --params")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
     if not isinstance(tree, dict):

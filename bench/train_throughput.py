@@ -1,0 +1,91 @@
+"""Training throughput of the real Nemotron 3 Nano widths at reduced depth, on one GPU.
+
+    python bench/train_throughput.py [--iters 30] [--variants baseline,fp8,...]
+
+Every variant trains the `nano3` preset's layers at full width (hidden 2688, GQA 32/2, Mamba 64x64,
+state 128, expert FFN 1856, shared 3712, top-6, vocab 131072) with the pattern `MEM*E` and 64 experts
+at sequence length 4096, through the same stage entry users run (stages/pretrain.py), on the sample
+blend. Throughput is the median over iterations after `--warmup`, from the run's own dvclive metrics.
+The first variant is the baseline (the untuned setting of ../shared/gpu's measurement: micro-batch 2,
+alltoall dispatcher, no CUDA graphs); each later variant prints its ratio to it, measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from nano3.launch.smoke import read_metric  # noqa: E402
+
+COMMON = [
+    "model.preset=nano3", 'model.overrides={hybrid_layer_pattern: "MEM*E", num_moe_experts: 64}',
+    "model.vocab_size=131072", "train.seq_length=4096", "train.global_batch_size=16", "train.phase2_start=1.0",
+    "train.eval_interval=100000", "train.eval_iters=1", "train.save_interval=100000", "train.log_interval=1",
+    "train.warmup_fraction=0.0",
+]
+VARIANTS = {
+    "baseline": ["train.micro_batch_size=2"],
+    "mbs4": ["train.micro_batch_size=4"],
+    "fp8": ["train.micro_batch_size=2", "train.precision=fp8"],
+    "fp8_mbs4": ["train.micro_batch_size=4", "train.precision=fp8"],
+    "cudagraphs": ["train.micro_batch_size=2", "train.kernels.cuda_graphs=transformer_engine"],
+    "no_permute_fusion": ["train.micro_batch_size=2", "train.kernels.moe_permute_fusion=false"],
+}
+
+
+def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path) -> dict:
+    live = out_dir / "live"
+    ckpt = out_dir / "ckpt" / name
+    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *overrides, f"train.tokens={iters * 16 * 4096}",
+           f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log_file = out_dir / f"{name}.log"
+    log_file.write_text(proc.stdout + proc.stderr)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    if proc.returncode != 0:
+        return {"variant": name, "error": f"exit {proc.returncode}; see {log_file}"}
+    metrics = {}
+    for key in ("tokens_per_s_per_gpu", "tflops_per_gpu_true", "tflops_per_gpu_bridge", "max_memory_gib"):
+        values = [v for s, v in read_metric(live / name / "pretrain", f"perf/{key}") if s > warmup]
+        metrics[key] = statistics.median(values) if values else float("nan")
+    return {"variant": name, **metrics, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--variants", default="baseline,fp8,mbs4,fp8_mbs4")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    out_dir = ROOT / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    results = []
+    for name in args.variants.split(","):
+        r = run_variant(name, VARIANTS[name], args.iters, args.warmup, out_dir)
+        results.append(r)
+        base = results[0].get("tflops_per_gpu_bridge")
+        if "error" in r:
+            print(f"{name:18s} FAILED: {r['error']}", flush=True)
+            continue
+        print(f"{name:18s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  {r['tflops_per_gpu_bridge']:6.1f} TFLOP/s "
+              f"(Bridge)  {r['tflops_per_gpu_true']:6.1f} (true)  {r['max_memory_gib']:5.1f} GiB peak  "
+              f"x{r['tflops_per_gpu_bridge'] / base:.2f} vs baseline  [{device}]", flush=True)
+    (out_dir / "train_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""GPU entry point for one training phase, run by torchrun on every rank:
+
+    torchrun --nproc_per_node=N -m nano3.train.entry --stage pretrain --phase phase1 --run-dir DIR [...]
+
+Builds Megatron-Bridge's Nemotron 3 Nano recipe config, applies mapping.bridge_overrides, and
+runs Bridge's `pretrain`. Megatron-Bridge and Transformer Engine are imported only here.
+Import-safe on purpose: distributed checkpoint saving starts worker processes with spawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import nano3  # noqa: F401  (quiet imports)
+from nano3.config import load_params, parse_override
+from nano3.errors import UserError
+
+
+def set_field(cfg, dotted: str, value: Any) -> None:
+    """Set one dotted ConfigContainer field; an unknown field is an error, not a silent no-op."""
+    *path, name = dotted.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    if not hasattr(node, name):
+        raise UserError(f"Megatron-Bridge config has no field '{dotted}'; check the override's spelling")
+    setattr(node, name, value)
+
+
+def build_config(overrides: dict[str, Any]):
+    from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
+    from megatron.bridge.recipes.utils.dataset_utils import get_blend_fields_from_data_paths
+    from megatron.bridge.training.mixed_precision import get_mixed_precision_config
+
+    cfg = nemotron_3_nano_pretrain_config()
+    for key, value in overrides.items():
+        if key == "dataset.per_split_data_args_path":
+            blend, per_split, split = get_blend_fields_from_data_paths(per_split_data_args_path=value)
+            cfg.dataset.blend, cfg.dataset.blend_per_split, cfg.dataset.split = blend, per_split, split
+        elif key == "mixed_precision":
+            mp = get_mixed_precision_config(value)
+            mp.grad_reduce_in_fp32 = False  # as the recipe: bf16 gradient reduction
+            cfg.mixed_precision = mp
+        elif key == "comm_overlap":
+            cfg.comm_overlap = value
+        else:
+            set_field(cfg, key, value)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+
+    from nano3.train.flops import flops_per_token, padded_vocab
+    from nano3.train.mapping import bridge_overrides
+    from nano3.train.metrics import DvcliveCallback
+    from nano3.train.plan import model_vocab, read_layout
+    from nano3.train.presets import model_preset
+    from nano3.train.schedule import build_schedule
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", required=True)
+    ap.add_argument("--phase", required=True, choices=["phase1", "phase2", "lc"])
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--live-dir", required=True)
+    ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--override", action="append", default=[], help="params.yaml override")
+    ap.add_argument("--bridge", action="append", default=[], help="Bridge section.field=value override")
+    args = ap.parse_args(argv)
+
+    params = load_params(args.params, args.override)
+    schedule = build_schedule(params)
+    phase = schedule.phase(args.phase)
+    overrides = bridge_overrides(params, schedule, phase, args.run_dir, args.pretrained)
+    overrides.update(dict(parse_override(text) for text in args.bridge))
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.run_dir) / f"bridge_overrides.{args.phase}.json").write_text(
+            json.dumps(overrides, indent=2, sort_keys=True, default=str))
+    cfg = build_config(overrides)
+
+    preset = model_preset(params)
+    layout = read_layout(params, "lc" if args.phase == "lc" else "train")
+    vocab = padded_vocab(model_vocab(params), preset, layout.tp)
+    callback = DvcliveCallback(
+        live_dir=args.live_dir, stage_label=args.phase, tokens_per_iter=phase.global_batch_size * phase.seq_length,
+        flops_true=flops_per_token(preset, phase.seq_length, vocab, "true"),
+        flops_bridge=flops_per_token(preset, phase.seq_length, vocab, "bridge"),
+        log_interval=params.get_key("train.log_interval", kind=int),
+        extra={"run": Path(args.run_dir).name, "phase": args.phase},
+    )
+    pretrain(config=cfg, forward_step_func=forward_step, callbacks=[callback])
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

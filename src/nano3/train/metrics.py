@@ -1,0 +1,143 @@
+"""Training metrics through dvclive, from one rank: loss, LR, grad norm, throughput, MoE load balance.
+
+Throughput is reported twice: TFLOP/s/GPU with the model's true Mamba width and with the formula
+Megatron-Bridge prints (which over-counts Mamba, flops.py). Load balance comes from forward hooks on
+the MoE routers: tokens routed to each expert since the last log, as max/mean over experts (1.0 is
+perfectly balanced), averaged over MoE layers.
+
+Metrics live in `dvclive/<stage>/` (a persistent DVC out): on resume, rows past the checkpoint's
+iteration (logged by the killed run after its last checkpoint) are dropped so curves stay single-valued.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+
+def truncate_metrics(live_dir: str | Path, last_step: int) -> None:
+    """Drop history rows with step > last_step from every dvclive metrics TSV under live_dir."""
+    for tsv in Path(live_dir).glob("plots/metrics/**/*.tsv"):
+        with open(tsv, newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+        if not rows:
+            continue
+        header, body = rows[0], rows[1:]
+        step_col = header.index("step")
+        kept = [r for r in body if int(r[step_col]) <= last_step]
+        if len(kept) != len(body):
+            tmp = tsv.with_suffix(".tsv.tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f, delimiter="\t", lineterminator="\n").writerows([header, *kept])
+            tmp.replace(tsv)
+
+
+class LoadBalanceTracker:
+    """Counts tokens per expert in every MoE router (forward hooks), reset at each read."""
+
+    def __init__(self, model_chunks):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.counts: dict[int, object] = {}
+        self.handles = []
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    self.handles.append(module.register_forward_hook(self._hook(len(self.handles))))
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            routing_map = output[1]
+            counts = routing_map.sum(dim=0).float().detach()
+            self.counts[layer] = counts if layer not in self.counts else self.counts[layer] + counts
+
+        return hook
+
+    def read(self) -> dict[str, float]:
+        if not self.counts:
+            return {}
+        ratios = [(c.max() / c.mean().clamp(min=1e-9)).item() for c in self.counts.values()]
+        mins = [(c.min() / c.mean().clamp(min=1e-9)).item() for c in self.counts.values()]
+        self.counts = {}
+        return {"moe/max_over_mean_load": sum(ratios) / len(ratios), "moe/worst_layer_max_over_mean": max(ratios),
+                "moe/min_over_mean_load": sum(mins) / len(mins)}
+
+
+class DvcliveCallback:
+    """A Megatron-Bridge callback (duck-typed: Bridge calls the on_* methods it finds)."""
+
+    def __init__(self, live_dir: str, stage_label: str, tokens_per_iter: int, flops_true: float, flops_bridge: float,
+                 log_interval: int, extra: dict | None = None):
+        self.live_dir, self.stage_label = live_dir, stage_label
+        self.tokens_per_iter, self.log_interval = tokens_per_iter, log_interval
+        self.flops = {"true": flops_true, "bridge": flops_bridge}
+        self.extra = extra or {}
+        self.live = None
+        self.tracker = None
+        self.last = None  # (iteration, wall time) of the last log
+
+    @staticmethod
+    def _is_logging_rank() -> bool:
+        import torch.distributed as dist
+
+        return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1  # last pipeline stage
+
+    def on_train_start(self, context) -> None:
+        if not self._is_logging_rank():
+            return
+        from dvclive import Live
+
+        step = context.state.train_state.step
+        truncate_metrics(self.live_dir, step)
+        self.live = Live(self.live_dir, resume=True, save_dvc_exp=False, dvcyaml=False, report=None)
+        for key, value in self.extra.items():
+            self.live.log_param(key, value)
+        self.tracker = LoadBalanceTracker(context.model)
+        self.last = (step, time.time())
+
+    def on_train_step_end(self, context) -> None:
+        if self.live is None:
+            return
+        it = context.state.train_state.step
+        if it % self.log_interval:
+            return
+        import torch.distributed as dist
+
+        now = time.time()
+        elapsed_iters, seconds = it - self.last[0], now - self.last[1]
+        self.last = (it, now)
+        self.live.step = it
+        loss = (context.loss_dict or {}).get("lm loss")
+        if loss is not None:
+            self.live.log_metric("train/loss", float(loss))
+        self.live.log_metric("train/lr", float(context.optimizer.param_groups[0]["lr"]))
+        if context.grad_norm is not None:
+            self.live.log_metric("train/grad_norm", float(context.grad_norm))
+        if elapsed_iters > 0 and seconds > 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            tokens_per_s = elapsed_iters * self.tokens_per_iter / seconds
+            self.live.log_metric("perf/tokens_per_s_per_gpu", tokens_per_s / world)
+            self.live.log_metric("perf/tflops_per_gpu_true", tokens_per_s * self.flops["true"] / world / 1e12)
+            self.live.log_metric("perf/tflops_per_gpu_bridge", tokens_per_s * self.flops["bridge"] / world / 1e12)
+        import torch
+
+        self.live.log_metric("perf/max_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
+        for name, value in self.tracker.read().items():
+            self.live.log_metric(name, value)
+        self.live.log_metric("phase", self.stage_label, plot=False)
+        self.live.make_summary()
+
+    def on_eval_end(self, context) -> None:
+        if self.live is None or not context.total_loss_dict:
+            return
+        loss = context.total_loss_dict.get("lm loss")
+        if loss is not None:
+            self.live.step = context.state.train_state.step
+            self.live.log_metric("valid/loss", float(loss))
+            self.live.make_summary()
+
+    def on_train_end(self, context) -> None:
+        if self.live is not None:
+            self.live.make_summary()
+            self.live.end()

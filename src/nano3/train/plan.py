@@ -1,0 +1,239 @@
+"""The dry run: what a training stage will do, and whether its parallel layout can work, before any job.
+
+Pure Python (no Bridge, no GPU): token budgets -> iterations and the LR schedule (schedule.py), the
+parallel layout checked against the GPUs and the model's shapes with the same divisibility rules
+megatron-core enforces at start-up, a per-GPU memory estimate, and GPU-hours at a measured
+throughput. An impossible layout fails here with a message naming the key, not minutes into a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from nano3.errors import UserError
+from nano3.train.flops import flops_per_token, padded_vocab, param_counts
+from nano3.train.presets import ModelPreset, model_preset
+from nano3.train.schedule import TrainingSchedule, build_schedule
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Layout:
+    stage: str  # train | lc: the params section it comes from
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    etp: int
+    sequence_parallel: bool
+    micro_batch_size: int
+    global_batch_size: int
+    seq_length: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world // (self.pp * self.ep * self.etp)
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+
+def read_layout(params, stage: str) -> Layout:
+    g = params.get_key
+    par = g(f"{stage}.parallel", kind=dict)
+    for key in ("tp", "pp", "cp", "ep"):
+        if not isinstance(par.get(key), int) or par[key] < 1:
+            raise UserError(f"{params.source}: '{stage}.parallel.{key}' must be an integer >= 1, got {par.get(key)!r}")
+    return Layout(stage=stage, nodes=g(f"{stage}.nodes", kind=int), gpus_per_node=g(f"{stage}.gpus_per_node", kind=int),
+                  tp=par["tp"], pp=par["pp"], cp=par["cp"], ep=par["ep"], etp=int(par.get("etp", 1)),
+                  sequence_parallel=bool(par.get("sequence_parallel", par["tp"] > 1)),
+                  micro_batch_size=g(f"{stage}.micro_batch_size", kind=int),
+                  global_batch_size=g(f"{stage}.global_batch_size", kind=int), seq_length=g(f"{stage}.seq_length", kind=int))
+
+
+def layout_errors(layout: Layout, preset: ModelPreset) -> list[str]:
+    """Every reason megatron-core would refuse this layout (empty when it is valid)."""
+    s, errs = layout.stage, []
+    p = f"{s}.parallel"
+    if layout.world < 1:
+        return [f"{s}.nodes x {s}.gpus_per_node must be at least 1 GPU"]
+    model_par = layout.tp * layout.pp * layout.cp
+    if layout.world % model_par:
+        errs.append(f"{p}: TP x PP x CP = {layout.tp}x{layout.pp}x{layout.cp} = {model_par} does not divide "
+                    f"the {layout.world} GPUs ({layout.nodes} nodes x {layout.gpus_per_node})")
+        return errs
+    if (layout.world // layout.pp) % (layout.ep * layout.etp):
+        errs.append(f"{p}: EP x ETP = {layout.ep * layout.etp} does not divide the {layout.world // layout.pp} GPUs "
+                    f"of a pipeline stage")
+    if preset.num_moe_experts % layout.ep:
+        errs.append(f"{p}.ep={layout.ep} does not divide the {preset.num_moe_experts} experts")
+    if preset.num_layers % layout.pp:
+        errs.append(f"{p}.pp={layout.pp} does not divide the {preset.num_layers} layers")
+    if preset.num_attention_heads % layout.tp:
+        errs.append(f"{p}.tp={layout.tp} does not divide the {preset.num_attention_heads} attention heads")
+    if preset.num_query_groups % layout.tp and layout.tp % preset.num_query_groups:
+        errs.append(f"{p}.tp={layout.tp} must divide or be a multiple of the {preset.num_query_groups} KV groups")
+    if preset.mamba_num_groups % layout.tp:
+        errs.append(f"{p}.tp={layout.tp} does not divide the {preset.mamba_num_groups} Mamba groups")
+    elif layout.cp > 1:
+        heads_local, groups_local = preset.mamba_num_heads // layout.tp, preset.mamba_num_groups // layout.tp
+        if heads_local % layout.cp:
+            errs.append(f"{p}.cp={layout.cp} does not divide the {heads_local} Mamba heads per TP rank")
+        elif (groups_local < layout.cp and layout.cp % groups_local) or (groups_local >= layout.cp and groups_local % layout.cp):
+            errs.append(f"{p}.cp={layout.cp} and the {groups_local} Mamba groups per TP rank must divide one another")
+    if layout.tp > 1 and layout.ep > 1 and not layout.sequence_parallel:
+        errs.append(f"{p}: MoE with TP > 1 needs sequence_parallel: true")
+    if layout.cp > 1 and layout.seq_length % (2 * layout.cp):
+        errs.append(f"{s}.seq_length={layout.seq_length} must be divisible by 2 x CP = {2 * layout.cp}")
+    if layout.sequence_parallel and (layout.seq_length // layout.cp) % layout.tp:
+        errs.append(f"{s}.seq_length / CP must be divisible by TP={layout.tp} with sequence parallelism")
+    if layout.global_batch_size % (layout.micro_batch_size * layout.dp):
+        errs.append(f"{s}.global_batch_size={layout.global_batch_size} is not a multiple of micro_batch_size x DP = "
+                    f"{layout.micro_batch_size}x{layout.dp}")
+    return errs
+
+
+def validate_layout(layout: Layout, preset: ModelPreset) -> None:
+    errs = layout_errors(layout, preset)
+    if errs:
+        raise UserError(errs[0] if len(errs) == 1 else f"{errs[0]} (and {len(errs) - 1} more: {'; '.join(errs[1:])})")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib
+
+
+def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompute_moe: bool) -> float:
+    """Rough bf16 bytes kept per token for the backward pass (no full recompute), summed over layers."""
+    h, d_in = preset.hidden_size, preset.mamba_num_heads * preset.mamba_head_dim
+    gn = preset.mamba_num_groups * preset.mamba_state_dim
+    q, kv = preset.num_attention_heads * preset.kv_channels, preset.num_query_groups * preset.kv_channels
+    mamba = 2 * (h + 7 * d_in + 4 * gn + preset.mamba_num_heads) / tp + 4 * d_in * preset.mamba_state_dim / 256 / tp
+    attention = 2 * (2 * h + 3 * q + 2 * kv) / tp
+    k = preset.moe_router_topk
+    moe = 2 * h if recompute_moe else 2 * (2 * h + k * (2 * h + 2 * preset.moe_ffn_hidden_size)
+                                           + 2 * preset.moe_shared_expert_intermediate_size / tp) + 4 * preset.num_moe_experts
+    mlp = 2 * (2 * h + 2 * preset.ffn_hidden_size / tp)
+    logits = 4 * vocab / tp  # fp32 logits and their gradient during the loss
+    n_m, n_a, n_e, n_d = (preset.count(c) for c in "M*E-")
+    return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp + logits
+
+
+def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool) -> MemoryEstimate:
+    """Per-GPU memory of the busiest pipeline stage (the first: it holds PP microbatches in flight)."""
+    counts = param_counts(preset, vocab)
+    dense_local = (counts.dense / layout.pp + counts.embedding / min(layout.pp, 2)) / layout.tp
+    experts_local = counts.experts / layout.pp / (layout.ep * layout.etp)
+    params_local = dense_local + experts_local
+    weights = 2 * params_local  # bf16
+    grads = 2 * params_local  # bf16 gradient buffers (the recipe's grad_reduce_in_fp32=False)
+    # Distributed optimizer: fp32 master weights + two Adam moments, sharded over the data-parallel ranks.
+    optimizer = 12 * (dense_local / (layout.dp * layout.cp) + experts_local / layout.expert_dp)
+    tokens = layout.micro_batch_size * layout.seq_length / layout.cp
+    in_flight = min(layout.pp, layout.microbatches)  # 1F1B: stage 0 holds up to PP microbatches
+    activations = tokens * activation_bytes_per_token(preset, vocab, layout.tp, recompute_moe) * in_flight / layout.pp
+    overhead = 3 * GIB + 0.1 * (weights + grads + optimizer + activations)  # CUDA context, NCCL, fragmentation
+    return MemoryEstimate(weights / GIB, grads / GIB, optimizer / GIB, activations / GIB, overhead / GIB)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    layout: Layout
+    memory: MemoryEstimate
+    iterations: int
+    tokens: int
+    flops_per_token_true: float
+    flops_per_token_bridge: float
+    gpu_hours: float  # at train.measured_tflops_per_gpu (Bridge's formula)
+
+
+@dataclass(frozen=True)
+class Plan:
+    preset_name: str
+    preset: ModelPreset
+    vocab: int
+    params_total: int
+    params_active: int
+    schedule: TrainingSchedule
+    stages: dict[str, StagePlan]
+
+    def as_dict(self) -> dict:
+        return {
+            "model": {"preset": self.preset_name, "layers": self.preset.num_layers, "vocab_padded": self.vocab,
+                      "params_total": self.params_total, "params_active": self.params_active,
+                      **self.preset.bridge_fields()},
+            "schedule": self.schedule.as_dict(),
+            "stages": {name: {"layout": asdict(s.layout) | {"world": s.layout.world, "dp": s.layout.dp,
+                                                            "microbatches": s.layout.microbatches},
+                              "memory_gib": asdict(s.memory) | {"total_gib": s.memory.total_gib},
+                              "iterations": s.iterations, "tokens": s.tokens,
+                              "gflops_per_token": {"true": s.flops_per_token_true / 1e9,
+                                                   "bridge": s.flops_per_token_bridge / 1e9},
+                              "gpu_hours": s.gpu_hours}
+                       for name, s in self.stages.items()},
+        }
+
+
+def model_vocab(params) -> int:
+    """The model's vocabulary: `model.vocab_size`, or the tokenizer's when that is null.
+
+    A model vocabulary smaller than the tokenizer's would index past the embedding at the first
+    batch (or silently clip ids): refuse it here.
+    """
+    from pathlib import Path
+
+    from nano3.data.tokenizer import read_info
+
+    info_file = Path(params.get_key("tokenizer.dir", kind=str)) / "info.json"
+    tokenizer = read_info(info_file.parent).vocab_size if info_file.exists() else None
+    model = params.get_key("model.vocab_size", None, kind=int)
+    if model is not None and tokenizer is not None and model < tokenizer:
+        raise UserError(f"{params.source}: model.vocab_size={model} is smaller than the tokenizer's {tokenizer} ids "
+                        f"({info_file}); raise it or set it to null to use the tokenizer's")
+    if model is None and tokenizer is None:
+        raise UserError(f"{info_file}: no tokenizer yet and model.vocab_size is null; run the tokenizer stage")
+    return model if model is not None else tokenizer
+
+
+def build_plan(params, stages: tuple[str, ...] = ("train", "lc")) -> Plan:
+    preset = model_preset(params)
+    schedule = build_schedule(params)
+    raw_vocab = model_vocab(params)
+    measured = float(params.get_key("train.measured_tflops_per_gpu", kind=(int, float)))
+    recompute_moe = "moe" in (params.get_key("train.recompute_modules", [], kind=list) or [])
+    out = {}
+    for stage in stages:
+        layout = read_layout(params, stage)
+        validate_layout(layout, preset)
+        vocab = padded_vocab(raw_vocab, preset, layout.tp)
+        iterations = schedule.pretrain_iters if stage == "train" else schedule.lc_iters
+        tokens = iterations * layout.global_batch_size * layout.seq_length
+        true_f = flops_per_token(preset, layout.seq_length, vocab, "true")
+        bridge_f = flops_per_token(preset, layout.seq_length, vocab, "bridge")
+        hours = tokens * bridge_f / (measured * 1e12) / 3600
+        out[stage] = StagePlan(layout, estimate_memory(layout, preset, vocab, recompute_moe), iterations, tokens,
+                               true_f, bridge_f, hours)
+    vocab = padded_vocab(raw_vocab, preset)
+    counts = param_counts(preset, vocab)
+    return Plan(params.get_key("model.preset"), preset, vocab, counts.total, counts.active, schedule, out)

@@ -1,0 +1,155 @@
+"""Real Megatron-Bridge training on a GPU: `make smoke`, the curriculum switch, LR, LC, resume, EP/CP.
+
+Run on a GPU machine with the training stack installed (NeMo container, or ../shared/gpu recipe):
+    NANO3_SYSTEM_PYTHON=1 python -m pytest -m gpu tests/gpu -v
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nano3.config import load_params
+from nano3.launch.smoke import read_metric
+from nano3.train.run import latest_iteration
+from nano3.train.schedule import build_schedule
+from tests.conftest import copy_repo
+
+pytestmark = pytest.mark.gpu
+
+
+def gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def env() -> dict:
+    return {**os.environ, "NANO3_SYSTEM_PYTHON": "1", "PYTHONUNBUFFERED": "1",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
+    out = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout)
+    log = out.stdout + out.stderr
+    (repo / "logs").mkdir(exist_ok=True)
+    with open(repo / "logs" / "gpu-tests.log", "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n{log}")
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-6000:]}"
+    return log
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`make smoke` in a fresh copy of the repository: sample -> ... -> pretrain (2 phases) -> lc."""
+    repo = copy_repo(tmp_path_factory.mktemp("gpu") / "repo")
+    log = run(repo, ["make", "smoke"], timeout=1800)
+    print(log[-3000:])
+    return repo, log
+
+
+def test_smoke_loss_falls_in_both_phases(smoke):
+    repo, _ = smoke
+    sched = build_schedule(load_params(repo / "params.yaml"))
+    loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    phase1 = [v for s, v in loss if s <= sched.switch_iter]
+    phase2 = [v for s, v in loss if s > sched.switch_iter]
+    assert phase1 and phase2
+    assert phase1[-1] < 0.6 * phase1[0], f"phase 1 loss {phase1[0]:.3f} -> {phase1[-1]:.3f}"
+    assert max(phase2) < 0.6 * phase1[0] and phase2[-1] <= phase2[0] + 0.05, f"phase 2 loss {phase2}"
+
+
+def test_blend_switches_at_the_planned_iteration(smoke):
+    repo, log = smoke
+    params = load_params(repo / "params.yaml")
+    sched = build_schedule(params)
+    manifest = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    run_dir = repo / manifest["run_dir"]
+    p1 = json.loads((run_dir / "bridge_overrides.phase1.json").read_text())
+    p2 = json.loads((run_dir / "bridge_overrides.phase2.json").read_text())
+    assert p1["train.exit_interval"] == sched.switch_iter and p1["dataset.per_split_data_args_path"].endswith("phase1.json")
+    assert p2["dataset.per_split_data_args_path"].endswith("phase2.json") and p2["train.exit_interval"] is None
+    assert (run_dir / f"iter_{sched.switch_iter:07d}").is_dir()  # phase 1 ended with a checkpoint at the switch
+    assert manifest["iteration"] == latest_iteration(run_dir) == sched.pretrain_iters
+    assert f"phase2 iterations {sched.switch_iter + 1}..{sched.pretrain_iters}" in log
+
+
+def test_lr_curve_matches_the_plan(smoke):
+    repo, _ = smoke
+    sched = build_schedule(load_params(repo / "params.yaml"))
+    lr = read_metric(repo / "dvclive" / "pretrain", "train/lr")
+    assert len(lr) >= sched.pretrain_iters // 10
+    for step, value in lr:
+        assert value == pytest.approx(sched.pretrain_lr.lr_at(step), rel=1e-5, abs=1e-9), f"LR at {step}"
+    lc_lr = read_metric(repo / "dvclive" / "lc", "train/lr")
+    assert lc_lr and all(v == pytest.approx(sched.lc_lr.lr) for _, v in lc_lr)
+
+
+def test_lc_starts_from_the_pretrain_checkpoint_at_a_longer_sequence(smoke):
+    repo, _ = smoke
+    params = load_params(repo / "params.yaml")
+    pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
+    over = json.loads((repo / lc["run_dir"] / "bridge_overrides.lc.json").read_text())
+    assert over["checkpoint.pretrained_checkpoint"] == pre["checkpoint"]
+    assert over["model.seq_length"] == params["lc"]["seq_length"] > params["train"]["seq_length"]
+    first_pretrain = read_metric(repo / "dvclive" / "pretrain", "train/loss")[0][1]
+    final_pretrain = read_metric(repo / "dvclive" / "pretrain", "train/loss")[-1][1]
+    lc_loss = read_metric(repo / "dvclive" / "lc", "train/loss")
+    # Random weights would start near ln(vocab) like pretraining did; loaded weights start near its end.
+    assert lc_loss[0][1] < final_pretrain + 0.5 * (first_pretrain - final_pretrain)
+
+
+def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
+    repo, _ = smoke
+    params = load_params(repo / "params.yaml")
+    sched = build_schedule(params)
+    cmd = [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/resume-test", "train.save_interval=25"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_root = repo / "checkpoints" / "resume-test" / "pretrain"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        dirs = list(run_root.glob("*/latest_checkpointed_iteration.txt"))
+        if dirs and latest_iteration(dirs[0].parent) >= 75:
+            break
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun tree, as a node failure would
+    proc.wait()
+    killed_at = latest_iteration(next(run_root.glob("*")))
+    assert 75 <= killed_at < sched.switch_iter
+    log = run(repo, cmd)
+    assert f"phase1 iterations {killed_at + 1}..{sched.switch_iter}" in log
+    resumed = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    reference = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    ref_loss = reference["metrics"]["train"]["loss"]
+    final = resumed[-1]
+    assert final[0] == sched.pretrain_iters
+    print(f"final loss: uninterrupted {ref_loss:.5f}, killed at {killed_at} and resumed {final[1]:.5f}")
+    assert final[1] == pytest.approx(ref_loss, abs=0.02)
+
+
+@pytest.mark.skipif("gpus() < 2", reason="needs 2 GPUs")
+def test_pretrain_with_expert_parallelism_2(smoke):
+    repo, _ = smoke
+    log = run(repo, [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/ep2", "train.gpus_per_node=2",
+                     "train.parallel.ep=2", "train.tokens=655360", "train.global_batch_size=16"])
+    assert "EP 2" in log
+    loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    assert loss[-1][1] < 0.8 * loss[0][1]
+
+
+@pytest.mark.skipif("gpus() < 2", reason="needs 2 GPUs")
+def test_lc_with_context_parallelism_2(smoke):
+    repo, _ = smoke
+    log = run(repo, [sys.executable, "stages/lc.py", "lc.gpus_per_node=2", "lc.parallel.cp=2", "lc.tokens=131072"])
+    assert "CP 2" in log
+    loss = read_metric(repo / "dvclive" / "lc", "train/loss")
+    assert loss and all(v < 8 for _, v in loss)

@@ -1,0 +1,202 @@
+"""CPU tests of the training side: presets, schedule arithmetic, layout validation, FLOPs, the Bridge mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from nano3.config import Params, load_params
+from nano3.errors import UserError
+from nano3.train.flops import flops_per_token, param_counts
+from nano3.train.mapping import bridge_overrides, run_digest, split_cli_overrides
+from nano3.train.plan import build_plan, estimate_memory, layout_errors, read_layout
+from nano3.train.presets import PRESETS, NANO3_PATTERN, model_preset
+from nano3.train.schedule import build_schedule
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def params(tmp_path, spm_dir) -> Params:
+    p = load_params(ROOT / "params.yaml")
+    p["tokenizer"]["dir"] = str(spm_dir)
+    p["blend"]["out_dir"] = str(tmp_path / "blend")
+    return p
+
+
+def production(params: Params, **train) -> Params:
+    """The recipe's scale on top of the embedded params (as configs/nano3.yaml sets it)."""
+    params["model"]["preset"] = "nano3"
+    params["train"].update(tokens=25e12, seq_length=4096, global_batch_size=8192, micro_batch_size=1, nodes=2,
+                           gpus_per_node=8, lr=1e-4, min_lr=1e-5, warmup_fraction=0.001,
+                           parallel={"tp": 1, "pp": 1, "cp": 1, "ep": 8, "etp": 1})
+    params["train"].update(train)
+    return params
+
+
+def test_nano3_preset_matches_the_published_model():
+    p = PRESETS["nano3"]
+    assert p.hybrid_layer_pattern == NANO3_PATTERN and p.num_layers == 52
+    assert (p.count("M"), p.count("E"), p.count("*")) == (23, 23, 6)
+    counts = param_counts(p, 131072)
+    assert counts.total / 1e9 == pytest.approx(31.6, abs=0.05)  # tech report: 31.6B total
+    assert counts.active / 1e9 == pytest.approx(3.2, abs=0.05)  # 3.2B active (the input embedding is a lookup)
+
+
+def test_tiny_keeps_every_layer_kind_and_feature():
+    tiny, nano = PRESETS["tiny"], PRESETS["nano3"]
+    assert set(tiny.hybrid_layer_pattern) == set(nano.hybrid_layer_pattern) == {"M", "E", "*"}
+    assert tiny.num_query_groups < tiny.num_attention_heads  # GQA
+    assert tiny.mamba_num_groups > 1 and tiny.moe_shared_expert_intermediate_size > 0 and tiny.moe_router_topk > 1
+    assert param_counts(tiny, 8192).total < 50e6
+
+
+def test_flops_true_vs_bridge_mamba_width():
+    p = PRESETS["nano3"]
+    true, bridge = flops_per_token(p, 8192, 131072, "true"), flops_per_token(p, 8192, 131072, "bridge")
+    assert true / 1e9 == pytest.approx(20.8, abs=0.1) and bridge / 1e9 == pytest.approx(22.3, abs=0.1)
+    assert 1.06 < bridge / true < 1.08  # Bridge over-counts Mamba by ~7%
+
+
+def test_schedule_phase_switch_and_wsd_lr(params):
+    s = build_schedule(production(params))
+    assert s.pretrain_iters == round(25e12 / (8192 * 4096))
+    assert s.switch_iter == round(s.pretrain_iters * 0.94)
+    p1, p2 = s.phase("phase1"), s.phase("phase2")
+    assert (p1.end_iter, p2.start_iter, p2.end_iter) == (s.switch_iter, s.switch_iter, s.pretrain_iters)
+    assert p1.train_iters == p2.train_iters == s.pretrain_iters  # one continuous schedule across the switch
+    lr = s.pretrain_lr
+    assert lr.lr_at(lr.warmup_iters) == pytest.approx(1e-4)
+    assert lr.lr_at(round(0.8 * s.pretrain_iters)) == pytest.approx(1e-4)  # held to 80% ...
+    assert lr.lr_at(s.pretrain_iters) == pytest.approx(1e-5)  # ... decayed to min_lr at the end
+    mid = round(0.9 * s.pretrain_iters)
+    assert lr.lr_at(mid) == pytest.approx(1e-5 + 0.5 * 9e-5, rel=1e-3)  # linear: halfway down at 90%
+    assert lr.lr_at(s.switch_iter) == pytest.approx(1e-5 + 0.3 * 9e-5, rel=1e-3)  # same curve at the switch
+    assert s.lc_lr.lr_at(1) == s.lc_lr.lr_at(s.lc_iters) == params["lc"]["lr"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"parallel": {"tp": 3, "pp": 1, "cp": 1, "ep": 1}}, "TP x PP x CP = 3x1x1 = 3 does not divide the 16 GPUs"),
+    ({"parallel": {"tp": 1, "pp": 1, "cp": 1, "ep": 32}}, "EP x ETP = 32 does not divide the 16 GPUs"),
+    ({"parallel": {"tp": 1, "pp": 1, "cp": 1, "ep": 16}, "model": {"num_moe_experts": 120}},
+     "ep=16 does not divide the 120 experts"),
+    ({"parallel": {"tp": 1, "pp": 8, "cp": 1, "ep": 2}}, "pp=8 does not divide the 52 layers"),
+    ({"parallel": {"tp": 16, "pp": 1, "cp": 1, "ep": 1}}, "tp=16 does not divide the 8 Mamba groups"),
+    ({"parallel": {"tp": 2, "pp": 1, "cp": 1, "ep": 2, "sequence_parallel": False}}, "needs sequence_parallel"),
+    ({"global_batch_size": 100}, "global_batch_size=100 is not a multiple of micro_batch_size x DP = 1x16"),
+    ({"parallel": {"tp": 1, "pp": 1, "cp": 16, "ep": 1}, "model": {"mamba_num_heads": 24}},
+     "cp=16 does not divide the 24 Mamba heads per TP rank"),
+    ({"parallel": {"tp": 1, "pp": 1, "cp": 16, "ep": 1}, "seq_length": 4112}, "seq_length=4112 must be divisible by 2 x CP"),
+])
+def test_impossible_layouts_fail_before_any_job(params, change, message):
+    params["model"]["overrides"] = change.pop("model", {})
+    with pytest.raises(UserError) as err:
+        build_plan(production(params, **change), stages=("train",))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_recipe_layouts_are_valid(params):
+    p = production(params)
+    assert layout_errors(read_layout(p, "train"), model_preset(p)) == []
+    p["lc"].update(nodes=32, gpus_per_node=8, seq_length=524288, global_batch_size=48, micro_batch_size=1,
+                   parallel={"tp": 8, "pp": 4, "cp": 8, "ep": 8, "sequence_parallel": True})
+    assert layout_errors(read_layout(p, "lc"), model_preset(p)) == []  # the recipe's CP/TP/EP 8, PP 4
+
+
+def test_memory_estimate_shrinks_with_expert_parallelism(params):
+    p = production(params)
+    preset, layout = model_preset(p), read_layout(p, "train")
+    ep8 = estimate_memory(layout, preset, 131072, recompute_moe=True)
+    ep1 = estimate_memory(dataclasses.replace(layout, ep=1), preset, 131072, recompute_moe=True)
+    assert ep1.weights_gib > 50 > ep8.weights_gib  # 31.6B bf16 weights do not fit one 80 GB GPU without EP
+    assert 30 < ep8.total_gib < 80
+
+
+def test_mapping_emits_only_fields_bridge_has(params, tmp_path):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training.config import (CheckpointConfig, LoggerConfig, RNGConfig, SchedulerConfig, TokenizerConfig,
+                                          TrainingConfig, ValidationConfig)
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    def names(*classes):
+        return {f.name for c in classes for f in dataclasses.fields(c)}
+
+    known = {
+        "model": names(TransformerConfig) | {"hybrid_layer_pattern", "seq_length", "make_vocab_size_divisible_by",
+                                             "moe_flex_dispatcher_backend"},
+        "train": names(TrainingConfig), "validation": names(ValidationConfig), "optimizer": names(OptimizerConfig),
+        "scheduler": names(SchedulerConfig), "checkpoint": names(CheckpointConfig), "logger": names(LoggerConfig),
+        "rng": names(RNGConfig), "ddp": names(DistributedDataParallelConfig),
+        "tokenizer": names(TokenizerConfig) | {"use_tokenizer_vocab_size"},
+        "dataset": names(GPTDatasetConfig) | {"seq_length", "num_workers", "per_split_data_args_path"},
+    }
+    params["wandb"]["enabled"] = True
+    s = build_schedule(params)
+    for phase in s.phases:
+        o = bridge_overrides(params, s, phase, str(tmp_path / "run"), pretrained="x" if phase.name == "lc" else None)
+        for key in o:
+            section, _, field = key.partition(".")
+            if section in ("mixed_precision", "comm_overlap"):
+                continue
+            assert field in known[section], f"{key} is not a field of Bridge's {section} config"
+    p1 = bridge_overrides(params, s, s.phase("phase1"), "run")
+    p2 = bridge_overrides(params, s, s.phase("phase2"), "run")
+    lc = bridge_overrides(params, s, s.phase("lc"), "lcrun", pretrained="run")
+    assert p1["train.exit_interval"] == s.switch_iter and p2["train.exit_interval"] is None
+    assert p1["train.train_iters"] == p2["train.train_iters"] == s.pretrain_iters
+    assert p1["dataset.per_split_data_args_path"].endswith("phase1.json")
+    assert p2["dataset.per_split_data_args_path"].endswith("phase2.json")
+    assert p1["scheduler.lr_decay_style"] == "WSD" and lc["scheduler.lr_decay_style"] == "constant"
+    assert p1["scheduler.lr_wsd_decay_iters"] == s.pretrain_iters - s.pretrain_lr.decay_start_iter
+    assert lc["checkpoint.pretrained_checkpoint"] == "run" and lc["model.seq_length"] == params["lc"]["seq_length"]
+    assert p1["tokenizer.tokenizer_type"] == "SentencePieceTokenizer"
+    assert p1["model.hybrid_layer_pattern"] == PRESETS["tiny"].hybrid_layer_pattern
+
+
+def test_cli_overrides_split_between_params_and_bridge(params):
+    ours, bridge = split_cli_overrides(params, ["train.lr=3e-4", "model.recompute_granularity=full",
+                                                "train.train_iters=50", "prep.workers=3", "train.manual_gc=false",
+                                                "model.vocab_size=131072"])
+    assert ours == ["train.lr=3e-4", f"train.tokens={50 * 16 * 1024}", "prep.workers=3", "model.vocab_size=131072"]
+    assert bridge == ["model.recompute_granularity=full", "train.manual_gc=false"]
+
+
+def test_model_vocab_smaller_than_the_tokenizers_is_refused(params):
+    from nano3.train.plan import model_vocab
+
+    assert model_vocab(params) == 4096  # the test tokenizer's
+    params["model"]["vocab_size"] = 131072
+    assert model_vocab(params) == 131072
+    params["model"]["vocab_size"] = 4000
+    with pytest.raises(UserError, match="model.vocab_size=4000 is smaller than the tokenizer's 4096 ids"):
+        build_plan(params, stages=("train",))
+
+
+def test_run_digest_changes_with_what_is_learned_only(params):
+    base = run_digest(params, "pretrain", {"phase1": "a"})
+    params["train"]["log_interval"] = 1
+    params["train"]["gpus_per_node"] = 8
+    assert run_digest(params, "pretrain", {"phase1": "a"}) == base  # operational: resume the same run
+    params["train"]["lr"] = 3e-4
+    assert run_digest(params, "pretrain", {"phase1": "a"}) != base
+    params["train"]["lr"] = load_params(ROOT / "params.yaml")["train"]["lr"]
+    assert run_digest(params, "pretrain", {"phase1": "b"}) != base  # a different blend is a different run
+
+
+def test_dry_run_stage_prints_the_plan_and_writes_json(tmp_path, spm_dir):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "pretrain.py"), "--params", str(ROOT / "params.yaml"),
+                          "--dry-run", f"tokenizer.dir={spm_dir}"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "phase1 1..188, phase2 189..200" in out.stdout
+    plan = json.loads((tmp_path / "reports" / "plan" / "pretrain.json").read_text())
+    assert plan["schedule"]["switch_iter"] == 188 and plan["model"]["preset"] == "tiny"
+    bad = subprocess.run([sys.executable, str(ROOT / "stages" / "pretrain.py"), "--dry-run", f"tokenizer.dir={spm_dir}",
+                          "--params", str(ROOT / "params.yaml"), "train.parallel.ep=3"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: train.parallel") and "Traceback" not in bad.stderr
