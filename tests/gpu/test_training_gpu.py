@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,9 +49,19 @@ def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """`make smoke` in a fresh copy of the repository: sample -> ... -> pretrain (2 phases) -> lc."""
-    repo = copy_repo(tmp_path_factory.mktemp("gpu") / "repo")
+    """`make smoke` in a fresh copy of the repository: sample -> ... -> pretrain (2 phases) -> lc.
+
+    NANO3_GPU_SMOKE_DIR keeps the copy so a later pytest call on the same machine reuses the run.
+    """
+    keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
+    repo = Path(keep) if keep else tmp_path_factory.mktemp("gpu") / "repo"
+    if (repo / "checkpoints" / "lc.json").exists():
+        return repo, (repo / "logs" / "smoke.log").read_text()
+    if repo.exists():
+        shutil.rmtree(repo)
+    copy_repo(repo)
     log = run(repo, ["make", "smoke"], timeout=1800)
+    (repo / "logs" / "smoke.log").write_text(log)
     print(log[-3000:])
     return repo, log
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nano3.data.prep import prepare_dataset, split_of
 from nano3.data.tokenizer import Encoder
-from nano3.errors import UserError
 from tests.conftest import ROOT
 from tests.unit.test_sources import docs_from, write_jsonl
 

@@ -12,7 +12,7 @@ from nano3.errors import UserError
 from nano3.train.flops import flops_per_token, param_counts
 from nano3.train.mapping import bridge_overrides, run_digest, split_cli_overrides
 from nano3.train.plan import build_plan, estimate_memory, layout_errors, read_layout
-from nano3.train.presets import PRESETS, NANO3_PATTERN, model_preset
+from nano3.train.presets import NANO3_PATTERN, PRESETS, model_preset
 from nano3.train.schedule import build_schedule
 from tests.conftest import ROOT
 
@@ -114,12 +114,19 @@ def test_memory_estimate_shrinks_with_expert_parallelism(params):
 
 
 def test_mapping_emits_only_fields_bridge_has(params, tmp_path):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
-    from megatron.training.config import (CheckpointConfig, LoggerConfig, RNGConfig, SchedulerConfig, TokenizerConfig,
-                                          TrainingConfig, ValidationConfig)
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training.config import (
+        CheckpointConfig,
+        LoggerConfig,
+        RNGConfig,
+        SchedulerConfig,
+        TokenizerConfig,
+        TrainingConfig,
+        ValidationConfig,
+    )
 
     def names(*classes):
         return {f.name for c in classes for f in dataclasses.fields(c)}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import random
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator

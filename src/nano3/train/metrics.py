@@ -33,6 +33,15 @@ def truncate_metrics(live_dir: str | Path, last_step: int) -> None:
             tmp.replace(tsv)
 
 
+def scalar(value) -> float:
+    """A reduced loss as Bridge hands it over: a number, a 0-d tensor, or a (sum, count) pair."""
+    if isinstance(value, (tuple, list)):
+        return float(value[0]) / max(float(value[1]), 1e-12)
+    if hasattr(value, "numel") and value.numel() == 2:
+        return float(value[0]) / max(float(value[1]), 1e-12)
+    return float(value)
+
+
 class LoadBalanceTracker:
     """Counts tokens per expert in every MoE router (forward hooks), reset at each read."""
 
@@ -110,7 +119,7 @@ class DvcliveCallback:
         self.live.step = it
         loss = (context.loss_dict or {}).get("lm loss")
         if loss is not None:
-            self.live.log_metric("train/loss", float(loss))
+            self.live.log_metric("train/loss", scalar(loss))
         self.live.log_metric("train/lr", float(context.optimizer.param_groups[0]["lr"]))
         if context.grad_norm is not None:
             self.live.log_metric("train/grad_norm", float(context.grad_norm))
@@ -134,7 +143,7 @@ class DvcliveCallback:
         loss = context.total_loss_dict.get("lm loss")
         if loss is not None:
             self.live.step = context.state.train_state.step
-            self.live.log_metric("valid/loss", float(loss))
+            self.live.log_metric("valid/loss", scalar(loss))
             self.live.make_summary()
 
     def on_train_end(self, context) -> None:
