@@ -13,7 +13,9 @@ alltoall dispatcher, no CUDA graphs); each later variant prints its ratio to it,
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,13 +44,14 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path) -> dict:
+def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
     cmd = [sys.executable, "stages/pretrain.py", *COMMON, *overrides, f"train.tokens={iters * 16 * 4096}",
            f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     log_file = out_dir / f"{name}.log"
     log_file.write_text(proc.stdout + proc.stderr)
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -67,17 +70,26 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--variants", default="baseline,fp8,mbs4,fp8_mbs4")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--gpus", default="0", help="GPUs to spread variants over, one variant per GPU at a time")
     args = ap.parse_args()
     out_dir = ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    results = []
-    for name in args.variants.split(","):
-        r = run_variant(name, VARIANTS[name], args.iters, args.warmup, out_dir)
-        results.append(r)
-        base = results[0].get("tflops_per_gpu_bridge")
+    names = args.variants.split(",")
+    gpus = args.gpus.split(",")
+    queues = {g: names[i::len(gpus)] for i, g in enumerate(gpus)}  # each GPU runs its variants one by one
+
+    def run_queue(gpu: str) -> list[dict]:
+        return [run_variant(n, VARIANTS[n], args.iters, args.warmup, out_dir, gpu) for n in queues[gpu]]
+
+    with cf.ThreadPoolExecutor(len(gpus)) as pool:
+        done = {r["variant"]: r for rs in pool.map(run_queue, gpus) for r in rs}
+    results = [done[n] for n in names]
+    base = results[0].get("tflops_per_gpu_bridge")
+    for r in results:
+        name = r["variant"]
         if "error" in r:
             print(f"{name:18s} FAILED: {r['error']}", flush=True)
             continue

@@ -37,6 +37,22 @@ def env() -> dict:
             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
+def edit_params(repo: Path, values: dict) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    path = repo / "params.yaml"
+    tree = yaml.load(path.read_text())
+    for dotted, value in values.items():
+        *parents, last = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    with open(path, "w") as f:
+        yaml.dump(tree, f)
+
+
 def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
     out = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout)
     log = out.stdout + out.stderr
@@ -60,6 +76,8 @@ def smoke(tmp_path_factory):
     if repo.exists():
         shutil.rmtree(repo)
     copy_repo(repo)
+    if gpus() >= 2:  # the same smoke on two GPUs: pretrain with EP=2, lc with CP=2
+        edit_params(repo, {"train.gpus_per_node": 2, "train.parallel.ep": 2, "lc.gpus_per_node": 2, "lc.parallel.cp": 2})
     log = run(repo, ["make", "smoke"], timeout=1800)
     (repo / "logs" / "smoke.log").write_text(log)
     print(log[-3000:])
@@ -148,19 +166,15 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
 
 
 @pytest.mark.skipif("gpus() < 2", reason="needs 2 GPUs")
-def test_pretrain_with_expert_parallelism_2(smoke):
-    repo, _ = smoke
-    log = run(repo, [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/ep2", "train.gpus_per_node=2",
-                     "train.parallel.ep=2", "train.tokens=655360", "train.global_batch_size=16"])
-    assert "EP 2" in log
-    loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
-    assert loss[-1][1] < 0.8 * loss[0][1]
-
-
-@pytest.mark.skipif("gpus() < 2", reason="needs 2 GPUs")
-def test_lc_with_context_parallelism_2(smoke):
-    repo, _ = smoke
-    log = run(repo, [sys.executable, "stages/lc.py", "lc.gpus_per_node=2", "lc.parallel.cp=2", "lc.tokens=131072"])
-    assert "CP 2" in log
-    loss = read_metric(repo / "dvclive" / "lc", "train/loss")
-    assert loss and all(v < 8 for _, v in loss)
+def test_two_gpu_smoke_pretrained_with_ep2_and_extended_with_cp2(smoke):
+    repo, log = smoke
+    pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
+    for phase in ("phase1", "phase2"):
+        over = json.loads((repo / pre["run_dir"] / f"bridge_overrides.{phase}.json").read_text())
+        assert over["model.expert_model_parallel_size"] == 2
+    over = json.loads((repo / lc["run_dir"] / "bridge_overrides.lc.json").read_text())
+    assert over["model.context_parallel_size"] == 2 and over["model.seq_length"] % 4 == 0
+    assert "EP 2" in log and "CP 2" in log
+    lc_loss = read_metric(repo / "dvclive" / "lc", "train/loss")
+    assert lc_loss and all(v < 6 for _, v in lc_loss)

@@ -108,7 +108,7 @@ class DvcliveCallback:
     def on_train_step_end(self, context) -> None:
         if self.live is None:
             return
-        it = context.state.train_state.step
+        it = context.state.train_state.step + 1  # Bridge fires this before counting the finished step
         if it % self.log_interval:
             return
         import torch.distributed as dist
