@@ -74,6 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     out_dir = ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not (ROOT / "data" / "blend" / "phase1.json").exists():  # the sample blend the variants train on
+        subprocess.run(["dvc", "repro", "blend"], cwd=ROOT, check=True)
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

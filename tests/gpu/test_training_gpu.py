@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -71,15 +70,19 @@ def smoke(tmp_path_factory):
     """
     keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
     repo = Path(keep) if keep else tmp_path_factory.mktemp("gpu") / "repo"
-    if (repo / "checkpoints" / "lc.json").exists():
-        return repo, (repo / "logs" / "smoke.log").read_text()
-    if repo.exists():
-        shutil.rmtree(repo)
-    copy_repo(repo)
-    if gpus() >= 2:  # the same smoke on two GPUs: pretrain with EP=2, lc with CP=2
-        edit_params(repo, {"train.gpus_per_node": 2, "train.parallel.ep": 2, "lc.gpus_per_node": 2, "lc.parallel.cp": 2})
+    log_file = repo / "logs" / "smoke.log"
+    if (repo / "checkpoints" / "lc.json").exists() and log_file.exists():
+        return repo, log_file.read_text()
+    if not (repo / "dvc.yaml").exists():  # a kept copy that was interrupted is resumed, never deleted
+        copy_repo(repo)
+        if gpus() >= 2:  # the same smoke on two GPUs: pretrain with EP=2, lc with CP=2
+            edit_params(repo, {"train.gpus_per_node": 2, "train.parallel.ep": 2, "lc.gpus_per_node": 2,
+                               "lc.parallel.cp": 2})
     log = run(repo, ["make", "smoke"], timeout=1800)
-    (repo / "logs" / "smoke.log").write_text(log)
+    log_file.parent.mkdir(exist_ok=True)
+    with open(log_file, "a") as f:  # an interrupted first attempt's lines come first
+        f.write(log)
+    log = log_file.read_text()
     print(log[-3000:])
     return repo, log
 
