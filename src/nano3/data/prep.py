@@ -48,6 +48,7 @@ class PrepJob:
     tokenizer_dir: str
     work_dir: str
     batch_size: int
+    batch_chars: int = 8 << 20
 
 
 def split_of(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, bytes]:
@@ -77,6 +78,19 @@ def receipt_path(work_dir: str | Path, index: int) -> Path:
     return Path(work_dir) / f"unit_{index:06d}.json"
 
 
+def char_bounded(texts: list[str], max_chars: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) slices of texts holding at most max_chars each (at least one text)."""
+    slices, start, size = [], 0, 0
+    for i, text in enumerate(texts):
+        if i > start and size + len(text) > max_chars:
+            slices.append((start, i))
+            start, size = i, 0
+        size += len(text)
+    if start < len(texts):
+        slices.append((start, len(texts)))
+    return slices
+
+
 def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
     """Stream the unit's rows through the tokenizer into the split builders; return the counts."""
     job: PrepJob = _worker["job"]
@@ -101,11 +115,12 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
             texts.append(text)
             splits.append(split)
         batch_tokens = 0
-        for split, ids in zip(splits, encoder.encode_documents(texts)):
-            builders[split].add_document(ids, [len(ids)])
-            counts["documents"][split] += 1
-            counts["tokens"][split] += len(ids)
-            batch_tokens += len(ids)
+        for start, stop in char_bounded(texts, job.batch_chars):  # bounds memory whatever the document sizes
+            for split, ids in zip(splits[start:stop], encoder.encode_documents(texts[start:stop])):
+                builders[split].add_document(ids, [len(ids)])
+                counts["documents"][split] += 1
+                counts["tokens"][split] += len(ids)
+                batch_tokens += len(ids)
         if progress is not None:
             progress.put((len(texts), batch_tokens))
         if row_limit is not None and counts["rows"] >= row_limit:
@@ -306,7 +321,8 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
     if done and show_progress:
         print(f"prep {name}: resuming, {len(done)} of {len(units)} units already done")
     job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
-                  work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)))
+                  work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)),
+                  batch_chars=int(prep.get("batch_mb", 8)) << 20)
     receipts = _run_units(job, units, done, min(workers, len(units)), sample_rows, show_progress)
 
     unit_digests = hashlib.sha256("".join(receipts[i]["digest"] for i in sorted(receipts)).encode()).hexdigest()[:16]
