@@ -1,5 +1,6 @@
 # nano3: `make smoke` runs the pipeline on the embedded default, `make test` runs the tests.
-# NANO3_SYSTEM_PYTHON=1 uses the current Python instead of .venv (the NeMo container, a GPU machine).
+# CLUSTER=<profile in stages/clusters.toml> submits stages to Slurm (WAIT=1 waits for them through DVC).
+# NANO3_SYSTEM_PYTHON=1 uses the current Python instead of .venv (inside the NeMo container, GPU machines).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
@@ -12,9 +13,13 @@ endif
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
            "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+LAUNCH := python -m nano3.launch
+# make <stage>: here through DVC; with CLUSTER, a job (its id is printed; `dvc commit <stage>` records it when
+# done); WAIT=1 waits, streams its log and returns its exit code. `CLUSTER=x dvc repro` waits through DVC.
+run = $(if $(CLUSTER),$(LAUNCH) submit $(1) --cluster $(CLUSTER) $(if $(WAIT),--wait),dvc repro $(2))
 
 help:  ## list targets
-	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
 
 setup: $(SETUP)  ## create .venv from uv.lock (CPU stack; no GPU packages)
 $(VENV)/.synced: pyproject.toml uv.lock
@@ -23,7 +28,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	$(UV) sync --frozen --python "$(PY312)"
 	@touch $@
 
-test: setup  ## run the tests (GPU tests skip without a GPU)
+test: setup  ## run the tests (GPU tests skip without a GPU; Slurm tests start a local test cluster as root)
 	python -m pytest -q $(PYTEST_ARGS)
 
 smoke: setup  ## the whole pipeline on the embedded default (training needs a GPU or train.backend=reference)
@@ -32,10 +37,19 @@ smoke: setup  ## the whole pipeline on the embedded default (training needs a GP
 plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout check, memory, GPU-hours
 	python stages/pretrain.py --dry-run && python stages/lc.py --dry-run
 
-sample tokenizer blend pretrain lc: setup  ## run one stage (and what it depends on) through DVC
-	dvc repro $@
+sample tokenizer blend pretrain lc: setup  ## run one stage (and what it needs), here or on CLUSTER
+	$(call run,$@,$@)
 
-data: setup  ## sample -> tokenizer -> prep -> blend
-	dvc repro blend
+prep: setup  ## tokenize every dataset of params.yaml (on CLUSTER: a job or job array per dataset)
+	$(call run,prep,$(addprefix prep@,$(shell python -c 'import yaml; print(" ".join(yaml.safe_load(open("params.yaml"))["datasets"]))')))
 
-.PHONY: help setup test smoke plan sample tokenizer blend pretrain lc data
+all: setup  ## the whole pipeline: here through DVC, or on CLUSTER as jobs chained with afterok
+	$(if $(CLUSTER),$(LAUNCH) all --cluster $(CLUSTER),dvc repro lc)
+
+status cancel logs: setup  ## this repo's Slurm jobs, last checkpoints and metrics | cancel them | follow a log
+	$(LAUNCH) $@ $(JOB)
+
+container:  ## build the image (FROM the NeMo container) with docker, enroot or apptainer (RUNTIME=...)
+	containers/build.sh $(RUNTIME)
+
+.PHONY: help setup test smoke plan sample tokenizer prep blend pretrain lc all status cancel logs container

@@ -286,19 +286,25 @@ def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[i
 
 
 def prepare_dataset(params, name: str, *, workers: int | None = None, sample_rows: int | None = None,
-                    force: bool = False, show_progress: bool = True) -> dict:
-    """The prep stage for one dataset: returns its manifest (also written to `<out>/manifest.json`)."""
+                    force: bool = False, show_progress: bool = True, step: str = "all",
+                    units_of: tuple[int, int] | None = None) -> dict | None:
+    """The prep stage for one dataset: returns its manifest (also written to `<out>/manifest.json`).
+
+    `step` splits the work for a Slurm job array: "plan" resets the work directory for this plan,
+    "units" tokenizes the units i, i+n, ... of `units_of=(i, n)` without assembling, "assemble"
+    writes the dataset once every unit has its receipt. "all" does the three in one process.
+    """
     # megatron-core's builder calls gc.collect() per merged piece; with torch loaded each call costs
     # ~0.2 s. Freezing the import-time objects makes those collections cheap.
     gc.freeze()
     try:
-        return _prepare_dataset(params, name, workers, sample_rows, force, show_progress)
+        return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of)
     finally:
         gc.unfreeze()
 
 
 def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | None, force: bool,
-                     show_progress: bool) -> dict:
+                     show_progress: bool, step: str, units_of: tuple[int, int] | None) -> dict | None:
     spec = DatasetSpec.from_params(params, name)
     prep = params.get_key("prep", kind=dict)
     out_dir = Path(params.get_key("prep.out_dir", kind=str)) / name
@@ -307,23 +313,45 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
     tok = read_info(tokenizer_dir)
     if sample_rows is None:
         sample_rows = prep.get("sample_rows")
-    workers = workers if workers is not None else int(prep.get("workers", 0)) or os.cpu_count() or 1
+    workers = workers or int(prep.get("workers", 0)) or os.cpu_count() or 1  # 0 / None: all cores
     source = Source(spec, prep.get("hf_mirror"))
     units = source.plan(int(prep.get("unit_mb", 1024)) << 20)
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
 
     existing = out_dir / MANIFEST
-    if not force and existing.exists() and read_json(existing, "manifest").get("plan_fingerprint") == fingerprint:
+    if step in ("all", "plan") and not force and existing.exists() \
+            and read_json(existing, "manifest").get("plan_fingerprint") == fingerprint:
         return read_json(existing, "manifest")
 
-    _prepare_work_dir(work_dir, fingerprint, force)
+    if step in ("all", "plan"):
+        _prepare_work_dir(work_dir, fingerprint, force)
+        if step == "plan":
+            return None
+    else:  # array tasks and the assembly never reset the shared work directory: the plan step did
+        plan_file = work_dir / "plan.json"
+        if not plan_file.exists() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint:
+            raise UserError(f"{plan_file}: missing or for another plan; run `stages/prep.py {name} --plan-only` "
+                            f"before the array tasks (python -m nano3.launch does)")
+        if sample_rows is not None:
+            raise UserError("--sample is sequential by nature; run it as one job, not as an array")
     done = _load_receipts(work_dir, units)
-    if done and show_progress:
-        print(f"prep {name}: resuming, {len(done)} of {len(units)} units already done")
-    job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
-                  work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)),
-                  batch_chars=int(prep.get("batch_mb", 8)) << 20)
-    receipts = _run_units(job, units, done, min(workers, len(units)), sample_rows, show_progress)
+    if step == "assemble":
+        missing = [u.index for u in units if u.index not in done]
+        if missing:
+            raise UserError(f"prep {name}: units {missing[:10]} have no receipt in {work_dir}; an array task failed "
+                            f"or has not run: rerun them")
+        receipts = done
+    else:
+        if done and show_progress:
+            print(f"prep {name}: resuming, {len(done)} of {len(units)} units already done")
+        job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
+                      work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)),
+                      batch_chars=int(prep.get("batch_mb", 8)) << 20)
+        mine = units if units_of is None else [u for u in units if u.index % units_of[1] == units_of[0]]
+        receipts = _run_units(job, mine, {i: r for i, r in done.items() if i in {u.index for u in mine}},
+                              max(1, min(workers, len(mine))), sample_rows, show_progress)
+        if step == "units":
+            return None
 
     unit_digests = hashlib.sha256("".join(receipts[i]["digest"] for i in sorted(receipts)).encode()).hexdigest()[:16]
     documents = sum(sum(r["documents"].values()) for r in receipts.values())

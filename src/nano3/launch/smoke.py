@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from nano3.config import load_params
-from nano3.train.run import gpu_count
+from nano3.train.plan import local_gpus
 
 
 def dvc(*args: str) -> None:
@@ -57,7 +57,7 @@ def summarize(params) -> None:
 def main() -> None:
     params = load_params(os.environ.get("NANO3_PARAMS", "params.yaml"))
     backend = params.get_key("train.backend", "megatron")
-    if backend == "reference" or gpu_count() > 0:
+    if backend == "reference" or local_gpus() > 0:
         dvc("repro", "lc")
         summarize(params)
         return

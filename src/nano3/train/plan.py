@@ -8,6 +8,7 @@ throughput. An impossible layout fails here with a message naming the key, not m
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 from nano3.errors import UserError
@@ -50,13 +51,39 @@ class Layout:
         return self.global_batch_size // (self.micro_batch_size * self.dp)
 
 
-def read_layout(params, stage: str) -> Layout:
+def local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def resources(params, stage: str, cluster_shape: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(nodes, GPUs per node): params.yaml's when set, else the cluster profile's, else the Slurm
+    allocation this runs in, else this machine (all its GPUs, at least 1 for planning)."""
+    if cluster_shape is not None:
+        default = cluster_shape
+    elif "SLURM_JOB_NUM_NODES" in os.environ:
+        default = (int(os.environ["SLURM_JOB_NUM_NODES"]), int(os.environ.get("SLURM_GPUS_ON_NODE", "1") or 1))
+    else:
+        default = None
+    nodes = params.get_key(f"{stage}.nodes", None, kind=int)
+    gpus = params.get_key(f"{stage}.gpus_per_node", None, kind=int)
+    if default is None and (nodes is None or gpus is None):
+        default = (1, max(1, local_gpus()))
+    return (nodes if nodes is not None else default[0], gpus if gpus is not None else default[1])
+
+
+def read_layout(params, stage: str, cluster_shape: tuple[int, int] | None = None) -> Layout:
     g = params.get_key
     par = g(f"{stage}.parallel", kind=dict)
     for key in ("tp", "pp", "cp", "ep"):
         if not isinstance(par.get(key), int) or par[key] < 1:
             raise UserError(f"{params.source}: '{stage}.parallel.{key}' must be an integer >= 1, got {par.get(key)!r}")
-    return Layout(stage=stage, nodes=g(f"{stage}.nodes", kind=int), gpus_per_node=g(f"{stage}.gpus_per_node", kind=int),
+    nodes, gpus = resources(params, stage, cluster_shape)
+    return Layout(stage=stage, nodes=nodes, gpus_per_node=gpus,
                   tp=par["tp"], pp=par["pp"], cp=par["cp"], ep=par["ep"], etp=int(par.get("etp", 1)),
                   sequence_parallel=bool(par.get("sequence_parallel", par["tp"] > 1)),
                   micro_batch_size=g(f"{stage}.micro_batch_size", kind=int),
@@ -216,7 +243,7 @@ def model_vocab(params) -> int:
     return model if model is not None else tokenizer
 
 
-def build_plan(params, stages: tuple[str, ...] = ("train", "lc")) -> Plan:
+def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None) -> Plan:
     preset = model_preset(params)
     schedule = build_schedule(params)
     raw_vocab = model_vocab(params)
@@ -224,7 +251,7 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc")) -> Plan:
     recompute_moe = "moe" in (params.get_key("train.recompute_modules", [], kind=list) or [])
     out = {}
     for stage in stages:
-        layout = read_layout(params, stage)
+        layout = read_layout(params, stage, cluster_shape)
         validate_layout(layout, preset)
         vocab = padded_vocab(raw_vocab, preset, layout.tp)
         iterations = schedule.pretrain_iters if stage == "train" else schedule.lc_iters

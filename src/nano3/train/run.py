@@ -18,7 +18,7 @@ from pathlib import Path
 from nano3.errors import UserError
 from nano3.files import atomic_write_json, read_json
 from nano3.train.mapping import file_digest, run_digest
-from nano3.train.plan import Plan, build_plan
+from nano3.train.plan import Plan, build_plan, local_gpus
 
 STAGE_SECTION = {"pretrain": "train", "lc": "lc"}
 
@@ -77,15 +77,6 @@ def print_plan(plan: Plan, stage: str) -> None:
     Console().print(table)
 
 
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:
-        return 0
-
-
 def torchrun_command(nproc: int) -> list[str]:
     """torchrun for this node: standalone here, or one node of a Slurm allocation (rendezvous on node 0)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -99,6 +90,29 @@ def torchrun_command(nproc: int) -> list[str]:
     else:
         cmd += ["--standalone"]
     return cmd + ["-m", "nano3.train.entry"]
+
+
+def run_forwarding_sigterm(cmd: list[str]) -> int:
+    """Run torchrun in its own session; SIGTERM (Slurm's pre-time-limit signal, passed on by the
+    sbatch script) or Ctrl-C goes straight to the training ranks as SIGTERM, and Bridge's handler
+    saves a checkpoint and exits cleanly. torchrun itself is spared: its own SIGTERM handling kills
+    the ranks after a grace period that a large checkpoint can outlast."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, _frame):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def prepare_live_dir(live_dir: Path, digest: str) -> None:
@@ -129,7 +143,7 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
 
         return run_reference_stage(stage, params, plan, log=log)
     layout = plan.stages[STAGE_SECTION[stage]].layout
-    have = gpu_count()
+    have = local_gpus()
     if have < layout.gpus_per_node:
         raise UserError(f"{stage}: {STAGE_SECTION[stage]}.gpus_per_node={layout.gpus_per_node} but this machine has "
                         f"{have} CUDA GPUs; use --dry-run, a GPU machine, or train.backend=reference (tiny only)")
@@ -156,13 +170,15 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
         cmd += [f"--override={o}" for o in our_overrides] + [f"--bridge={b}" for b in bridge_cli]
         if pretrained:
             cmd += ["--pretrained", pretrained]
-        rc = subprocess.call(cmd)
+        rc = run_forwarding_sigterm(cmd)
         if rc != 0:
             raise SystemExit(rc)
         if latest_iteration(run_dir) < phase.end_iter:  # stopped early by a signal: resume on the next run
             log(f"{stage}: {phase.name} stopped at iteration {latest_iteration(run_dir)}; rerun to resume")
             raise SystemExit(3)
 
+    if os.environ.get("SLURM_NODEID", "0") != "0":
+        return None  # every node ran the same phases; node 0 writes the manifest
     iteration = latest_iteration(run_dir)
     summary_file = live_dir / "metrics.json"
     manifest = {"stage": stage, "digest": digest, "run_dir": str(run_dir), "iteration": iteration,

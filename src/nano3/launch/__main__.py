@@ -1,0 +1,225 @@
+"""`python -m nano3.launch`: run stages here or on Slurm; what `make` and DVC call.
+
+    run <stage> [args]          DVC's command for every stage: here, or (CLUSTER set) submit and wait
+    submit <stage> [args]       submit to --cluster; --wait streams the log and returns the job's code
+    all                         submit the whole pipeline as jobs chained with afterok dependencies
+    status | cancel | logs      this repository's jobs, last checkpoints and metrics; cancel them; follow a log
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nano3  # noqa: F401
+from nano3.config import load_params
+from nano3.errors import UserError
+from nano3.launch.profiles import PROFILES_FILE, get_profile
+from nano3.launch.slurm import (
+    CPU_STAGES,
+    GPU_STAGES,
+    JobRequest,
+    build_request,
+    submit,
+    submit_and_wait,
+    test_only,
+    wait_for,
+)
+
+PIPELINE = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc")
+
+
+def params_file() -> str:
+    return os.environ.get("NANO3_PARAMS", "params.yaml")
+
+
+def datasets(params) -> list[str]:
+    return list(params.get_key("datasets", kind=dict))
+
+
+def requests_for(stage: str, params, profile, stage_args: list[str]) -> list[JobRequest]:
+    """One request per job: prep without a dataset name means one job (or array) per dataset."""
+    if stage == "prep" and not [a for a in stage_args if not a.startswith("-") and "=" not in a]:
+        return [build_request(stage, params, profile, [name, *stage_args], params_file()) for name in datasets(params)]
+    return [build_request(stage, params, profile, stage_args, params_file())]
+
+
+def submit_prep(request: JobRequest, params, wait: bool, dependency: str | None = None) -> tuple[str, int | None]:
+    """A dataset's prep: one job, or a job array plus an assembling job after it (prep.array_tasks)."""
+    tasks = int(params.get_key("prep.array_tasks", 1))
+    dep = [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"] if dependency else []
+    if tasks <= 1:
+        if wait:
+            return "", submit_and_wait(request, *dep)
+        return submit(request, *dep), None
+    name = request.stage_args[0]
+    rc = subprocess.call([sys.executable, "stages/prep.py", "--params", params_file(), *request.stage_args, "--plan-only"])
+    if rc:
+        raise SystemExit(rc)
+    array = submit(request, f"--array=0-{tasks - 1}", *dep)
+    assemble = JobRequest(request.stage, request.name, request.sbatch_args, request.env,
+                          [*request.stage_args, "--assemble"])
+    after = [f"--dependency=afterok:{array}", "--kill-on-invalid-dep=yes"]
+    print(f"nano3: prep {name}: array job {array} ({tasks} tasks), then assembly", file=sys.stderr)
+    if wait:
+        return array, submit_and_wait(assemble, *after)
+    return submit(assemble, *after), None
+
+
+def cmd_run(args) -> int:
+    """DVC's entry: run the stage here, or submit it and wait when CLUSTER is set."""
+    cluster = os.environ.get("CLUSTER")
+    if not cluster or os.environ.get("EXECUTOR", "slurm") == "local":
+        return subprocess.call([sys.executable, f"stages/{args.stage}.py", "--params", params_file(), *args.rest])
+    return cmd_submit(argparse.Namespace(stage=args.stage, rest=args.rest, cluster=cluster, wait=True,
+                                         test_only=False, print_only=False, dependency=None))
+
+
+def cmd_submit(args) -> int:
+    params = load_params(params_file(), [a for a in args.rest if "=" in a and not a.startswith("-")])
+    profile = get_profile(args.cluster)
+    last = args.dependency
+    for request in requests_for(args.stage, params, profile, args.rest):
+        if args.print_only or args.test_only:
+            print(request.shell_line())
+            if args.test_only:
+                print(test_only(request))
+            continue
+        if request.stage == "prep":
+            job, rc = submit_prep(request, params, args.wait, last)
+            if rc:
+                return rc
+            if job:
+                print(job)
+            continue
+        dep = [f"--dependency=afterok:{last}", "--kill-on-invalid-dep=yes"] if last else []
+        if args.wait:
+            rc = submit_and_wait(request, *dep)
+            if rc:
+                return rc
+        else:
+            print(submit(request, *dep))
+    return 0
+
+
+def cmd_all(args) -> int:
+    """The whole pipeline as chained jobs (detached); record it afterwards with `dvc commit`."""
+    params = load_params(params_file())
+    profile = get_profile(args.cluster)
+    last = None
+    for stage in PIPELINE:
+        ids = []
+        for request in requests_for(stage, params, profile, []):
+            if stage == "prep":
+                job, _ = submit_prep(request, params, wait=False, dependency=last)
+            else:
+                dep = [f"--dependency=afterok:{last}", "--kill-on-invalid-dep=yes"] if last else []
+                job = submit(request, *dep)
+            ids.append(job)
+            print(f"{stage:9s} {job}  ({request.name})")
+        last = ":".join(ids)
+    print("when the last job is done: dvc commit -f  (records the outputs in dvc.lock)")
+    return 0
+
+
+def our_jobs() -> list[list[str]]:
+    out = subprocess.run(["squeue", "-h", "--me", "-o", "%i|%j|%T|%M|%R"], capture_output=True, text=True)
+    return [line.split("|") for line in out.stdout.splitlines() if "|nano3-" in line]
+
+
+def cmd_status(_args) -> int:
+    jobs = our_jobs() if shutil_which("squeue") else []
+    print("jobs:" if jobs else "jobs: none of this repository's (nano3-*) in the queue")
+    for job in jobs:
+        print(f"  {job[0]:>10}  {job[1]:28s} {job[2]:10s} {job[3]:>10}  {job[4]}")
+    params = load_params(params_file())
+    root = Path(params.get_key("train.checkpoint_dir", "checkpoints"))
+    live = Path(params.get_key("train.live_dir", "dvclive"))
+    for stage in GPU_STAGES:
+        for run_dir in sorted((root / stage).glob("*")):
+            tracker = run_dir / "latest_checkpointed_iteration.txt"
+            if tracker.exists():
+                print(f"{stage}: run {run_dir.name}: last checkpoint at iteration {tracker.read_text().strip()}")
+        metrics = live / stage / "metrics.json"
+        if metrics.exists():
+            m = json.loads(metrics.read_text())
+            loss = m.get("train", {}).get("loss")
+            tflops = m.get("perf", {}).get("tflops_per_gpu_true")
+            print(f"{stage}: step {m.get('step')}, loss {loss:.4f}" + (f", {tflops:.1f} TFLOP/s/GPU" if tflops else "")
+                  if loss is not None else f"{stage}: step {m.get('step')}")
+    return 0
+
+
+def cmd_cancel(_args) -> int:
+    ids = [job[0] for job in our_jobs()]
+    if ids:
+        subprocess.run(["scancel", *ids], check=True)
+    print(f"cancelled {len(ids)} job(s)" + (f": {' '.join(ids)}" if ids else ""))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    logs = sorted(Path("logs").glob("nano3-*.out"), key=lambda p: p.stat().st_mtime)
+    if args.job:
+        logs = [p for p in logs if p.stem.endswith(f"-{args.job}")]
+    if not logs:
+        raise UserError("no job logs in logs/ (nano3-*.out)" + (f" for job {args.job}" if args.job else ""))
+    log = logs[-1]
+    job_id = log.stem.rsplit("-", 1)[1]
+    running = any(j[0] == job_id for j in our_jobs()) if shutil_which("squeue") else False
+    if not running:
+        sys.stdout.write(log.read_text(errors="replace"))
+        return 0
+    print(f"following {log} (Ctrl-C stops following; the job keeps running)", file=sys.stderr)
+    until_done = subprocess.Popen(["bash", "-c", f"while squeue -h -j {job_id} | grep -q .; do sleep 2; done"])
+    try:
+        return wait_for(job_id, log, until_done, cancel_on_interrupt=False)
+    except KeyboardInterrupt:
+        return 0
+
+
+def shutil_which(cmd: str) -> bool:
+    import shutil
+
+    return shutil.which(cmd) is not None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m nano3.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("stage", choices=[*CPU_STAGES, *GPU_STAGES])
+    p = sub.add_parser("submit", help="other arguments (dataset, key=value, --force) go to the stage")
+    p.add_argument("stage", choices=[*CPU_STAGES, *GPU_STAGES])
+    p.add_argument("--cluster", default=os.environ.get("CLUSTER"), required=not os.environ.get("CLUSTER"),
+                   help=f"profile in {PROFILES_FILE}")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--test-only", action="store_true", help="sbatch --test-only: check, queue nothing")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the sbatch command only")
+    p.add_argument("--dependency", help="job id(s) that must succeed first")
+    p = sub.add_parser("all")
+    p.add_argument("--cluster", default=os.environ.get("CLUSTER"), required=not os.environ.get("CLUSTER"))
+    sub.add_parser("status")
+    sub.add_parser("cancel")
+    p = sub.add_parser("logs")
+    p.add_argument("job", nargs="?")
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.command not in ("run", "submit"):
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    handler = {"run": cmd_run, "submit": cmd_submit, "all": cmd_all, "status": cmd_status, "cancel": cmd_cancel,
+               "logs": cmd_logs}[args.command]
+    try:
+        sys.exit(handler(args))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

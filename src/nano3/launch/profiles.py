@@ -1,0 +1,77 @@
+"""Cluster profiles (`stages/clusters.toml`): who pays, where jobs run, and in which container.
+
+A profile is checked whole before anything is submitted: an unknown cluster, a missing account, an
+unknown container runtime or a node shape the parallel layout cannot use is a one-line error here,
+not a job that fails after waiting in the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nano3.errors import UserError
+
+PROFILES_FILE = os.environ.get("NANO3_CLUSTERS", "stages/clusters.toml")
+RUNTIMES = ("pyxis", "apptainer", "none")
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    name: str
+    account: str  # "" for clusters without accounting
+    partition: str
+    nodes: int
+    gpus_per_node: int
+    cpus_per_task: int
+    runtime: str
+    time: str = "04:00:00"
+    train_time: str | None = None
+    mem: str | None = None
+    container_image: str | None = None
+    mounts: tuple[str, ...] = ()
+    env: dict = field(default_factory=dict)
+    sbatch_extra: tuple[str, ...] = ()
+    max_requeues: int = 20
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.nodes, self.gpus_per_node
+
+
+def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, dict]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no cluster profiles file; copy the example from the README (Cluster)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
+    profiles = load_profiles(path)
+    if name not in profiles:
+        raise UserError(f"{path}: unknown cluster '{name}'; known: {', '.join(sorted(profiles)) or 'none'}")
+    raw = dict(profiles[name])
+    where = f"{path} [{name}]"
+    for key in ("account", "partition", "nodes", "gpus_per_node", "cpus_per_task", "runtime"):
+        if key not in raw:
+            hint = ' (use account = "" if the cluster has no accounting)' if key == "account" else ""
+            raise UserError(f"{where}: missing '{key}'{hint}")
+    if raw["runtime"] not in RUNTIMES:
+        raise UserError(f"{where}: runtime '{raw['runtime']}' is not one of {', '.join(RUNTIMES)}")
+    if raw["runtime"] != "none" and not raw.get("container_image"):
+        raise UserError(f"{where}: runtime '{raw['runtime']}' needs a container_image")
+    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
+        if not isinstance(raw[key], int) or raw[key] < (0 if key == "gpus_per_node" else 1):
+            raise UserError(f"{where}: '{key}' must be a positive integer, got {raw[key]!r}")
+    known = set(ClusterProfile.__dataclass_fields__) - {"name"}
+    unknown = set(raw) - known
+    if unknown:
+        raise UserError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    raw["mounts"] = tuple(raw.get("mounts", ()))
+    raw["sbatch_extra"] = tuple(raw.get("sbatch_extra", ()))
+    return ClusterProfile(name=name, **raw)

@@ -1,0 +1,277 @@
+"""The sbatch path against a real Slurm (tests/slurm/start.sh: one node, fake GPUs, a 2-node `render`
+partition for --test-only). Started here when this runs as root and no cluster is up (CI does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, copy_repo
+from tests.unit.test_prep import tree_digest
+
+pytestmark = [pytest.mark.slurm]
+
+TWO_NODE_PROFILE = """
+[twonode]
+account = "proj123"
+partition = "render"
+nodes = 2
+gpus_per_node = 8
+cpus_per_task = 16
+time = "01:00:00"
+train_time = "04:00:00"
+runtime = "pyxis"
+container_image = "nvcr.io/nvidia/nemo:25.11.nemotron_3_nano"
+mounts = ["/lustre:/lustre"]
+
+[local]
+account = ""
+partition = "debug"
+nodes = 1
+gpus_per_node = 1
+cpus_per_task = 2
+time = "00:30:00"
+runtime = "none"
+"""
+
+
+def slurm_up() -> bool:
+    return shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h", "-p", "render"], capture_output=True, text=True).stdout.strip() != ""
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    started = False
+    if not slurm_up():
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("no Slurm test cluster (start one as root: RENDER_NODES=2 FAKE_GPUS=8 tests/slurm/start.sh)")
+        env = {**os.environ, "RENDER_NODES": "2", "FAKE_GPUS": "8", "FAKE_CPUS": "64", "FAKE_MEM_MB": "500000",
+               "MIN_JOB_AGE": "5", "CRED_EXPIRE": "10"}
+        out = subprocess.run(["bash", str(ROOT / "tests/slurm/start.sh")], env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"could not start the Slurm test cluster: {out.stderr[-500:]}")
+        started = True
+    yield
+    if started:
+        subprocess.run(["bash", str(ROOT / "tests/slurm/stop.sh")], capture_output=True)
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra}
+
+
+def launch(repo: Path, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "nano3.launch", *args], cwd=repo, capture_output=True, text=True,
+                         env=env(NANO3_CLUSTERS=str(repo / "clusters-test.toml")), timeout=900, **kw)
+    if check:
+        assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return next((w.split("=")[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def settled_state(job: str, timeout: float = 30) -> str:
+    """The job's state once it has left RUNNING/COMPLETING (GONE once Slurm forgot it)."""
+    deadline = time.time() + timeout
+    while job_state(job) in ("RUNNING", "COMPLETING", "CONFIGURING") and time.time() < deadline:
+        time.sleep(0.3)
+    return job_state(job)
+
+
+@pytest.fixture(scope="module")
+def repo(slurm, tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("slurm") / "repo")
+    (repo / "clusters-test.toml").write_text(TWO_NODE_PROFILE)
+    return repo
+
+
+TRAIN_AT_SCALE = ["model.preset=nano3", "train.parallel.ep=8", "train.micro_batch_size=1", "train.global_batch_size=64",
+                  "train.seq_length=4096", "lc.parallel.cp=2", "lc.parallel.ep=8", "lc.global_batch_size=48",
+                  "lc.seq_length=16384", "model.vocab_size=131072"]
+
+
+def test_every_stage_renders_for_two_nodes_of_eight_gpus_and_passes_test_only(repo):
+    for stage, args in (("sample", []), ("tokenizer", []), ("prep", ["stdlib-code"]), ("blend", []),
+                        ("pretrain", TRAIN_AT_SCALE), ("lc", TRAIN_AT_SCALE)):
+        out = launch(repo, "submit", stage, "--cluster", "twonode", "--test-only", *args)
+        line, verdict = out.stdout.strip().splitlines()[-2:]
+        assert f"stages/{stage}.sbatch" in line and "--account=proj123" in line and "NANO3_RUNTIME=pyxis" in line
+        assert "NANO3_IMAGE=nvcr.io/nvidia/nemo:25.11.nemotron_3_nano" in line and "--partition=render" in line
+        if stage in ("pretrain", "lc"):
+            assert "--nodes=2" in line and "--gpus-per-node=8" in line and "--ntasks-per-node=1" in line
+            assert "on nodes vm,vm-r2" in verdict or "nodes" in verdict
+        assert verdict.startswith("sbatch: Job") and "to start at" in verdict
+    script = (repo / "stages" / "pretrain.sbatch").read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@" in script
+    assert subprocess.run(["squeue", "-h", "-n", "nano3-pretrain"], capture_output=True, text=True).stdout == ""
+
+
+def test_bad_layouts_and_profiles_fail_before_submission(repo):
+    out = launch(repo, "submit", "pretrain", "--cluster", "twonode", "--test-only", *TRAIN_AT_SCALE,
+                 "train.parallel.tp=3", check=False)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: train.parallel: TP x PP x CP = 3x1x1")
+    out = launch(repo, "submit", "sample", "--cluster", "nope", "--test-only", check=False)
+    assert out.returncode == 2 and "unknown cluster 'nope'; known: local, twonode" in out.stderr
+
+
+def test_cpu_stages_through_sbatch_give_the_same_outputs_as_local_runs(repo, tmp_path):
+    local = copy_repo(tmp_path / "local")
+    dvc_env = env(CLUSTER="local", NANO3_CLUSTERS=str(repo / "clusters-test.toml"))
+    out = subprocess.run(["dvc", "repro", "blend"], cwd=repo, env=dvc_env, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stderr.count("nano3: submitted job") == 5  # sample, tokenizer, 2 x prep, blend: each a Slurm job
+    for stage in ("sample", "tokenizer", "prep-stdlib-code", "blend"):
+        assert list((repo / "logs").glob(f"nano3-{stage}-*.out")), f"no job log for {stage}"
+    here = subprocess.run(["dvc", "repro", "blend"], cwd=local, env=env(), capture_output=True, text=True, timeout=1800)
+    assert here.returncode == 0, here.stderr[-3000:]
+
+    def outs(path: Path) -> dict:
+        import yaml
+
+        lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o.get("md5") for s in lock.values() for o in s.get("outs", [])}
+
+    assert outs(repo) == outs(local) and len(outs(repo)) >= 7
+
+
+def test_prep_job_array_then_assembly_equals_one_process(repo):
+    if not (repo / "data" / "tokenizer" / "info.json").exists():
+        pytest.skip("needs the data stages of the previous test")
+    common = ["prep.unit_mb=1", "prep.workers=1"]
+    launch(repo, "submit", "prep", "stdlib-code", "--cluster", "local", "--wait", "prep.array_tasks=3",
+           "prep.out_dir=data/prep-array", "prep.work_dir=data/work-array", *common)
+    logs = [p.read_text() for p in (repo / "logs").glob("nano3-prep-stdlib-code-*.out")]
+    assert sum("prep stdlib-code: units step done" in text for text in logs) == 3  # three array tasks ...
+    assert any("prep stdlib-code: train" in text for text in logs)  # ... then the assembling job
+    single = subprocess.run([sys.executable, "stages/prep.py", "stdlib-code", "prep.out_dir=data/prep-single",
+                             "prep.work_dir=data/work-single", *common], cwd=repo, env=env(), capture_output=True,
+                            text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    manifest = json.loads((repo / "data/prep-array/stdlib-code/manifest.json").read_text())
+    assert manifest["source"]["units"] >= 6  # enough units for three tasks
+    assert tree_digest(repo / "data/prep-array/stdlib-code") == tree_digest(repo / "data/prep-single/stdlib-code")
+
+
+def test_wait_returns_the_jobs_exit_code(repo):
+    out = launch(repo, "submit", "prep", "missing", "--cluster", "local", "--wait",
+                 "datasets.missing={source: /no/such/dir, watch: params.yaml}", check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    # The job's own log, streamed while waiting, ends with the stage's one-line error.
+    assert "nano3: job" in out.stdout and "\nerror: " in out.stdout and "Exited with exit code 2" in out.stdout
+
+
+def start_waiting(repo: Path, parent_shell: bool = False) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "nano3.launch", "submit", "sample", "--cluster", "local", "--wait",
+           "sample.out_dir=data/sample-cancel"]
+    if parent_shell:  # a parent that dies without a word, as make or dvc killed with SIGKILL
+        cmd = ["bash", "-c", " ".join(cmd) + " & sleep 600"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(NANO3_CLUSTERS=str(repo / "clusters-test.toml")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        jobs = subprocess.run(["squeue", "-h", "-n", "nano3-sample", "-o", "%i %T"], capture_output=True,
+                              text=True).stdout.split()
+        if len(jobs) == 2 and jobs[1] == "RUNNING":
+            return proc, jobs[0]
+        time.sleep(0.2)
+    raise AssertionError("the job did not start")
+
+
+def test_wait_cancels_the_job_when_interrupted(repo):
+    proc, job = start_waiting(repo)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and f"cancelled job {job} (SIGINT)" in err
+    assert settled_state(job) in ("CANCELLED", "GONE")
+
+
+def test_wait_cancels_the_job_when_its_parent_dies(repo):
+    shell, job = start_waiting(repo, parent_shell=True)
+    shell.kill()  # SIGKILL the parent shell only; the waiting launcher is orphaned
+    assert settled_state(job) in ("CANCELLED", "GONE")
+    os.killpg(shell.pid, signal.SIGKILL)
+
+
+PAYLOAD = """
+import pathlib, signal, sys, time, os
+marker = pathlib.Path(sys.argv[1]) / "checkpoint"
+behaviour = sys.argv[2]
+if marker.exists():
+    print(f"resumed from checkpoint {marker.read_text()} (restart {os.environ.get('SLURM_RESTART_COUNT')})", flush=True)
+    sys.exit(0)
+print("started fresh", flush=True)
+def on_term(*_):
+    if behaviour == "crash":
+        print("crashing on the signal", flush=True); sys.exit(1)
+    marker.write_text("iteration 42"); print("checkpoint saved; stopping early", flush=True); sys.exit(3)
+signal.signal(signal.SIGTERM, on_term)
+time.sleep(120)
+sys.exit(1)
+"""
+
+
+def requeue_job(repo: Path, tmp: Path, behaviour: str, max_requeues: int = 5) -> tuple[str, Path]:
+    (tmp / "payload.py").write_text(PAYLOAD)
+    log = tmp / "job.out"
+    script = tmp / "job.sbatch"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=nano3-requeue-test --output={log} --open-mode=append --requeue -c 1 --mem=200M
+source stages/slurm.sh
+run_requeueable in_container {sys.executable} {tmp / 'payload.py'} {tmp} {behaviour}
+""")
+    job = subprocess.run(["sbatch", "--parsable", str(script)], cwd=repo, capture_output=True, text=True, check=True,
+                         env=env(NANO3_MAX_REQUEUES=str(max_requeues))).stdout.strip()
+    deadline = time.time() + 60
+    while not (log.exists() and "started fresh" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    # What Slurm does at `--signal=B:USR1@<lead>` before the time limit:
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    return job, log
+
+
+def wait_done(job: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job)
+        if state in ("COMPLETED", "FAILED", "GONE"):
+            return
+        if state == "PENDING":  # requeued: eligible after CRED_EXPIRE; let it start now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} still {job_state(job)}")
+
+
+def test_pre_time_limit_signal_checkpoints_requeues_and_resumes(repo, tmp_path):
+    job, log = requeue_job(repo, tmp_path, "checkpoint")
+    wait_done(job)
+    text = log.read_text()
+    assert "time limit near: asking the step to checkpoint" in text and "checkpoint saved; stopping early" in text
+    assert f"requeueing job {job}" in text and "restart 1," in text
+    assert "resumed from checkpoint iteration 42 (restart 1)" in text
+    assert job_state(job) in ("COMPLETED", "GONE")
+
+
+def test_a_failing_job_is_not_requeued(repo, tmp_path):
+    job, log = requeue_job(repo, tmp_path, "crash")
+    wait_done(job)
+    text = log.read_text()
+    assert "crashing on the signal" in text and "requeueing" not in text and "restart 1," not in text
+
+
+def test_requeues_are_capped(repo, tmp_path):
+    job, log = requeue_job(repo, tmp_path, "checkpoint", max_requeues=0)
+    wait_done(job)
+    text = log.read_text()
+    assert "not requeued: the job already restarted 0 times" in text and "resumed" not in text
