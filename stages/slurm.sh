@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 mkdir -p logs
-export NANO3_PARAMS=${NANO3_PARAMS:-params.yaml} PYTHONUNBUFFERED=1
+export NANO3_PARAMS=${NANO3_PARAMS:-params.yaml} PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the package, where no .venv installed it (containers)
 echo "nano3: job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) on ${SLURM_JOB_NODELIST:-?}, restart ${SLURM_RESTART_COUNT:-0}," \
      "runtime ${NANO3_RUNTIME:-none}, $(date -Is)"
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build the nano3 image FROM the NeMo container with docker/podman, apptainer, or enroot (pyxis).
+#   containers/build.sh [docker|podman|apptainer|enroot]     (default: the first one installed)
+# Outputs: image nano3:latest (docker/podman), containers/nano3.sif (apptainer), containers/nano3.sqsh (enroot:
+# point a pyxis profile's container_image at it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tool=${1:-}
+if [ -z "$tool" ]; then
+  for t in docker podman apptainer singularity enroot; do command -v "$t" >/dev/null && { tool=$t; break; }; done
+fi
+[ -n "$tool" ] || { echo "error: none of docker, podman, apptainer, enroot is installed; see containers/README.md" >&2; exit 2; }
+base=nvcr.io/nvidia/nemo:25.11.nemotron_3_nano
+case "$tool" in
+  docker|podman) "$tool" build -t nano3:latest -f containers/Dockerfile containers ;;
+  apptainer|singularity) "$tool" build containers/nano3.sif containers/apptainer.def ;;
+  enroot)
+    rm -f containers/nemo.sqsh containers/nano3.sqsh
+    enroot import -o containers/nemo.sqsh "docker://${base/\//#}"
+    enroot create -f -n nano3-build containers/nemo.sqsh
+    enroot start --rw -m "$PWD/containers:/opt/nano3-src" nano3-build bash -c \
+      "mkdir -p /opt/nano3 && cp /opt/nano3-src/requirements.txt /opt/nano3/ && \
+       pip freeze | grep -iE '^(torch|megatron|transformer.engine|mamba.ssm|causal.conv1d|numpy|triton)' > /opt/nano3/constraints.txt && \
+       pip install --no-cache-dir -c /opt/nano3/constraints.txt -r /opt/nano3/requirements.txt"
+    enroot export -o containers/nano3.sqsh nano3-build
+    enroot remove -f nano3-build ;;
+  *) echo "error: unknown container tool '$tool' (docker, podman, apptainer, enroot)" >&2; exit 2 ;;
+esac
+echo "built with $tool"
