@@ -54,6 +54,9 @@ class DatasetSpec:
     @classmethod
     def from_params(cls, params, name: str) -> "DatasetSpec":
         key = f"datasets.{name}"
+        if not name or any(c in name for c in "./ "):
+            raise UserError(f"{params.source}: dataset name {name!r} must not contain '.', '/' or spaces "
+                            f"(it is a params key and a directory name)")
         cfg = params.get_key(key, kind=dict)
         if "source" not in cfg:
             raise UserError(f"{params.source}: '{key}.source' is missing; give a path, glob or hf://org/name")
