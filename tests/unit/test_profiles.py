@@ -1,0 +1,79 @@
+"""Cluster profiles and job requests: every bad profile fails in one line before anything is submitted."""
+
+from __future__ import annotations
+
+import pytest
+
+from nano3.config import load_params
+from nano3.errors import UserError
+from nano3.launch.profiles import get_profile
+from nano3.launch.slurm import build_request
+from tests.conftest import ROOT
+
+GOOD = """
+[big]
+account = "acct"
+partition = "batch"
+nodes = 2
+gpus_per_node = 8
+cpus_per_task = 64
+time = "02:00:00"
+train_time = "12:00:00"
+runtime = "pyxis"
+container_image = "nvcr.io/nvidia/nemo:25.11.nemotron_3_nano"
+mounts = ["/lustre:/lustre", "/scratch:/scratch"]
+max_requeues = 7
+"""
+
+
+def profile_file(tmp_path, text: str):
+    path = tmp_path / "clusters.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_profiles_are_valid():
+    for name in ("example-pyxis", "example-apptainer", "local"):
+        assert get_profile(name, ROOT / "stages" / "clusters.toml").name == name
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t, "unknown cluster 'small'; known: big"),
+    (lambda t: t.replace('account = "acct"\n', ""), "[big]: missing 'account' (use account = \"\" if the cluster has no accounting)"),
+    (lambda t: t.replace('runtime = "pyxis"', 'runtime = "docker"'), "[big]: runtime 'docker' is not one of pyxis, apptainer, none"),
+    (lambda t: t.replace('container_image = "nvcr.io/nvidia/nemo:25.11.nemotron_3_nano"\n', ""), "runtime 'pyxis' needs a container_image"),
+    (lambda t: t.replace("nodes = 2", 'nodes = "two"'), "'nodes' must be a positive integer, got 'two'"),
+    (lambda t: t + "gpu_per_node = 4\n", "unknown keys ['gpu_per_node']"),
+])
+def test_bad_profiles(tmp_path, edit, message):
+    path = profile_file(tmp_path, edit(GOOD))
+    with pytest.raises(UserError) as err:
+        get_profile("small" if "unknown cluster" in message else "big", path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_request_takes_its_shape_from_params_or_the_profile(tmp_path):
+    profile = get_profile("big", profile_file(tmp_path, GOOD))
+    params = load_params(ROOT / "params.yaml", ["train.micro_batch_size=1"])  # tiny: GBS 16 over 16 GPUs
+    req = build_request("pretrain", params, profile)
+    assert {"--nodes=2", "--gpus-per-node=8", "--ntasks-per-node=1", "--cpus-per-task=64", "--time=12:00:00",
+            "--account=acct", "--partition=batch", "--job-name=nano3-pretrain"} <= set(req.sbatch_args)
+    assert req.env["NANO3_RUNTIME"] == "pyxis" and req.env["NANO3_MOUNTS"] == "/lustre:/lustre,/scratch:/scratch"
+    assert req.env["NANO3_MAX_REQUEUES"] == "7" and req.script == "stages/pretrain.sbatch"
+    one = build_request("pretrain", load_params(ROOT / "params.yaml", ["train.nodes=1", "train.gpus_per_node=4"]), profile)
+    assert "--nodes=1" in one.sbatch_args and "--gpus-per-node=4" in one.sbatch_args
+    data = build_request("prep", params, profile, ["stdlib-code"])
+    assert "--nodes=1" in data.sbatch_args and "--time=02:00:00" in data.sbatch_args
+    assert data.name == "nano3-prep-stdlib-code" and data.stage_args == ["stdlib-code"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ([], "train.global_batch_size=16 is not a multiple of micro_batch_size x DP = 4x16"),
+    (["train.micro_batch_size=1", "train.parallel.tp=3"], "TP x PP x CP = 3x1x1 = 3 does not divide the 16 GPUs"),
+    (["train.micro_batch_size=1", "train.gpus_per_node=16"], "train.gpus_per_node=16 but cluster 'big' nodes have 8 GPUs"),
+])
+def test_layouts_the_cluster_cannot_run_fail_before_submission(tmp_path, overrides, message):
+    profile = get_profile("big", profile_file(tmp_path, GOOD))
+    with pytest.raises(UserError) as err:
+        build_request("pretrain", load_params(ROOT / "params.yaml", overrides), profile)
+    assert message in str(err.value)
