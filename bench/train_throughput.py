@@ -29,11 +29,20 @@ sys.path.insert(0, str(ROOT / "src"))
 from nano3.launch.smoke import read_metric  # noqa: E402
 
 COMMON = [
-    "model.preset=nano3", 'model.overrides={hybrid_layer_pattern: "MEM*E", num_moe_experts: 64}',
-    "model.vocab_size=131072", "train.seq_length=4096", "train.global_batch_size=16", "train.phase2_start=1.0",
-    "train.eval_interval=100000", "train.eval_iters=1", "train.save_interval=100000", "train.log_interval=1",
-    "train.warmup_fraction=0.0",
+    "model.preset=nano3", "model.vocab_size=131072", "train.phase2_start=1.0", "train.eval_interval=100000",
+    "train.eval_iters=1", "train.save_interval=100000", "train.log_interval=1", "train.warmup_fraction=0.0",
 ]
+# --scale: the model and GPUs of a run. `reduced` is one GPU; `half` and `full` are issue 6's measurements
+# (the 52-layer model needs expert parallelism across a node).
+SCALES = {
+    "reduced": ['model.overrides={hybrid_layer_pattern: "MEM*E", num_moe_experts: 64}', "train.nodes=1",
+                "train.gpus_per_node=1", "train.parallel.ep=1", "train.global_batch_size=16"],
+    "half": ['model.overrides={hybrid_layer_pattern: "MEMEM*EMEMEM*EMEMEM*EMEMEM"}', "train.nodes=1",
+             "train.gpus_per_node=4", "train.parallel.ep=4", "train.global_batch_size=32",
+             "train.recompute_modules=[moe,layernorm]"],
+    "full": ["train.nodes=1", "train.gpus_per_node=8", "train.parallel.ep=8", "train.global_batch_size=64",
+             "train.recompute_modules=[moe,layernorm]"],
+}
 VARIANTS = {
     "baseline": ["train.micro_batch_size=2"],
     "mbs4": ["train.micro_batch_size=4"],
@@ -44,11 +53,13 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None) -> dict:
+def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
+                scale: str = "reduced", seq: int = 4096) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
-    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *overrides, f"train.tokens={iters * 16 * 4096}",
-           f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
+    gbs = int(next(o for o in SCALES[scale] if o.startswith("train.global_batch_size=")).split("=")[1])
+    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], f"train.seq_length={seq}", *overrides,
+           f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
     t0 = time.time()
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -71,6 +82,9 @@ def main() -> None:
     ap.add_argument("--variants", default="baseline,fp8,mbs4,fp8_mbs4")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--gpus", default="0", help="GPUs to spread variants over, one variant per GPU at a time")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="reduced", help="reduced: 5 layers on 1 GPU; "
+                    "half: 26 layers, EP 4 on 4 GPUs; full: 52 layers, EP 8 on 8 GPUs (use --gpus all)")
+    ap.add_argument("--seq", type=int, default=4096)
     args = ap.parse_args()
     out_dir = ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +98,9 @@ def main() -> None:
     queues = {g: names[i::len(gpus)] for i, g in enumerate(gpus)}  # each GPU runs its variants one by one
 
     def run_queue(gpu: str) -> list[dict]:
-        return [run_variant(n, VARIANTS[n], args.iters, args.warmup, out_dir, gpu) for n in queues[gpu]]
+        visible = None if gpu == "all" else gpu
+        return [run_variant(n, VARIANTS[n], args.iters, args.warmup, out_dir, visible, args.scale, args.seq)
+                for n in queues[gpu]]
 
     with cf.ThreadPoolExecutor(len(gpus)) as pool:
         done = {r["variant"]: r for rs in pool.map(run_queue, gpus) for r in rs}
