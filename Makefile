@@ -31,7 +31,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 test: setup  ## run the tests (GPU tests skip without a GPU; Slurm tests start a local test cluster as root)
 	python -m pytest -q $(PYTEST_ARGS)
 
-smoke: setup  ## the whole pipeline on the embedded default (training needs a GPU or train.backend=reference)
+smoke: setup  ## the whole pipeline on the embedded default (training stages need a GPU; dry runs without)
 	python -m nano3.launch.smoke
 
 plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout check, memory, GPU-hours

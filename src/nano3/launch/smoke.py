@@ -1,6 +1,6 @@
 """`make smoke`: the whole pipeline on the embedded default, trained on whatever this machine has.
 
-With a CUDA GPU (or `train.backend: reference`), `dvc repro lc` runs every stage. Without one it
+With a CUDA GPU, `dvc repro lc` runs every stage. Without one it
 runs the data stages and the training stages' dry runs, and says plainly what it skipped and why.
 Ends with a short summary of what ran: losses per phase and where the plots are.
 """
@@ -56,8 +56,7 @@ def summarize(params) -> None:
 
 def main() -> None:
     params = load_params(os.environ.get("NANO3_PARAMS", "params.yaml"))
-    backend = params.get_key("train.backend", "megatron")
-    if backend == "reference" or local_gpus() > 0:
+    if local_gpus() > 0:
         dvc("repro", "lc")
         summarize(params)
         return
@@ -67,8 +66,8 @@ def main() -> None:
         if rc:
             sys.exit(rc)
     print("\nsmoke: ran sample -> tokenizer -> prep -> blend and the pretrain/lc dry runs.\n"
-          "smoke: SKIPPED pretrain and lc: no CUDA GPU on this machine and train.backend=megatron needs one.\n"
-          "smoke: to train on the CPU instead, set train.backend: reference in params.yaml (tiny preset only).")
+          "smoke: SKIPPED pretrain and lc: no CUDA GPU on this machine, and training (Megatron-Bridge) needs one.\n"
+          "smoke: run `make smoke` on a GPU machine (NANO3_SYSTEM_PYTHON=1 inside the NeMo container) to train.")
 
 
 if __name__ == "__main__":

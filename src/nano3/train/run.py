@@ -138,15 +138,14 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
         return None
 
     backend = params.get_key("train.backend", "megatron", kind=str)
-    if backend == "reference":
-        from nano3.train.reference import run_reference_stage
-
-        return run_reference_stage(stage, params, plan, log=log)
+    if backend != "megatron":
+        raise UserError(f"{params.source}: train.backend={backend!r}: only 'megatron' exists yet (a CPU reference "
+                        f"backend is planned); use --dry-run on a machine without a GPU")
     layout = plan.stages[STAGE_SECTION[stage]].layout
     have = local_gpus()
     if have < layout.gpus_per_node:
         raise UserError(f"{stage}: {STAGE_SECTION[stage]}.gpus_per_node={layout.gpus_per_node} but this machine has "
-                        f"{have} CUDA GPUs; use --dry-run, a GPU machine, or train.backend=reference (tiny only)")
+                        f"{have} CUDA GPUs; use --dry-run here, or run on a GPU machine or cluster")
 
     digest = run_digest(params, stage, upstream_digests(params, stage))
     root = Path(params.get_key("train.checkpoint_dir", "checkpoints", kind=str))
