@@ -186,3 +186,18 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
                 "metrics": json.loads(summary_file.read_text()) if summary_file.exists() else {}}
     atomic_write_json(manifest_path(params, stage), manifest)
     return manifest
+
+
+def training_stage_main(stage: str, description: str) -> None:
+    """The command line of stages/pretrain.py and stages/lc.py: `[--dry-run] [key=value ...]`."""
+    from nano3.cli import run_stage, stage_parser
+    from nano3.config import load_params
+    from nano3.train.mapping import split_cli_overrides
+
+    def main(args, _params) -> None:
+        ours, bridge = split_cli_overrides(load_params(args.params), args.overrides)
+        run_training_stage(stage, args.params, ours, bridge, dry_run=args.dry_run)
+
+    parser = stage_parser(description)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (no GPU needed) and exit")
+    run_stage(main, parser, load=False)
