@@ -40,3 +40,10 @@ def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
     exp = dvc(repo, "exp", "run", "-S", "datasets.stdlib-docs.valid_fraction=0.05", "blend")
     assert ran(exp) == {"prep@stdlib-docs", "blend"}
     assert "Stage 'prep@stdlib-code' didn't change, skipping" in exp
+
+    # A training hyperparameter touches no data stage (training needs a GPU: a dry run here; lc follows
+    # pretrain through the checkpoint manifest it depends on).
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("  lr: 1.0e-3 ", "  lr: 3.0e-4 ", 1))
+    dry = dvc(repo, "repro", "--dry", "pretrain")
+    assert ran(dry) == {"pretrain"}, dry

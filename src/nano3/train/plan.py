@@ -233,13 +233,19 @@ def model_vocab(params) -> int:
     from nano3.data.tokenizer import read_info
 
     info_file = Path(params.get_key("tokenizer.dir", kind=str)) / "info.json"
-    tokenizer = read_info(info_file.parent).vocab_size if info_file.exists() else None
+    if info_file.exists():
+        tokenizer = read_info(info_file.parent).vocab_size
+    elif params.get_key("tokenizer.name", None) == "train":  # not trained yet, but its size is set
+        tokenizer = params.get_key("tokenizer.vocab_size", kind=int)
+    else:
+        tokenizer = None
     model = params.get_key("model.vocab_size", None, kind=int)
     if model is not None and tokenizer is not None and model < tokenizer:
         raise UserError(f"{params.source}: model.vocab_size={model} is smaller than the tokenizer's {tokenizer} ids "
                         f"({info_file}); raise it or set it to null to use the tokenizer's")
     if model is None and tokenizer is None:
-        raise UserError(f"{info_file}: no tokenizer yet and model.vocab_size is null; run the tokenizer stage")
+        raise UserError(f"{info_file}: no tokenizer yet and model.vocab_size is null; run the tokenizer stage "
+                        f"or set model.vocab_size")
     return model if model is not None else tokenizer
 
 
