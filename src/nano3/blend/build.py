@@ -18,7 +18,7 @@ def build_blends(params, log=print) -> dict:
     """Write `<blend.out_dir>/{phase1,phase2,lc}.json`, report.{md,csv,png}; validate; return a summary."""
     out_dir = Path(params.get_key("blend.out_dir", kind=str))
     root = Path(params.get_key("prep.out_dir", kind=str))
-    schedule = build_schedule(params)
+    plans = {p.name: p for p in build_schedule(params).phases}  # phase2 is absent when it has no iterations
     weights = {phase: phase_weights(params, phase) for phase in PHASES}
     manifests = load_manifests(params, {name for w in weights.values() for name in w})
     tokenizer_dir = params.get_key("tokenizer.dir", kind=str)
@@ -31,8 +31,7 @@ def build_blends(params, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, summary = [], {"phases": {}, "tokenizer": fingerprint}
     for phase in PHASES:
-        plan = schedule.phase(phase) if phase in {p.name for p in schedule.phases} else None
-        phase_tokens = plan.tokens if plan else 0
+        phase_tokens = plans[phase].tokens if phase in plans else 0
         blend = per_split_blend(manifests, weights[phase], root)
         if blend["valid"] is None:
             log(f"blend {phase}: no dataset has validation documents; training will skip validation")
@@ -48,12 +47,12 @@ def build_blends(params, log=print) -> dict:
 
     cache_dir = out_dir / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    if params.get_key("blend.validate", True, kind=bool) or params.get_key("blend.prebuild_cache", False, kind=bool):
-        prebuild = params.get_key("blend.prebuild_cache", False, kind=bool)
+    prebuild = params.get_key("blend.prebuild_cache", False, kind=bool)
+    if params.get_key("blend.validate", True, kind=bool) or prebuild:
         tokenizer = megatron_tokenizer(tokenizer_dir, info)
         g = params.get_key
         for phase in PHASES:
-            plan = next((p for p in schedule.phases if p.blend == phase), None)
+            plan = plans.get(phase)
             if plan is None:
                 continue
             sizes = split_sizes(plan.train_iters, plan.global_batch_size, g("train.eval_interval", kind=int),

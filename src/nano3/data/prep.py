@@ -177,13 +177,16 @@ def _load_receipts(work_dir: Path, units: list[Unit]) -> dict[int, dict]:
     return done
 
 
-def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool) -> None:
+def _plan_matches(work_dir: Path, fingerprint: str) -> bool:
     plan_file = work_dir / "plan.json"
-    stale = force or not plan_file.exists() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint
-    if stale:
+    return plan_file.exists() and json.loads(plan_file.read_text()).get("fingerprint") == fingerprint
+
+
+def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool) -> None:
+    if force or not _plan_matches(work_dir, fingerprint):
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
-        atomic_write_json(plan_file, {"fingerprint": fingerprint})
+        atomic_write_json(work_dir / "plan.json", {"fingerprint": fingerprint})
     for tmp in work_dir.glob("*.tmp"):  # left by a killed run
         tmp.unlink()
 
@@ -319,18 +322,18 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
 
     existing = out_dir / MANIFEST
-    if step in ("all", "plan") and not force and existing.exists() \
-            and read_json(existing, "manifest").get("plan_fingerprint") == fingerprint:
-        return read_json(existing, "manifest")
+    if step in ("all", "plan") and not force and existing.exists():
+        manifest = read_json(existing, "manifest")
+        if manifest.get("plan_fingerprint") == fingerprint:
+            return manifest
 
     if step in ("all", "plan"):
         _prepare_work_dir(work_dir, fingerprint, force)
         if step == "plan":
             return None
     else:  # array tasks and the assembly never reset the shared work directory: the plan step did
-        plan_file = work_dir / "plan.json"
-        if not plan_file.exists() or json.loads(plan_file.read_text()).get("fingerprint") != fingerprint:
-            raise UserError(f"{plan_file}: missing or for another plan; run `stages/prep.py {name} --plan-only` "
+        if not _plan_matches(work_dir, fingerprint):
+            raise UserError(f"{work_dir / 'plan.json'}: missing or for another plan; run `stages/prep.py {name} --plan-only` "
                             f"before the array tasks (python -m nano3.launch does)")
         if sample_rows is not None:
             raise UserError("--sample is sequential by nature; run it as one job, not as an array")
@@ -348,8 +351,8 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
                       work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)),
                       batch_chars=int(prep.get("batch_mb", 8)) << 20)
         mine = units if units_of is None else [u for u in units if u.index % units_of[1] == units_of[0]]
-        receipts = _run_units(job, mine, {i: r for i, r in done.items() if i in {u.index for u in mine}},
-                              max(1, min(workers, len(mine))), sample_rows, show_progress)
+        mine_done = {u.index: done[u.index] for u in mine if u.index in done}
+        receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress)
         if step == "units":
             return None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +49,15 @@ def requests_for(stage: str, params, profile, stage_args: list[str]) -> list[Job
     return [build_request(stage, params, profile, stage_args, params_file())]
 
 
+def after(job: str | None) -> list[str]:
+    """sbatch arguments that start a job only once `job` (ids joined by ':') succeeded."""
+    return [f"--dependency=afterok:{job}", "--kill-on-invalid-dep=yes"] if job else []
+
+
 def submit_prep(request: JobRequest, params, wait: bool, dependency: str | None = None) -> tuple[str, int | None]:
     """A dataset's prep: one job, or a job array plus an assembling job after it (prep.array_tasks)."""
     tasks = int(params.get_key("prep.array_tasks", 1))
-    dep = [f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"] if dependency else []
+    dep = after(dependency)
     if tasks <= 1:
         if wait:
             return "", submit_and_wait(request, *dep)
@@ -63,11 +69,10 @@ def submit_prep(request: JobRequest, params, wait: bool, dependency: str | None 
     array = submit(request, f"--array=0-{tasks - 1}", *dep)
     assemble = JobRequest(request.stage, request.name, request.sbatch_args, request.env,
                           [*request.stage_args, "--assemble"])
-    after = [f"--dependency=afterok:{array}", "--kill-on-invalid-dep=yes"]
     print(f"nano3: prep {name}: array job {array} ({tasks} tasks), then assembly", file=sys.stderr)
     if wait:
-        return array, submit_and_wait(assemble, *after)
-    return submit(assemble, *after), None
+        return array, submit_and_wait(assemble, *after(array))
+    return submit(assemble, *after(array)), None
 
 
 def cmd_run(args) -> int:
@@ -96,13 +101,12 @@ def cmd_submit(args) -> int:
             if job:
                 print(job)
             continue
-        dep = [f"--dependency=afterok:{last}", "--kill-on-invalid-dep=yes"] if last else []
         if args.wait:
-            rc = submit_and_wait(request, *dep)
+            rc = submit_and_wait(request, *after(last))
             if rc:
                 return rc
         else:
-            print(submit(request, *dep))
+            print(submit(request, *after(last)))
     return 0
 
 
@@ -117,8 +121,7 @@ def cmd_all(args) -> int:
             if stage == "prep":
                 job, _ = submit_prep(request, params, wait=False, dependency=last)
             else:
-                dep = [f"--dependency=afterok:{last}", "--kill-on-invalid-dep=yes"] if last else []
-                job = submit(request, *dep)
+                job = submit(request, *after(last))
             ids.append(job)
             print(f"{stage:9s} {job}  ({request.name})")
         last = ":".join(ids)
@@ -127,12 +130,15 @@ def cmd_all(args) -> int:
 
 
 def our_jobs() -> list[list[str]]:
+    """This user's nano3-* jobs in the queue (none where Slurm is not installed)."""
+    if shutil.which("squeue") is None:
+        return []
     out = subprocess.run(["squeue", "-h", "--me", "-o", "%i|%j|%T|%M|%R"], capture_output=True, text=True)
     return [line.split("|") for line in out.stdout.splitlines() if "|nano3-" in line]
 
 
 def cmd_status(_args) -> int:
-    jobs = our_jobs() if shutil_which("squeue") else []
+    jobs = our_jobs()
     print("jobs:" if jobs else "jobs: none of this repository's (nano3-*) in the queue")
     for job in jobs:
         print(f"  {job[0]:>10}  {job[1]:28s} {job[2]:10s} {job[3]:>10}  {job[4]}")
@@ -170,7 +176,7 @@ def cmd_logs(args) -> int:
         raise UserError("no job logs in logs/ (nano3-*.out)" + (f" for job {args.job}" if args.job else ""))
     log = logs[-1]
     job_id = log.stem.rsplit("-", 1)[1]
-    running = any(j[0] == job_id for j in our_jobs()) if shutil_which("squeue") else False
+    running = any(j[0] == job_id for j in our_jobs())
     if not running:
         sys.stdout.write(log.read_text(errors="replace"))
         return 0
@@ -180,12 +186,6 @@ def cmd_logs(args) -> int:
         return wait_for(job_id, log, until_done, cancel_on_interrupt=False)
     except KeyboardInterrupt:
         return 0
-
-
-def shutil_which(cmd: str) -> bool:
-    import shutil
-
-    return shutil.which(cmd) is not None
 
 
 def main(argv: list[str] | None = None) -> None:

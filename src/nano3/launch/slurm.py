@@ -38,6 +38,11 @@ class JobRequest:
     def script(self) -> str:
         return f"stages/{self.stage}.sbatch"
 
+    @property
+    def process_env(self) -> dict[str, str]:
+        """sbatch exports the submitting environment: ours plus the container settings."""
+        return {**os.environ, **self.env}
+
     def command(self, *extra: str) -> list[str]:
         return ["sbatch", "--parsable", *self.sbatch_args, *extra, self.script, *self.stage_args]
 
@@ -81,7 +86,7 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
 def submit(request: JobRequest, *extra: str) -> str:
     """Submit and return the job id."""
     Path("logs").mkdir(exist_ok=True)
-    out = subprocess.run(request.command(*extra), env={**os.environ, **request.env}, capture_output=True, text=True)
+    out = subprocess.run(request.command(*extra), env=request.process_env, capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"sbatch refused {request.script}: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
     return out.stdout.strip().split(";")[0]
@@ -89,7 +94,7 @@ def submit(request: JobRequest, *extra: str) -> str:
 
 def test_only(request: JobRequest) -> str:
     """`sbatch --test-only`: Slurm's own check that the request fits the cluster (nothing is queued)."""
-    out = subprocess.run(request.command("--test-only"), env={**os.environ, **request.env}, capture_output=True, text=True)
+    out = subprocess.run(request.command("--test-only"), env=request.process_env, capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"sbatch --test-only refused {request.script}: {out.stderr.strip()}")
     return out.stderr.strip()
@@ -142,7 +147,7 @@ def wait_for(job_id: str, log: Path | None, proc: subprocess.Popen | None = None
 def submit_and_wait(request: JobRequest, *extra: str) -> int:
     """`sbatch --wait` with log streaming and cancel-on-interrupt; returns the job's exit code."""
     Path("logs").mkdir(exist_ok=True)
-    proc = subprocess.Popen(request.command("--wait", *extra), env={**os.environ, **request.env},
+    proc = subprocess.Popen(request.command("--wait", *extra), env=request.process_env,
                             stdout=subprocess.PIPE, text=True)
     job_id = proc.stdout.readline().strip().split(";")[0]
     if not job_id:

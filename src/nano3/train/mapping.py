@@ -19,7 +19,7 @@ from typing import Any
 from nano3.blend.validate import bridge_tokenizer_fields
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
-from nano3.train.plan import Layout, model_vocab, read_layout
+from nano3.train.plan import model_vocab, read_layout
 from nano3.train.presets import bridge_model_extras, model_preset
 from nano3.train.schedule import PhasePlan, TrainingSchedule
 
@@ -53,7 +53,7 @@ def file_digest(path: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _kernels(params, layout: Layout) -> dict[str, Any]:
+def _kernels(params) -> dict[str, Any]:
     k = params.get_key("train.kernels", {}, kind=dict) or {}
     out = {
         # The recipe's `flex` dispatcher needs HybridEP (NeMo container); alltoall works everywhere.
@@ -95,7 +95,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "model.sequence_parallel": layout.sequence_parallel,
         "model.recompute_granularity": "selective" if recompute else None,
         "model.recompute_modules": list(recompute) or None,
-        **_kernels(params, layout),
+        **_kernels(params),
         "train.train_iters": phase.train_iters,
         "train.exit_interval": phase.end_iter if phase.end_iter < phase.train_iters else None,
         "train.global_batch_size": phase.global_batch_size,

@@ -147,7 +147,8 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
         raise UserError(f"{stage}: {STAGE_SECTION[stage]}.gpus_per_node={layout.gpus_per_node} but this machine has "
                         f"{have} CUDA GPUs; use --dry-run here, or run on a GPU machine or cluster")
 
-    digest = run_digest(params, stage, upstream_digests(params, stage))
+    upstream = upstream_digests(params, stage)
+    digest = run_digest(params, stage, upstream)
     root = Path(params.get_key("train.checkpoint_dir", "checkpoints", kind=str))
     run_dir = root / stage / digest
     live_dir = Path(params.get_key("train.live_dir", "dvclive", kind=str)) / stage
@@ -181,7 +182,7 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
     iteration = latest_iteration(run_dir)
     summary_file = live_dir / "metrics.json"
     manifest = {"stage": stage, "digest": digest, "run_dir": str(run_dir), "iteration": iteration,
-                "checkpoint": str(run_dir), "upstream": upstream_digests(params, stage),
+                "checkpoint": str(run_dir), "upstream": upstream,
                 "phases": [{"name": p.name, "end_iter": p.end_iter, "blend": p.blend} for p in phases],
                 "metrics": json.loads(summary_file.read_text()) if summary_file.exists() else {}}
     atomic_write_json(manifest_path(params, stage), manifest)
