@@ -45,6 +45,8 @@ SCALES = {
 }
 VARIANTS = {
     "baseline": ["train.micro_batch_size=2"],
+    "mbs1": ["train.micro_batch_size=1"],
+    "fp8_mbs1": ["train.micro_batch_size=1", "train.precision=fp8"],
     "mbs4": ["train.micro_batch_size=4"],
     "fp8": ["train.micro_batch_size=2", "train.precision=fp8"],
     "fp8_mbs4": ["train.micro_batch_size=4", "train.precision=fp8"],

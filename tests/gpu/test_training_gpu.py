@@ -181,3 +181,44 @@ def test_two_gpu_smoke_pretrained_with_ep2_and_extended_with_cp2(smoke):
     assert "EP 2" in log and "CP 2" in log
     lc_loss = read_metric(repo / "dvclive" / "lc", "train/loss")
     assert lc_loss and all(v < 6 for _, v in lc_loss)
+
+
+def test_exported_model_gives_megatrons_logits(smoke):
+    """`export` on the lc checkpoint: transformers' NemotronH on the written directory reproduces Megatron's
+    next-token logits on held-out tokens (both BF16; tolerance: README "Export")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nano3.data.tokenizer import Encoder
+
+    repo, _ = smoke
+    log = run(repo, ["dvc", "repro", "export"])
+    print(log[-1500:])
+    record = json.loads((repo / "models" / "hf" / "nano3_export.json").read_text())
+    check = record["logits_check"]
+    print(f"logits check: {check}")
+    assert record["source"] == "lc" and record["format"] == "megatron"
+    assert check["tokens"] >= 4096
+    assert check["rel_l2"] < 0.02 and check["top1_agreement"] > 0.98
+    model = AutoModelForCausalLM.from_pretrained(repo / "models" / "hf")
+    assert type(model).__name__ == "NemotronHForCausalLM"
+    text = (repo / "src" / "nano3" / "export" / "hf.py").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "hf")
+    assert tokenizer.encode(text, add_special_tokens=False) == list(Encoder(repo / "data" / "tokenizer").encode_batch([text])[0])
+
+
+def test_dvc_exp_run_with_another_lr_retrains_and_reuses_the_data(smoke):
+    """Last in this file: it changes the smoke copy's params and training outputs."""
+    repo, _ = smoke
+    before = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    log = run(repo, ["dvc", "exp", "run", "-S", "train.lr=3e-4", "lc"], timeout=1500)
+    stages = {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
+    print(log[-2000:])
+    assert stages == {"pretrain", "lc"}, stages
+    assert "Stage 'blend' didn't change, skipping" in log
+    after = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    assert after["digest"] != before["digest"] and after["iteration"] == before["iteration"]
+    lr = dict(read_metric(repo / "dvclive" / "pretrain", "train/lr"))
+    assert max(lr.values()) == pytest.approx(3e-4)
+    print(f"final pretrain loss: lr 1e-3 {before['metrics']['train']['loss']:.4f}, lr 3e-4 "
+          f"{after['metrics']['train']['loss']:.4f}")
+    assert after["metrics"]["train"]["loss"] != before["metrics"]["train"]["loss"]

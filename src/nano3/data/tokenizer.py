@@ -93,6 +93,7 @@ def train_sentencepiece(texts: Iterator[str], out_dir: str | Path, vocab_size: i
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
             split_digits=True,
+            add_dummy_prefix=False,  # no invented leading space: HF's converted tokenizer then encodes the same
             user_defined_symbols=["\n", "\t"],
             input_sentence_size=0,
             shuffle_input_sentence=False,

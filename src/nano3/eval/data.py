@@ -1,0 +1,47 @@
+"""Held-out token streams for evaluation, read from the prepared bin/idx shards with megatron-core's reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nano3.errors import UserError
+from nano3.files import read_json
+
+
+def blend_datasets(params) -> list[str]:
+    """Every dataset any blend phase draws from, in first-seen order."""
+    names: list[str] = []
+    for weights in (params.get_key("blend.phases", kind=dict) or {}).values():
+        names += [n for n in weights if n not in names]
+    return names
+
+
+def split_stream(params, dataset: str, split: str, max_tokens: int) -> np.ndarray:
+    """The first `max_tokens` tokens of a dataset's split, documents (each ending in EOD) in order."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    root = Path(params.get_key("prep.out_dir", kind=str)) / dataset
+    manifest = read_json(root / "manifest.json", f"prepared dataset '{dataset}' (run make prep)")
+    shards = manifest.get("splits", {}).get(split, {}).get("shards", [])
+    pieces, have = [], 0
+    for shard in shards:
+        docs = IndexedDataset(str(root / shard["prefix"]))
+        for i in range(len(docs)):
+            doc = np.asarray(docs[i], dtype=np.int64)
+            pieces.append(doc[: max_tokens - have])
+            have += len(pieces[-1])
+            if have >= max_tokens:
+                return np.concatenate(pieces)
+    if not pieces:
+        raise UserError(f"{root}/manifest.json: dataset '{dataset}' has no {split} documents; raise "
+                        f"datasets.{dataset}.{split}_fraction (or prep.{split}_fraction) and rerun prep")
+    return np.concatenate(pieces)
+
+
+def windows(stream: np.ndarray, seq_length: int) -> np.ndarray:
+    """Non-overlapping windows of seq_length + 1 tokens (inputs and their next tokens); a short stream is one window."""
+    n = max(1, (len(stream) - 1) // seq_length)
+    length = min(seq_length, len(stream) - 1)
+    return np.stack([stream[i * length: i * length + length + 1] for i in range(n)])

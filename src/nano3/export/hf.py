@@ -1,0 +1,97 @@
+"""The Hugging Face side of a nano3 model: a `NemotronH` config from a preset, and the tokenizer files.
+
+One config builder serves the export (Megatron weights -> transformers) and the CPU reference
+backend (which trains transformers' NemotronH directly), so both describe the same network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nano3.data.tokenizer import SPM_FILE, read_info
+from nano3.errors import UserError
+from nano3.train.presets import ModelPreset
+
+LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
+
+
+def padded_vocab(vocab: int, divisible_by: int = 128) -> int:
+    """Megatron pads the embedding to a multiple of `make_vocab_size_divisible_by` (times TP)."""
+    return -(-vocab // divisible_by) * divisible_by
+
+
+def nemotron_h_config(preset: ModelPreset, vocab_size: int, eod_id: int, max_positions: int, dtype: str = "bfloat16"):
+    """transformers' NemotronHConfig with the preset's shapes and the Nemotron 3 Nano conventions Megatron
+    uses: squared-ReLU experts, sigmoid router with expert bias, normalised top-k scaled by the factor,
+    no positional embeddings, untied output layer, RMSNorm eps 1e-5, Mamba conv 4 and chunk 128."""
+    from transformers import NemotronHConfig
+
+    return NemotronHConfig(
+        architectures=["NemotronHForCausalLM"],
+        vocab_size=vocab_size,
+        hidden_size=preset.hidden_size,
+        layers_block_type=[LAYER_KINDS[c] for c in preset.hybrid_layer_pattern],
+        num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_query_groups,
+        head_dim=preset.kv_channels,
+        intermediate_size=preset.ffn_hidden_size,
+        mlp_hidden_act="relu2",
+        mamba_num_heads=preset.mamba_num_heads,
+        mamba_head_dim=preset.mamba_head_dim,
+        ssm_state_size=preset.mamba_state_dim,
+        n_groups=preset.mamba_num_groups,
+        conv_kernel=4,
+        chunk_size=128,
+        n_routed_experts=preset.num_moe_experts,
+        n_shared_experts=1,
+        moe_intermediate_size=preset.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=preset.moe_shared_expert_intermediate_size,
+        num_experts_per_tok=preset.moe_router_topk,
+        routed_scaling_factor=preset.moe_router_topk_scaling_factor,
+        norm_topk_prob=True,
+        n_group=1,
+        topk_group=1,
+        tie_word_embeddings=False,
+        max_position_embeddings=max_positions,
+        layer_norm_epsilon=1e-5,
+        use_bias=False,
+        use_conv_bias=True,
+        residual_in_fp32=False,
+        bos_token_id=None,
+        eos_token_id=eod_id,
+        pad_token_id=eod_id,
+        dtype=dtype,
+    )
+
+
+def save_hf_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
+    """Tokenizer files `AutoTokenizer.from_pretrained(out_dir)` loads, encoding exactly as training did.
+
+    A SentencePiece model becomes a fast (tokenizer.json) BPE tokenizer through transformers'
+    converter; `split_special_tokens` keeps '</s>' written in a document as plain text, as
+    SentencePiece does. A Hugging Face tokenizer is copied as pinned by the tokenizer stage.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    info = read_info(tokenizer_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.kind == "huggingface":
+        for path in tokenizer_dir.iterdir():
+            if path.is_file() and path.name != "info.json":
+                shutil.copy2(path, out_dir / path.name)
+        return
+    if info.kind != "sentencepiece":
+        raise UserError(f"{tokenizer_dir}/info.json: unknown tokenizer kind {info.kind!r}; rerun the tokenizer stage")
+    staging = out_dir / ".spm"
+    staging.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(tokenizer_dir / SPM_FILE, staging / SPM_FILE)
+    (staging / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False, "add_bos_token": False,
+        "add_eos_token": False, "split_special_tokens": True, "unk_token": "<unk>", "bos_token": "<s>",
+        "eos_token": info.eod_token, "pad_token": info.eod_token,
+    }))
+    AutoTokenizer.from_pretrained(staging).save_pretrained(out_dir)
+    shutil.rmtree(staging)

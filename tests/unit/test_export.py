@@ -1,0 +1,71 @@
+"""The Hugging Face side of export and the CPU reference backend: config from a preset, tokenizer files."""
+
+from __future__ import annotations
+
+import pytest
+
+from nano3.data.tokenizer import Encoder, read_info
+from nano3.export.hf import nemotron_h_config, save_hf_tokenizer
+from nano3.train.flops import param_counts
+from nano3.train.presets import PRESETS
+from tests.unit.test_tokenizer import docs_from, hf_tokenizer_dir
+
+
+def counted(model) -> int:
+    """Weights plus the routers' expert-bias buffers (which the plan counts with the router)."""
+    bias = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    return sum(p.numel() for p in model.parameters()) + bias
+
+
+def test_hf_config_of_the_tiny_preset_has_exactly_the_planned_parameters():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    preset = PRESETS["tiny"]
+    config = nemotron_h_config(preset, vocab_size=8192, eod_id=2, max_positions=4096)
+    assert config.hybrid_override_pattern == preset.hybrid_layer_pattern
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert counted(model) == param_counts(preset, 8192).total
+    kinds = {type(layer.mixer).__name__ for layer in model.model.layers}
+    assert kinds == {"NemotronHMamba2Mixer", "NemotronHMoE", "NemotronHAttention"}
+
+
+@pytest.mark.parametrize("preset", ["nano3"])
+def test_hf_config_of_the_full_model_matches_the_published_size(preset):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = nemotron_h_config(PRESETS[preset], vocab_size=131072, eod_id=11, max_positions=4096)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = counted(model)
+    assert total == param_counts(PRESETS[preset], 131072).total
+    assert 31.5e9 < total < 31.7e9  # the tech report's 31.6B
+
+
+def test_exported_sentencepiece_tokenizer_encodes_exactly_as_training(tmp_path, sample_dir, spm_dir):
+    from transformers import AutoTokenizer
+
+    save_hf_tokenizer(spm_dir, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    docs = docs_from(sample_dir, "stdlib-docs", 300) + docs_from(sample_dir, "stdlib-code", 300)
+    docs += ["\nleading newline", "\tleading tab", "  two spaces", "ends with spaces  ", "", "x = '</s>' <s> <unk>",
+             "emoji \U0001f642 and \u00e9", "\r\nwindows"]
+    ours = Encoder(spm_dir).encode_batch(docs)
+    theirs = [tok.encode(d, add_special_tokens=False) for d in docs]
+    assert [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if list(a) != b] == []
+    assert tok.eos_token_id == read_info(spm_dir).eod_id
+    assert tok.decode(ours[0]) == docs[0]
+
+
+def test_exported_huggingface_tokenizer_is_the_pinned_one(tmp_path, sample_dir):
+    from transformers import AutoTokenizer
+
+    from nano3.data.tokenizer import save_huggingface
+
+    docs = docs_from(sample_dir, "stdlib-docs", 100)
+    save_huggingface(str(hf_tokenizer_dir(tmp_path / "src", docs)), tmp_path / "pinned")
+    save_hf_tokenizer(tmp_path / "pinned", tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert [tok.encode(d, add_special_tokens=False) for d in docs[:20]] == Encoder(tmp_path / "pinned").encode_batch(docs[:20])
