@@ -31,20 +31,20 @@ $(VENV)/.synced: pyproject.toml uv.lock
 test: setup  ## run the tests (GPU tests skip without a GPU; Slurm tests start a local test cluster as root)
 	python -m pytest -q $(PYTEST_ARGS)
 
-smoke: setup  ## the whole pipeline on the embedded default (training stages need a GPU; dry runs without)
+smoke: setup  ## the whole pipeline on the embedded default (Megatron on GPUs, the CPU reference elsewhere)
 	python -m nano3.launch.smoke
 
 plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout check, memory, GPU-hours
 	python stages/pretrain.py --dry-run && python stages/lc.py --dry-run
 
-sample tokenizer blend pretrain lc: setup  ## run one stage (and what it needs), here or on CLUSTER
+sample tokenizer blend pretrain lc export eval: setup  ## run one stage (and what it needs), here or on CLUSTER
 	$(call run,$@,$@)
 
 prep: setup  ## tokenize every dataset of params.yaml (on CLUSTER: a job or job array per dataset)
 	$(call run,prep,$(addprefix prep@,$(shell python -c 'import yaml; print(" ".join(yaml.safe_load(open("params.yaml"))["datasets"]))')))
 
 all: setup  ## the whole pipeline: here through DVC, or on CLUSTER as jobs chained with afterok
-	$(if $(CLUSTER),$(LAUNCH) all --cluster $(CLUSTER),dvc repro lc)
+	$(if $(CLUSTER),$(LAUNCH) all --cluster $(CLUSTER),dvc repro eval)
 
 status cancel logs: setup  ## this repo's Slurm jobs, last checkpoints and metrics | cancel them | follow a log
 	$(LAUNCH) $@ $(JOB)
@@ -52,4 +52,4 @@ status cancel logs: setup  ## this repo's Slurm jobs, last checkpoints and metri
 container:  ## build the image (FROM the NeMo container) with docker, enroot or apptainer (RUNTIME=...)
 	containers/build.sh $(RUNTIME)
 
-.PHONY: help setup test smoke plan sample tokenizer prep blend pretrain lc all status cancel logs container
+.PHONY: help setup test smoke plan sample tokenizer prep blend pretrain lc export eval all status cancel logs container

@@ -65,6 +65,11 @@ def test_training_request_takes_its_shape_from_params_or_the_profile(tmp_path):
     data = build_request("prep", params, profile, ["stdlib-code"])
     assert "--nodes=1" in data.sbatch_args and "--time=02:00:00" in data.sbatch_args
     assert data.name == "nano3-prep-stdlib-code" and data.stage_args == ["stdlib-code"]
+    assert not any(a.startswith("--gpus") for a in data.sbatch_args)
+    for stage in ("export", "eval"):  # one process on one GPU
+        req = build_request(stage, params, profile)
+        assert {"--nodes=1", "--ntasks=1", "--gpus-per-node=1"} <= set(req.sbatch_args)
+        assert req.script == f"stages/{stage}.sbatch" and (ROOT / req.script).exists()
 
 
 @pytest.mark.parametrize("overrides,message", [

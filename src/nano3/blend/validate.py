@@ -44,6 +44,14 @@ def split_sizes(train_iters: int, global_batch_size: int, eval_interval: int, ev
 def build_phase(blend_file: Path, *, seq_length: int, seed: int, sizes: list[int], tokenizer,
                 cache_dir: Path | None) -> list[int]:
     """Build the phase's train/valid/test datasets; return their lengths (samples)."""
+    datasets = build_phase_datasets(blend_file, seq_length=seq_length, seed=seed, sizes=sizes, tokenizer=tokenizer,
+                                    cache_dir=cache_dir)
+    return [len(d) if d is not None else 0 for d in datasets]
+
+
+def build_phase_datasets(blend_file: Path, *, seq_length: int, seed: int, sizes: list[int], tokenizer,
+                         cache_dir: Path | None) -> list:
+    """The phase's train/valid/test datasets (None for an empty split), as megatron-core builds them."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -69,4 +77,4 @@ def build_phase(blend_file: Path, *, seq_length: int, seed: int, sizes: list[int
     except Exception as e:
         raise UserError(f"{blend_file}: megatron-core could not build this blend ({type(e).__name__}: "
                         f"{brief(e, 200)})") from None
-    return [len(d) if d is not None else 0 for d in datasets]
+    return datasets

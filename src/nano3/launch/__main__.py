@@ -23,6 +23,7 @@ from nano3.launch.profiles import PROFILES_FILE, get_profile
 from nano3.launch.slurm import (
     CPU_STAGES,
     GPU_STAGES,
+    ONE_GPU_STAGES,
     JobRequest,
     build_request,
     submit,
@@ -31,7 +32,7 @@ from nano3.launch.slurm import (
     wait_for,
 )
 
-PIPELINE = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc")
+PIPELINE = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc", "export", "eval")
 
 
 def params_file() -> str:
@@ -193,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
-    p.add_argument("stage", choices=[*CPU_STAGES, *GPU_STAGES])
+    p.add_argument("stage", choices=[*CPU_STAGES, *GPU_STAGES, *ONE_GPU_STAGES])
     p = sub.add_parser("submit", help="other arguments (dataset, key=value, --force) go to the stage")
-    p.add_argument("stage", choices=[*CPU_STAGES, *GPU_STAGES])
+    p.add_argument("stage", choices=[*CPU_STAGES, *GPU_STAGES, *ONE_GPU_STAGES])
     p.add_argument("--cluster", default=os.environ.get("CLUSTER"), required=not os.environ.get("CLUSTER"),
                    help=f"profile in {PROFILES_FILE}")
     p.add_argument("--wait", action="store_true")

@@ -24,6 +24,7 @@ from nano3.launch.profiles import ClusterProfile
 
 CPU_STAGES = ("sample", "tokenizer", "prep", "blend")
 GPU_STAGES = {"pretrain": "train", "lc": "lc"}  # stage -> params section
+ONE_GPU_STAGES = ("export", "eval")  # one process on one GPU
 
 
 @dataclass
@@ -54,8 +55,8 @@ class JobRequest:
 def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[str] | None = None,
                   params_file: str = "params.yaml") -> JobRequest:
     """The sbatch arguments and environment for one stage; layout problems fail here."""
-    if stage not in CPU_STAGES and stage not in GPU_STAGES:
-        raise UserError(f"unknown stage '{stage}'; stages: {', '.join([*CPU_STAGES, *GPU_STAGES])}")
+    if stage not in (*CPU_STAGES, *GPU_STAGES, *ONE_GPU_STAGES):
+        raise UserError(f"unknown stage '{stage}'; stages: {', '.join([*CPU_STAGES, *GPU_STAGES, *ONE_GPU_STAGES])}")
     stage_args = list(stage_args or [])
     name = "-".join(["nano3", stage, *[a for a in stage_args if not a.startswith("-") and "=" not in a][:1]])
     args = [f"--job-name={name}", f"--partition={profile.partition}"]
@@ -75,7 +76,8 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
         args += [f"--nodes={layout.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={layout.gpus_per_node}",
                  f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.train_time or profile.time}"]
     else:
-        args += ["--nodes=1", "--ntasks=1", f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.time}"]
+        gpu = ["--gpus-per-node=1"] if stage in ONE_GPU_STAGES and profile.gpus_per_node else []
+        args += ["--nodes=1", "--ntasks=1", *gpu, f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.time}"]
     args += list(profile.sbatch_extra)
     env = {"NANO3_RUNTIME": profile.runtime, "NANO3_IMAGE": profile.container_image or "",
            "NANO3_MOUNTS": ",".join(profile.mounts), "NANO3_MAX_REQUEUES": str(profile.max_requeues),

@@ -1,8 +1,9 @@
 """`make smoke`: the whole pipeline on the embedded default, trained on whatever this machine has.
 
-With a CUDA GPU, `dvc repro lc` runs every stage. Without one it
-runs the data stages and the training stages' dry runs, and says plainly what it skipped and why.
-Ends with a short summary of what ran: losses per phase and where the plots are.
+`dvc repro eval` runs every stage: sample -> tokenizer -> prep -> blend -> pretrain (both phases) -> lc
+-> export -> eval. Training runs on Megatron-Bridge where this machine has a CUDA GPU and on the CPU
+reference backend (transformers, a smaller budget) elsewhere (`train.backend: auto`); the summary says
+which. Ends with what ran: losses per phase, perplexities, and where the plots are.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import sys
 from pathlib import Path
 
 from nano3.config import load_params
-from nano3.train.plan import local_gpus
 
 
 def dvc(*args: str) -> None:
@@ -34,9 +34,16 @@ def read_metric(live_dir: Path, name: str) -> list[tuple[int, float]]:
 
 
 def summarize(params) -> None:
+    from nano3.train.reference import for_backend
     from nano3.train.schedule import build_schedule
 
-    sched = build_schedule(params)
+    manifests = {s: json.loads(p.read_text()) for s in ("pretrain", "lc")
+                 if (p := Path("checkpoints") / f"{s}.json").exists()}
+    backend = manifests.get("pretrain", {}).get("backend", "megatron")
+    effective = for_backend(params, backend)
+    sched = build_schedule(effective)
+    print(f"\nsmoke: trained with the {backend} backend"
+          + (" (CPU: transformers' NemotronH, the train.reference / lc.reference budgets)" if backend == "reference" else ""))
     loss = read_metric(Path("dvclive/pretrain"), "train/loss")
     if loss:
         p1 = [v for s, v in loss if s <= sched.switch_iter]
@@ -45,29 +52,21 @@ def summarize(params) -> None:
               + (f", {p2[0]:.3f} -> {p2[-1]:.3f} in phase 2" if p2 else ""))
     lc = read_metric(Path("dvclive/lc"), "train/loss")
     if lc:
-        print(f"lc: loss {lc[0][1]:.3f} -> {lc[-1][1]:.3f} at sequence length {params.get_key('lc.seq_length')}")
-    for stage in ("pretrain", "lc"):
-        manifest = Path("checkpoints") / f"{stage}.json"
-        if manifest.exists():
-            m = json.loads(manifest.read_text())
-            print(f"{stage}: checkpoint {m['checkpoint']} at iteration {m['iteration']}")
+        print(f"lc: loss {lc[0][1]:.3f} -> {lc[-1][1]:.3f} at sequence length {effective.get_key('lc.seq_length')}")
+    for stage, m in manifests.items():
+        print(f"{stage}: checkpoint {m['checkpoint']} at iteration {m['iteration']}")
+    metrics = Path(params.get_key("eval.out_dir", kind=str)) / "metrics.json"
+    if metrics.exists():
+        for name, r in json.loads(metrics.read_text())["test"].items():
+            print(f"eval: {name} test perplexity {r['perplexity']:.2f}")
+    print(f"model: {params.get_key('export.out_dir')} (transformers' AutoModelForCausalLM / AutoTokenizer)")
     print("plots: dvc plots show (loss, LR, throughput, MoE load) and reports/blend/report.png")
 
 
 def main() -> None:
     params = load_params(os.environ.get("NANO3_PARAMS", "params.yaml"))
-    if local_gpus() > 0:
-        dvc("repro", "lc")
-        summarize(params)
-        return
-    dvc("repro", "blend")
-    for stage in ("pretrain", "lc"):
-        rc = subprocess.call([sys.executable, f"stages/{stage}.py", "--dry-run"])
-        if rc:
-            sys.exit(rc)
-    print("\nsmoke: ran sample -> tokenizer -> prep -> blend and the pretrain/lc dry runs.\n"
-          "smoke: SKIPPED pretrain and lc: no CUDA GPU on this machine, and training (Megatron-Bridge) needs one.\n"
-          "smoke: run `make smoke` on a GPU machine (NANO3_SYSTEM_PYTHON=1 inside the NeMo container) to train.")
+    dvc("repro", "eval")
+    summarize(params)
 
 
 if __name__ == "__main__":

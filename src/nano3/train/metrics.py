@@ -42,6 +42,38 @@ def scalar(value) -> float:
     return float(value)
 
 
+def load_stats(counts: list) -> dict[str, float]:
+    """Tokens per expert (one tensor per MoE layer) -> max/mean and min/mean load, averaged and worst layer."""
+    if not counts:
+        return {}
+    ratios = [(c.max() / c.mean().clamp(min=1e-9)).item() for c in counts]
+    mins = [(c.min() / c.mean().clamp(min=1e-9)).item() for c in counts]
+    return {"moe/max_over_mean_load": sum(ratios) / len(ratios), "moe/worst_layer_max_over_mean": max(ratios),
+            "moe/min_over_mean_load": sum(mins) / len(mins)}
+
+
+def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: float | None,
+                   tokens_per_s: float | None, world: int, flops: dict, memory_gib: float | None, load: dict,
+                   label: str) -> None:
+    """One training log row, the same keys whichever backend trained (so plots and tests compare them)."""
+    live.step = it
+    if loss is not None:
+        live.log_metric("train/loss", loss)
+    live.log_metric("train/lr", lr)
+    if grad_norm is not None:
+        live.log_metric("train/grad_norm", grad_norm)
+    if tokens_per_s:
+        live.log_metric("perf/tokens_per_s_per_gpu", tokens_per_s / world)
+        live.log_metric("perf/tflops_per_gpu_true", tokens_per_s * flops["true"] / world / 1e12)
+        live.log_metric("perf/tflops_per_gpu_bridge", tokens_per_s * flops["bridge"] / world / 1e12)
+    if memory_gib is not None:
+        live.log_metric("perf/max_memory_gib", memory_gib)
+    for name, value in load.items():
+        live.log_metric(name, value)
+    live.log_metric("phase", label, plot=False)
+    live.make_summary()
+
+
 class LoadBalanceTracker:
     """Counts tokens per expert in every MoE router (forward hooks), reset at each read."""
 
@@ -64,13 +96,9 @@ class LoadBalanceTracker:
         return hook
 
     def read(self) -> dict[str, float]:
-        if not self.counts:
-            return {}
-        ratios = [(c.max() / c.mean().clamp(min=1e-9)).item() for c in self.counts.values()]
-        mins = [(c.min() / c.mean().clamp(min=1e-9)).item() for c in self.counts.values()]
+        stats = load_stats(list(self.counts.values()))
         self.counts = {}
-        return {"moe/max_over_mean_load": sum(ratios) / len(ratios), "moe/worst_layer_max_over_mean": max(ratios),
-                "moe/min_over_mean_load": sum(mins) / len(mins)}
+        return stats
 
 
 class DvcliveCallback:
@@ -116,26 +144,16 @@ class DvcliveCallback:
         now = time.time()
         elapsed_iters, seconds = it - self.last[0], now - self.last[1]
         self.last = (it, now)
-        self.live.step = it
-        loss = (context.loss_dict or {}).get("lm loss")
-        if loss is not None:
-            self.live.log_metric("train/loss", scalar(loss))
-        self.live.log_metric("train/lr", float(context.optimizer.param_groups[0]["lr"]))
-        if context.grad_norm is not None:
-            self.live.log_metric("train/grad_norm", float(context.grad_norm))
-        if elapsed_iters > 0 and seconds > 0:
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            tokens_per_s = elapsed_iters * self.tokens_per_iter / seconds
-            self.live.log_metric("perf/tokens_per_s_per_gpu", tokens_per_s / world)
-            self.live.log_metric("perf/tflops_per_gpu_true", tokens_per_s * self.flops["true"] / world / 1e12)
-            self.live.log_metric("perf/tflops_per_gpu_bridge", tokens_per_s * self.flops["bridge"] / world / 1e12)
         import torch
 
-        self.live.log_metric("perf/max_memory_gib", torch.cuda.max_memory_allocated() / 2**30)
-        for name, value in self.tracker.read().items():
-            self.live.log_metric(name, value)
-        self.live.log_metric("phase", self.stage_label, plot=False)
-        self.live.make_summary()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        loss = (context.loss_dict or {}).get("lm loss")
+        log_train_step(self.live, it, loss=scalar(loss) if loss is not None else None,
+                       lr=float(context.optimizer.param_groups[0]["lr"]),
+                       grad_norm=float(context.grad_norm) if context.grad_norm is not None else None,
+                       tokens_per_s=elapsed_iters * self.tokens_per_iter / seconds if seconds > 0 else None,
+                       world=world, flops=self.flops, memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                       load=self.tracker.read(), label=self.stage_label)
 
     def on_eval_end(self, context) -> None:
         if self.live is None or not context.total_loss_dict:

@@ -127,8 +127,11 @@ def prepare_live_dir(live_dir: Path, digest: str) -> None:
 def run_training_stage(stage: str, params_file: str, our_overrides: list[str], bridge_cli: list[str],
                        dry_run: bool, log=print) -> dict | None:
     from nano3.config import load_params
+    from nano3.train.reference import for_backend, resolve_backend
 
-    params = load_params(params_file, our_overrides)
+    requested = load_params(params_file, our_overrides)
+    backend = resolve_backend(requested) if not dry_run else requested.get_key("train.backend", "auto", kind=str)
+    params = for_backend(requested, backend)
     plan = build_plan(params, stages=(STAGE_SECTION[stage],))
     print_plan(plan, stage)
     report = Path("reports") / "plan"
@@ -137,18 +140,17 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
     if dry_run:
         return None
 
-    backend = params.get_key("train.backend", "megatron", kind=str)
-    if backend != "megatron":
-        raise UserError(f"{params.source}: train.backend={backend!r}: only 'megatron' exists yet (a CPU reference "
-                        f"backend is planned); use --dry-run on a machine without a GPU")
     layout = plan.stages[STAGE_SECTION[stage]].layout
     have = local_gpus()
-    if have < layout.gpus_per_node:
+    if backend == "megatron" and have < layout.gpus_per_node:
         raise UserError(f"{stage}: {STAGE_SECTION[stage]}.gpus_per_node={layout.gpus_per_node} but this machine has "
-                        f"{have} CUDA GPUs; use --dry-run here, or run on a GPU machine or cluster")
+                        f"{have} CUDA GPUs; use --dry-run here, run on a GPU machine or cluster, or set "
+                        f"train.backend=reference (CPU, tiny presets)")
+    if backend == "reference" and bridge_cli:
+        raise UserError(f"{stage}: Megatron-Bridge overrides {bridge_cli} mean nothing to the CPU reference backend")
 
     upstream = upstream_digests(params, stage)
-    digest = run_digest(params, stage, upstream)
+    digest = run_digest(params, stage, {**upstream, "backend": backend})
     root = Path(params.get_key("train.checkpoint_dir", "checkpoints", kind=str))
     run_dir = root / stage / digest
     live_dir = Path(params.get_key("train.live_dir", "dvclive", kind=str)) / stage
@@ -157,8 +159,17 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
     if stage == "lc":
         pre = read_json(manifest_path(params, "pretrain"), "pretrain manifest (run make pretrain)")
         pretrained = pre["checkpoint"]
+        if pre.get("backend", "megatron") != backend:
+            raise UserError(f"{manifest_path(params, 'pretrain')}: pretrained with the {pre.get('backend', 'megatron')} "
+                            f"backend but lc would run on {backend}; rerun pretrain with train.backend={backend}")
     phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
-    for phase in phases:
+    if backend == "reference":
+        from nano3.train.reference import train_reference
+
+        train_reference(params, plan, stage, phases, run_dir, live_dir, pretrained, log)
+        if latest_iteration(run_dir) < phases[-1].end_iter:
+            raise SystemExit(3)
+    for phase in phases if backend == "megatron" else []:
         done = latest_iteration(run_dir)
         if done >= phase.end_iter:
             log(f"{stage}: {phase.name} already done (checkpoint at iteration {done})")
@@ -182,7 +193,8 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
     iteration = latest_iteration(run_dir)
     summary_file = live_dir / "metrics.json"
     manifest = {"stage": stage, "digest": digest, "run_dir": str(run_dir), "iteration": iteration,
-                "checkpoint": str(run_dir), "upstream": upstream,
+                "checkpoint": str(run_dir), "upstream": upstream, "backend": backend,
+                "format": "hf" if backend == "reference" else "megatron",
                 "phases": [{"name": p.name, "end_iter": p.end_iter, "blend": p.blend} for p in phases],
                 "metrics": json.loads(summary_file.read_text()) if summary_file.exists() else {}}
     atomic_write_json(manifest_path(params, stage), manifest)

@@ -1,0 +1,98 @@
+"""Stage `eval`: the exported Hugging Face model, with transformers, on CPU or GPU.
+
+Perplexity on the held-out test split of every dataset the blends draw from (token streams read
+from the prepared bin/idx, so exactly the tokens training never saw), and greedy continuations of
+fixed prompts through the exported tokenizer: what a user loading the directory would get.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from nano3.errors import UserError, brief
+from nano3.eval.data import blend_datasets, split_stream, windows
+from nano3.files import atomic_write_json, atomic_write_text, read_json
+
+CPU_CHUNK = 32  # Mamba chunk on CPU: the same result as 128, a quarter of the work
+
+
+def load_exported(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{model_dir}: no exported model here (config.json missing); run the export stage "
+                        f"(make export / dvc repro export)")
+    cuda = torch.cuda.is_available()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # a truncated or hand-edited directory fails deep inside transformers
+        raise UserError(f"{model_dir}: the exported model does not load ({type(e).__name__}: {brief(e, 160)}); "
+                        f"rerun the export stage (dvc repro -f export)") from None
+    if not cuda:
+        for layer in model.modules():
+            if hasattr(layer, "chunk_size") and type(layer).__name__.endswith("Mixer"):
+                layer.chunk_size = CPU_CHUNK
+    return model.to("cuda" if cuda else "cpu").eval(), tokenizer
+
+
+def perplexity(model, batches, batch_size: int) -> tuple[float, int]:
+    """Mean next-token loss (nats) over every window, and the number of predicted tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(batches), batch_size):
+            chunk = torch.as_tensor(batches[i:i + batch_size], dtype=torch.long, device=device)
+            logits = model(input_ids=chunk[:, :-1]).logits.float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += chunk[:, 1:].numel()
+    return total / count, count
+
+
+def continue_prompt(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    import torch
+
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def eval_stage(params, log=print) -> dict:
+    g = params.get_key
+    model_dir = Path(g("export.out_dir", kind=str))
+    model, tokenizer = load_exported(model_dir)
+    lineage = read_json(model_dir / "nano3_export.json", "export record (rerun the export stage)")
+    seq, max_tokens, batch = g("eval.seq_length", kind=int), g("eval.max_tokens", kind=int), g("eval.batch_size", kind=int)
+    results = {}
+    for name in blend_datasets(params):
+        loss, count = perplexity(model, windows(split_stream(params, name, "test", max_tokens + 1), seq), batch)
+        results[name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+        log(f"eval: {name}: perplexity {math.exp(loss):.2f} (loss {loss:.4f}) on {count:,} test tokens")
+    samples = [{"prompt": p, "continuation": continue_prompt(model, tokenizer, p, g("eval.max_new_tokens", kind=int))}
+               for p in g("eval.prompts", kind=list)]
+    out = Path(g("eval.out_dir", kind=str))
+    metrics = {"model": {"source": lineage["source"], "iteration": lineage["iteration"], "format": lineage["format"]},
+               "test": results}
+    atomic_write_json(out / "continuations.json", samples)
+    atomic_write_text(out / "report.md", report(metrics, samples))
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def report(metrics: dict, samples: list[dict]) -> str:
+    m = metrics["model"]
+    lines = [f"# Evaluation of the exported model ({m['source']} iteration {m['iteration']}, from {m['format']})", "",
+             "| dataset | test tokens | loss | perplexity |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {r['tokens']:,} | {r['loss']:.4f} | {r['perplexity']:.2f} |" for n, r in metrics["test"].items()]
+    lines += ["", "## Greedy continuations", ""]
+    for s in samples:
+        lines += [f"**Prompt:** `{s['prompt']!r}`", "", "```", s["prompt"] + s["continuation"], "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,263 @@
+"""CPU reference backend (`train.backend: reference`, or `auto` on a machine without a CUDA GPU).
+
+It exists so `make smoke` trains end to end anywhere and CI runs every stage; the Megatron backend
+stays the engine. It trains tiny presets with transformers' NemotronH on the CPU and keeps the
+contract of the Megatron path: the same blends read through megatron-core's BlendedMegatronDatasetBuilder
+(sample i of a phase is the same sample Megatron would draw at consumed-samples i), the same plan
+(iterations, phase switch, WSD learning rate from schedule.py), the same dvclive keys, and the same
+run-directory convention (iter_XXXXXXX + latest_checkpointed_iteration.txt), in Hugging Face format.
+
+Differences from Megatron, by design: FP32 on CPU, PyTorch Mamba kernels (chunk 32: the same SSD
+result, four times less work on CPU than 128), a fixed validation set, and no sequence aux loss (the
+aux-loss-free expert-bias balancing is kept). Its token budget is `train.reference` / `lc.reference`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import time
+from pathlib import Path
+
+from nano3.data.tokenizer import read_info
+from nano3.errors import UserError
+from nano3.files import atomic_dir, atomic_write_text
+from nano3.train.schedule import PhasePlan
+
+MAX_PARAMS = 100e6  # the reference trains tiny presets; anything larger belongs on GPUs
+BIAS_UPDATE_RATE = 1e-3  # megatron-core's moe_router_bias_update_rate default
+CPU_CHUNK = 32
+
+
+def resolve_backend(params) -> str:
+    """`auto` means Megatron wherever this machine has a CUDA GPU, the CPU reference elsewhere."""
+    from nano3.train.plan import local_gpus
+
+    backend = params.get_key("train.backend", "auto", kind=str)
+    if backend not in ("auto", "megatron", "reference"):
+        raise UserError(f"{params.source}: train.backend={backend!r}; use auto, megatron or reference")
+    if backend == "auto":
+        return "megatron" if local_gpus() > 0 else "reference"
+    return backend
+
+
+def for_backend(params, backend: str):
+    """Params as the backend runs them: the reference replaces train.* / lc.* with their `reference`
+    budgets and runs on one device."""
+    if backend != "reference":
+        return params
+    out = copy.deepcopy(params)
+    out.source = params.source
+    for section in ("train", "lc"):
+        budget = params.get_key(f"{section}.reference", {}, kind=dict) or {}
+        unknown = set(budget) - {"tokens", "seq_length", "global_batch_size", "micro_batch_size"}
+        if unknown:
+            raise UserError(f"{params.source}: {section}.reference has unknown keys {sorted(unknown)}")
+        out[section].update(budget)
+        out[section].update({"nodes": 1, "gpus_per_node": 1,
+                             "parallel": {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1, "sequence_parallel": False}})
+    return out
+
+
+class ExpertLoad:
+    """Counts tokens per expert in every MoE layer (for the load metrics) and applies megatron-core's
+    aux-loss-free balancing after each step: each expert's bias moves by the rate toward the mean load."""
+
+    def __init__(self, model):
+        import torch
+
+        self.layers = [m for m in model.modules() if type(m).__name__ == "NemotronHMoE"]
+        self.step_counts = [torch.zeros(m.n_routed_experts) for m in self.layers]
+        self.log_counts = [torch.zeros(m.n_routed_experts) for m in self.layers]
+        for i, layer in enumerate(self.layers):
+            layer.route_tokens_to_experts = self._counting(layer.route_tokens_to_experts, i)
+
+    def _counting(self, route, i):
+        import torch
+
+        def wrapped(router_logits):
+            indices, weights = route(router_logits)
+            counts = torch.bincount(indices.flatten(), minlength=len(self.step_counts[i])).float()
+            self.step_counts[i] += counts
+            self.log_counts[i] += counts
+            return indices, weights
+
+        return wrapped
+
+    def update_biases(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for layer, counts in zip(self.layers, self.step_counts):
+                bias = layer.gate.e_score_correction_bias
+                bias += BIAS_UPDATE_RATE * torch.sign(counts.mean() - counts)
+                counts.zero_()
+
+    def read(self) -> dict[str, float]:
+        from nano3.train.metrics import load_stats
+
+        stats = load_stats([c.clone() for c in self.log_counts])
+        for c in self.log_counts:
+            c.zero_()
+        return stats
+
+
+def build_model(params, plan, init_from: Path | None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nano3.export.hf import nemotron_h_config
+
+    if plan.params_total > MAX_PARAMS:
+        raise UserError(f"{params.source}: model.preset={plan.preset_name} has {plan.params_total / 1e9:.1f}B "
+                        f"parameters; the CPU reference backend trains tiny presets only (set train.backend=megatron "
+                        f"and run on GPUs)")
+    if init_from is not None:
+        model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+    else:
+        torch.manual_seed(params.get_key("train.seed", kind=int))
+        info = read_info(params.get_key("tokenizer.dir", kind=str))
+        positions = max(params.get_key("train.seq_length", kind=int), params.get_key("lc.seq_length", kind=int))
+        config = nemotron_h_config(plan.preset, plan.vocab, info.eod_id, positions, dtype="float32")
+        model = AutoModelForCausalLM.from_config(config)
+    for layer in model.modules():  # chunk size changes the work, not the result
+        if hasattr(layer, "chunk_size") and type(layer).__name__.endswith("Mixer"):
+            layer.chunk_size = CPU_CHUNK
+    return model
+
+
+def build_optimizer(model, params, lr: float):
+    """AdamW as Megatron sets it up: no weight decay on biases and other 1-D parameters (norms, A_log, D)."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    g = params.get_key
+    return torch.optim.AdamW([{"params": decay, "weight_decay": float(g("train.weight_decay"))},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr,
+                             betas=(float(g("train.adam_beta1")), float(g("train.adam_beta2"))), eps=1e-8)
+
+
+def save_checkpoint(run_dir: Path, iteration: int, model, optimizer) -> None:
+    import torch
+
+    with atomic_dir(run_dir / f"iter_{iteration:07d}") as tmp:
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    atomic_write_text(run_dir / "latest_checkpointed_iteration.txt", f"{iteration}\n")
+
+
+def phase_datasets(params, phase: PhasePlan, cache_dir: Path):
+    from nano3.blend.validate import build_phase_datasets, megatron_tokenizer, split_sizes
+
+    g = params.get_key
+    tokenizer_dir = g("tokenizer.dir", kind=str)
+    sizes = split_sizes(phase.train_iters, phase.global_batch_size, g("train.eval_interval", kind=int),
+                        g("train.eval_iters", kind=int))
+    blend = Path(g("blend.out_dir", kind=str)) / f"{phase.blend}.json"
+    return build_phase_datasets(blend, seq_length=phase.seq_length, seed=g("train.seed", kind=int), sizes=sizes,
+                                tokenizer=megatron_tokenizer(tokenizer_dir, read_info(tokenizer_dir)),
+                                cache_dir=cache_dir)
+
+
+def batch_loss(model, samples: list[dict]):
+    """Mean next-token loss over the loss-masked tokens of a micro-batch of GPTDataset samples."""
+    import torch
+    import torch.nn.functional as F
+
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+    mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float()
+    logits = model(input_ids=tokens).logits.float()
+    losses = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="none")
+    return (losses * mask.view(-1)).sum() / mask.sum().clamp(min=1)
+
+
+def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: Path, live_dir: Path,
+                    pretrained: str | None, log=print) -> None:
+    """Run the stage's phases in this process; a SIGTERM checkpoints and stops (the caller resumes later)."""
+    import torch
+    from dvclive import Live
+    from tqdm import tqdm
+
+    from nano3.train.metrics import log_train_step, truncate_metrics
+    from nano3.train.run import checkpoint_dir, latest_iteration
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    section = "train" if stage == "pretrain" else "lc"
+    schedule = plan.schedule.pretrain_lr if stage == "pretrain" else plan.schedule.lc_lr
+    g = params.get_key
+    done = latest_iteration(run_dir)
+    init = checkpoint_dir(run_dir, done) if done else (checkpoint_dir(pretrained, latest_iteration(pretrained))
+                                                      if pretrained else None)
+    model = build_model(params, plan, init)
+    optimizer = build_optimizer(model, params, schedule.lr_at(max(done, 1)))
+    if done:
+        state = torch.load(checkpoint_dir(run_dir, done) / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    load = ExpertLoad(model)
+    truncate_metrics(live_dir, done)
+    live = Live(str(live_dir), resume=True, save_dvc_exp=False, dvcyaml=False, report=None)
+    live.log_param("backend", "reference")
+    stop = {"now": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    mbs, clip = g(f"{section}.micro_batch_size", kind=int), float(g("train.clip_grad"))
+    log_interval, eval_interval = g("train.log_interval", kind=int), g("train.eval_interval", kind=int)
+    save_interval = g("train.save_interval", kind=int)
+    flops = {"true": plan.stages[section].flops_per_token_true, "bridge": plan.stages[section].flops_per_token_bridge}
+    try:
+        for phase in phases:
+            if done >= phase.end_iter:
+                continue
+            train_set, valid_set, _ = phase_datasets(params, phase, run_dir / "dataset_cache")
+            gbs = phase.global_batch_size
+            bar = tqdm(range(max(done, phase.start_iter), phase.end_iter), desc=f"{stage} {phase.name}", unit="it")
+            last = (done, time.time())
+            for step in bar:
+                it = step + 1
+                for group in optimizer.param_groups:
+                    group["lr"] = schedule.lr_at(it)
+                model.train()
+                total = 0.0
+                for start in range(0, gbs, mbs):
+                    samples = [train_set[step * gbs + i] for i in range(start, min(start + mbs, gbs))]
+                    loss = batch_loss(model, samples) * len(samples) / gbs
+                    loss.backward()
+                    total += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                load.update_biases()
+                bar.set_postfix(loss=f"{total:.3f}")
+                if it % log_interval == 0 or it == phase.end_iter:
+                    seconds = time.time() - last[1]
+                    log_train_step(live, it, loss=total, lr=schedule.lr_at(it), grad_norm=grad_norm,
+                                   tokens_per_s=(it - last[0]) * gbs * phase.seq_length / seconds, world=1,
+                                   flops=flops, memory_gib=None, load=load.read(), label=phase.name)
+                    last = (it, time.time())
+                if valid_set is not None and (it % eval_interval == 0 or it == phase.end_iter):
+                    live.log_metric("valid/loss", validate(model, valid_set, g("train.eval_iters", kind=int) * gbs, mbs))
+                    live.make_summary()
+                if it % save_interval == 0 or it == phase.end_iter or stop["now"]:
+                    save_checkpoint(run_dir, it, model, optimizer)
+                    done = it
+                if stop["now"]:
+                    log(f"{stage}: stopped by SIGTERM at iteration {it} (checkpoint saved)")
+                    return
+            done = phase.end_iter
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        live.end()
+
+
+def validate(model, valid_set, samples: int, mbs: int) -> float:
+    import torch
+
+    model.eval()
+    n = min(samples, len(valid_set))
+    with torch.no_grad():
+        losses = [batch_loss(model, [valid_set[j] for j in range(i, min(i + mbs, n))]).item() * (min(i + mbs, n) - i)
+                  for i in range(0, n, mbs)]
+    return sum(losses) / max(n, 1)

@@ -1,0 +1,120 @@
+"""The whole pipeline on the CPU reference backend, under real DVC in a temporary git repository:
+`make smoke`'s command, resume after a kill, eval's errors, and `dvc exp run -S train.lr=...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nano3.launch.smoke import read_metric
+from tests.conftest import copy_repo
+from tests.integration.test_dvc_data import dvc, ran
+
+pytestmark = pytest.mark.slow
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def run(repo: Path, *cmd: str, check: bool = True, timeout: int = 1800) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(cmd), cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    repo = copy_repo(tmp_path_factory.mktemp("cpu") / "repo")
+    out = run(repo, sys.executable, "-m", "nano3.launch.smoke")
+    return repo, out.stdout + out.stderr
+
+
+def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
+    repo, log = smoke
+    assert ran(log) == {"sample", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "blend", "pretrain", "lc",
+                        "export", "eval"}
+    assert "trained with the reference backend" in log
+    pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
+    lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
+    assert pre["backend"] == lc["backend"] == "reference" and pre["format"] == "hf"
+    assert [p["name"] for p in pre["phases"]] == ["phase1", "phase2"] and pre["iteration"] == 48
+    loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    assert loss[-1][1] < 0.8 * loss[0][1], loss
+    lr = dict(read_metric(repo / "dvclive" / "pretrain", "train/lr"))
+    assert max(lr.values()) == pytest.approx(1e-3) and lr[48] == pytest.approx(1e-4)  # WSD down to min_lr
+    lc_loss = read_metric(repo / "dvclive" / "lc", "train/loss")
+    assert lc_loss and lc_loss[0][1] < loss[0][1] - 1.0  # lc starts from the pretrained weights
+    export = json.loads((repo / "models" / "hf" / "nano3_export.json").read_text())
+    assert export["source"] == "lc" and export["format"] == "hf"
+    metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs"}
+    for name, r in metrics["test"].items():
+        assert r["tokens"] > 1000 and 1 < r["perplexity"] < 8192, (name, r)  # better than uniform over the vocab
+    samples = json.loads((repo / "reports" / "eval" / "continuations.json").read_text())
+    assert len(samples) == 3 and all(s["continuation"] for s in samples)
+
+
+def test_eval_on_a_missing_or_broken_model_fails_in_one_line(smoke, tmp_path):
+    repo, _ = smoke
+    missing = run(repo, sys.executable, "stages/eval.py", f"export.out_dir={tmp_path / 'nothing'}", check=False)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "no exported model here" in missing.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (repo / "models" / "hf").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    out = run(repo, sys.executable, "stages/eval.py", f"export.out_dir={broken}", check=False)
+    assert out.returncode == 2 and "does not load" in out.stderr and "rerun the export stage" in out.stderr
+    assert len([line for line in out.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_killed_reference_training_resumes_to_the_same_loss(smoke):
+    """SIGKILL after a checkpoint, rerun: it resumes there and ends exactly where an uninterrupted run ends
+    (the CPU run is deterministic, so exactly equal)."""
+    repo, _ = smoke
+    budget = ["train.reference.tokens=10240", "train.save_interval=2", "train.log_interval=1"]
+    run(repo, sys.executable, "stages/pretrain.py", *budget, "train.checkpoint_dir=ck_whole", "train.live_dir=live_whole")
+    cmd = [sys.executable, "stages/pretrain.py", *budget, "train.checkpoint_dir=ck_killed", "train.live_dir=live_killed"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        trackers = list((repo / "ck_killed" / "pretrain").glob("*/latest_checkpointed_iteration.txt"))
+        if trackers and int(trackers[0].read_text()) >= 4:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(trackers[0].read_text())
+    assert 4 <= killed_at < 10
+    run(repo, *cmd)
+    whole = json.loads((repo / "ck_whole" / "pretrain.json").read_text())
+    resumed = json.loads((repo / "ck_killed" / "pretrain.json").read_text())
+    assert resumed["iteration"] == whole["iteration"] == 10
+    assert resumed["metrics"]["train"]["loss"] == whole["metrics"]["train"]["loss"]
+    steps = [s for s, _ in read_metric(repo / "live_killed" / "pretrain", "train/loss")]
+    assert steps == list(range(1, 11))  # rows the killed run logged after its checkpoint were replaced, not doubled
+
+
+def test_exp_run_with_another_lr_reruns_training_export_and_eval_only(smoke):
+    """Last: it changes the copy's workspace."""
+    repo, _ = smoke
+    before = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    out = dvc(repo, "exp", "run", "-S", "train.lr=3e-4", "eval", timeout=1800)
+    assert ran(out) == {"pretrain", "lc", "export", "eval"}, out[-2000:]
+    after = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    assert [s for s, _ in after] == [s for s, _ in before] and after != before
+    lr = dict(read_metric(repo / "dvclive" / "pretrain", "train/lr"))
+    assert max(lr.values()) == pytest.approx(3e-4)

@@ -1,0 +1,65 @@
+"""The CPU reference backend's choice and budget, and the export/eval stages' input errors (no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nano3.config import load_params
+from nano3.errors import UserError
+from nano3.train.plan import build_plan
+from nano3.train.reference import build_model, for_backend, resolve_backend
+from nano3.train.schedule import build_schedule
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_auto_backend_is_the_reference_without_a_gpu_and_megatron_on_request():
+    params = load_params(ROOT / "params.yaml")
+    assert params.get_key("train.backend") == "auto"
+    assert resolve_backend(params) == "reference"  # CI and this machine: no CUDA GPU
+    assert resolve_backend(load_params(ROOT / "params.yaml", ["train.backend=megatron"])) == "megatron"
+    with pytest.raises(UserError, match="train.backend='cpu'; use auto, megatron or reference"):
+        resolve_backend(load_params(ROOT / "params.yaml", ["train.backend=cpu"]))
+
+
+def test_reference_budget_replaces_the_section_and_keeps_the_curriculum_shape():
+    params = load_params(ROOT / "params.yaml")
+    ref = for_backend(params, "reference")
+    assert for_backend(params, "megatron") is params
+    sched, ref_sched = build_schedule(params), build_schedule(ref)
+    assert (ref.get_key("train.seq_length"), ref.get_key("train.global_batch_size")) == (256, 4)
+    assert ref_sched.pretrain_iters == 48 and ref_sched.switch_iter == round(48 * 0.94)
+    assert ref_sched.pretrain_lr.lr == sched.pretrain_lr.lr and ref_sched.pretrain_lr.decay_start_iter == round(48 * 0.8)
+    assert ref.get_key("lc.seq_length") == 1024 and ref_sched.lc_iters == 4
+    assert ref.get_key("train.parallel.ep") == 1 and params.get_key("train.seq_length") == 1024  # input untouched
+    with pytest.raises(UserError, match=r"train.reference has unknown keys \['lr'\]"):
+        for_backend(load_params(ROOT / "params.yaml", ["train.reference.lr=1"]), "reference")
+
+
+def test_reference_refuses_the_full_model():
+    params = for_backend(load_params(ROOT / "params.yaml", ["model.preset=nano3", "model.vocab_size=131072"]),
+                         "reference")
+    plan = build_plan(params, stages=("train",))
+    with pytest.raises(UserError, match="CPU reference backend trains tiny presets only"):
+        build_model(params, plan, None)
+
+
+def stage(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "stages" / script), "--params", str(ROOT / "params.yaml"), *args],
+                          cwd=cwd, capture_output=True, text=True)
+
+
+def test_export_without_or_with_a_dangling_checkpoint_fails_in_one_line(tmp_path):
+    out = stage("export.py", tmp_path, f"train.checkpoint_dir={tmp_path / 'ck'}")
+    assert out.returncode == 2 and out.stderr.strip().startswith("error:") and "run make lc" in out.stderr
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "lc.json").write_text(json.dumps({"stage": "lc", "checkpoint": str(tmp_path / "gone"),
+                                                         "iteration": 32, "digest": "x"}))
+    out = stage("export.py", tmp_path, f"train.checkpoint_dir={tmp_path / 'ck'}")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "iter_0000032 is missing" in out.stderr and not (tmp_path / "models").exists()
