@@ -17,11 +17,6 @@ from nano3.train.presets import ModelPreset
 LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
 
 
-def padded_vocab(vocab: int, divisible_by: int = 128) -> int:
-    """Megatron pads the embedding to a multiple of `make_vocab_size_divisible_by` (times TP)."""
-    return -(-vocab // divisible_by) * divisible_by
-
-
 def nemotron_h_config(preset: ModelPreset, vocab_size: int, eod_id: int, max_positions: int, dtype: str = "bfloat16"):
     """transformers' NemotronHConfig with the preset's shapes and the Nemotron 3 Nano conventions Megatron
     uses: squared-ReLU experts, sigmoid router with expert bias, normalised top-k scaled by the factor,
