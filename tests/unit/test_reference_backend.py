@@ -63,3 +63,14 @@ def test_export_without_or_with_a_dangling_checkpoint_fails_in_one_line(tmp_path
     out = stage("export.py", tmp_path, f"train.checkpoint_dir={tmp_path / 'ck'}")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "iter_0000032 is missing" in out.stderr and not (tmp_path / "models").exists()
+
+
+def test_exporting_a_megatron_checkpoint_without_megatron_bridge_says_where_to_run_it(tmp_path, spm_dir):
+    (tmp_path / "ck" / "lc" / "run" / "iter_0000032").mkdir(parents=True)
+    (tmp_path / "ck" / "lc.json").write_text(json.dumps({"stage": "lc", "checkpoint": str(tmp_path / "ck/lc/run"),
+                                                         "iteration": 32, "digest": "run", "format": "megatron"}))
+    out = stage("export.py", tmp_path, f"train.checkpoint_dir={tmp_path / 'ck'}", "export.verify_tokens=0",
+                f"tokenizer.dir={spm_dir}")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "needs Megatron-Bridge and Transformer Engine" in out.stderr and "make export" in out.stderr
+    assert list((tmp_path / "models").glob("*")) == []  # neither models/hf nor a temporary directory left

@@ -23,8 +23,19 @@ def export_megatron(iter_dir: Path, config_for_vocab: Callable, out_dir: Path, v
     `config_for_vocab(n)` builds the HF config for the checkpoint's (padded) embedding rows `n`.
     """
     import torch
-    from megatron.bridge import AutoBridge
-    from megatron.bridge.training.model_load_save import load_megatron_model, temporary_distributed_context
+
+    try:
+        from megatron.bridge import AutoBridge
+        from megatron.bridge.training.model_load_save import (
+            load_megatron_model,
+            temporary_distributed_context,
+        )
+    except ImportError as e:
+        from nano3.errors import UserError
+
+        raise UserError(f"{iter_dir}: exporting a Megatron checkpoint needs Megatron-Bridge and Transformer Engine "
+                        f"({e.name or e} is missing here); run the export stage in the NeMo container or on a GPU "
+                        f"machine (CLUSTER=<profile> make export)") from None
 
     cuda = torch.cuda.is_available()
     if cuda:
