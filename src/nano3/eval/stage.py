@@ -12,9 +12,8 @@ from pathlib import Path
 
 from nano3.errors import UserError, brief
 from nano3.eval.data import blend_datasets, split_stream, windows
+from nano3.export.hf import use_cpu_mamba_chunks
 from nano3.files import atomic_write_json, atomic_write_text, read_json
-
-CPU_CHUNK = 32  # Mamba chunk on CPU: the same result as 128, a quarter of the work
 
 
 def load_exported(model_dir: Path):
@@ -32,9 +31,7 @@ def load_exported(model_dir: Path):
         raise UserError(f"{model_dir}: the exported model does not load ({type(e).__name__}: {brief(e, 160)}); "
                         f"rerun the export stage (dvc repro -f export)") from None
     if not cuda:
-        for layer in model.modules():
-            if hasattr(layer, "chunk_size") and type(layer).__name__.endswith("Mixer"):
-                layer.chunk_size = CPU_CHUNK
+        use_cpu_mamba_chunks(model)
     return model.to("cuda" if cuda else "cpu").eval(), tokenizer
 
 

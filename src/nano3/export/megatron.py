@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from nano3.errors import UserError
+
 
 def unwrap(module):
     while hasattr(module, "module"):
@@ -31,8 +33,6 @@ def export_megatron(iter_dir: Path, config_for_vocab: Callable, out_dir: Path, v
             temporary_distributed_context,
         )
     except ImportError as e:
-        from nano3.errors import UserError
-
         raise UserError(f"{iter_dir}: exporting a Megatron checkpoint needs Megatron-Bridge and Transformer Engine "
                         f"({e.name or e} is missing here); run the export stage in the NeMo container or on a GPU "
                         f"machine (CLUSTER=<profile> make export)") from None

@@ -27,7 +27,6 @@ from nano3.train.schedule import PhasePlan
 
 MAX_PARAMS = 100e6  # the reference trains tiny presets; anything larger belongs on GPUs
 BIAS_UPDATE_RATE = 1e-3  # megatron-core's moe_router_bias_update_rate default
-CPU_CHUNK = 32
 
 
 def resolve_backend(params) -> str:
@@ -107,7 +106,7 @@ def build_model(params, plan, init_from: Path | None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nano3.export.hf import nemotron_h_config
+    from nano3.export.hf import nemotron_h_config, use_cpu_mamba_chunks
 
     if plan.params_total > MAX_PARAMS:
         raise UserError(f"{params.source}: model.preset={plan.preset_name} has {plan.params_total / 1e9:.1f}B "
@@ -121,9 +120,7 @@ def build_model(params, plan, init_from: Path | None):
         positions = max(params.get_key("train.seq_length", kind=int), params.get_key("lc.seq_length", kind=int))
         config = nemotron_h_config(plan.preset, plan.vocab, info.eod_id, positions, dtype="float32")
         model = AutoModelForCausalLM.from_config(config)
-    for layer in model.modules():  # chunk size changes the work, not the result
-        if hasattr(layer, "chunk_size") and type(layer).__name__.endswith("Mixer"):
-            layer.chunk_size = CPU_CHUNK
+    use_cpu_mamba_chunks(model)
     return model
 
 

@@ -115,6 +115,13 @@ def run_forwarding_sigterm(cmd: list[str]) -> int:
             signal.signal(s, h)
 
 
+def exit_if_stopped(run_dir: Path, stage: str, phase, log) -> None:
+    """A phase that ended before its last iteration was stopped by a signal: exit 3, the next run resumes."""
+    if latest_iteration(run_dir) < phase.end_iter:
+        log(f"{stage}: {phase.name} stopped at iteration {latest_iteration(run_dir)}; rerun to resume")
+        raise SystemExit(3)
+
+
 def prepare_live_dir(live_dir: Path, digest: str) -> None:
     """Metrics of another run (other hyperparameters) are cleared; those of this run are kept."""
     marker = live_dir / "run.json"
@@ -167,26 +174,24 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
         from nano3.train.reference import train_reference
 
         train_reference(params, plan, stage, phases, run_dir, live_dir, pretrained, log)
-        if latest_iteration(run_dir) < phases[-1].end_iter:
-            raise SystemExit(3)
-    for phase in phases if backend == "megatron" else []:
-        done = latest_iteration(run_dir)
-        if done >= phase.end_iter:
-            log(f"{stage}: {phase.name} already done (checkpoint at iteration {done})")
-            continue
-        log(f"{stage}: {phase.name} iterations {max(done, phase.start_iter) + 1}..{phase.end_iter} "
-            f"(blend {phase.blend}, seq {phase.seq_length}, run {digest})")
-        cmd = torchrun_command(layout.gpus_per_node) + [
-            "--params", params_file, "--phase", phase.name, "--run-dir", str(run_dir), "--live-dir", str(live_dir)]
-        cmd += [f"--override={o}" for o in our_overrides] + [f"--bridge={b}" for b in bridge_cli]
-        if pretrained:
-            cmd += ["--pretrained", pretrained]
-        rc = run_forwarding_sigterm(cmd)
-        if rc != 0:
-            raise SystemExit(rc)
-        if latest_iteration(run_dir) < phase.end_iter:  # stopped early by a signal: resume on the next run
-            log(f"{stage}: {phase.name} stopped at iteration {latest_iteration(run_dir)}; rerun to resume")
-            raise SystemExit(3)
+        exit_if_stopped(run_dir, stage, phases[-1], log)
+    else:
+        for phase in phases:
+            done = latest_iteration(run_dir)
+            if done >= phase.end_iter:
+                log(f"{stage}: {phase.name} already done (checkpoint at iteration {done})")
+                continue
+            log(f"{stage}: {phase.name} iterations {max(done, phase.start_iter) + 1}..{phase.end_iter} "
+                f"(blend {phase.blend}, seq {phase.seq_length}, run {digest})")
+            cmd = torchrun_command(layout.gpus_per_node) + [
+                "--params", params_file, "--phase", phase.name, "--run-dir", str(run_dir), "--live-dir", str(live_dir)]
+            cmd += [f"--override={o}" for o in our_overrides] + [f"--bridge={b}" for b in bridge_cli]
+            if pretrained:
+                cmd += ["--pretrained", pretrained]
+            rc = run_forwarding_sigterm(cmd)
+            if rc != 0:
+                raise SystemExit(rc)
+            exit_if_stopped(run_dir, stage, phase, log)
 
     if os.environ.get("SLURM_NODEID", "0") != "0":
         return None  # every node ran the same phases; node 0 writes the manifest
