@@ -206,6 +206,34 @@ def test_exported_model_gives_megatrons_logits(smoke):
     assert tokenizer.encode(text, add_special_tokens=False) == list(Encoder(repo / "data" / "tokenizer").encode_batch([text])[0])
 
 
+def test_eval_scores_the_exported_model_on_the_gpu(smoke):
+    """`make smoke` ends with `eval`: transformers' NemotronH (BF16, mamba-ssm kernels) on each dataset's test
+    split, mixed with the lc blend's validation weights, scores what Megatron's own validation measured."""
+    repo, _ = smoke
+    metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
+    lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
+    assert metrics["model"] == {"source": "lc", "iteration": lc["iteration"], "format": "megatron"}
+    mixed, valid_loss = eval_loss_mixed_like_validation(repo, metrics), lc["metrics"]["valid"]["loss"]
+    print(f"eval: {metrics['test']}; mixed {mixed:.3f} vs Megatron's lc validation loss {valid_loss:.3f}")
+    # Test vs validation split, windows of eval.seq_length vs lc's 4096: close, not equal. A wrong split, a shifted
+    # target or a mismatched tokenizer is off by nats, not tenths.
+    assert abs(mixed - valid_loss) < 0.3
+    assert all(r["tokens"] >= 8000 for r in metrics["test"].values())
+    samples = json.loads((repo / "reports" / "eval" / "continuations.json").read_text())
+    assert len(samples) == 3 and all(s["continuation"].strip() for s in samples), samples
+
+
+def eval_loss_mixed_like_validation(repo: Path, metrics: dict) -> float:
+    """The eval losses per dataset, weighted as the lc blend weights its validation split."""
+    valid = json.loads((repo / "data" / "blend" / "lc.json").read_text())["valid"]
+    weights: dict[str, float] = {}
+    for w, prefix in zip(valid[::2], valid[1::2]):
+        name = Path(prefix).parts[2]  # data/prepared/<dataset>/valid/shard_...
+        weights[name] = weights.get(name, 0.0) + float(w)
+    assert set(weights) == set(metrics["test"]), (weights, metrics["test"])
+    return sum(w * metrics["test"][n]["loss"] for n, w in weights.items()) / sum(weights.values())
+
+
 def test_dvc_exp_run_with_another_lr_retrains_and_reuses_the_data(smoke):
     """Last in this file: it changes the smoke copy's params and training outputs."""
     repo, _ = smoke
