@@ -192,6 +192,9 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
             if rc != 0:
                 raise SystemExit(rc)
             exit_if_stopped(run_dir, stage, phase, log)
+            if phase.end_iter < phase.train_iters:
+                log(f"{stage}: {phase.name} stopped at iteration {phase.end_iter} as planned (Bridge reports its "
+                    f"exit_interval stop as 'SystemExit: 0' with a traceback; not an error)")
 
     if os.environ.get("SLURM_NODEID", "0") != "0":
         return None  # every node ran the same phases; node 0 writes the manifest
