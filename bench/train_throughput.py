@@ -75,7 +75,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
         return {"variant": name, "error": f"exit {proc.returncode}; see {log_file}"}
     metrics = {}
     for key in ("perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu_true", "perf/tflops_per_gpu_bridge",
-                "perf/max_memory_gib", "moe/max_over_mean_load"):
+                "perf/max_memory_gib", "perf/max_memory_reserved_gib", "moe/max_over_mean_load"):
         values = [v for s, v in read_metric(live / name / "pretrain", key) if s > warmup]
         metrics[key.split("/")[1]] = statistics.median(values) if values else float("nan")
     return {"variant": name, **metrics, "seconds": round(time.time() - t0, 1)}
@@ -118,7 +118,8 @@ def main() -> None:
             print(f"{name:18s} FAILED: {r['error']}", flush=True)
             continue
         print(f"{name:18s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  {r['tflops_per_gpu_bridge']:6.1f} TFLOP/s "
-              f"(Bridge)  {r['tflops_per_gpu_true']:6.1f} (true)  {r['max_memory_gib']:5.1f} GiB peak  "
+              f"(Bridge)  {r['tflops_per_gpu_true']:6.1f} (true)  {r['max_memory_gib']:5.1f} GiB peak "
+              f"({r['max_memory_reserved_gib']:5.1f} reserved)  "
               f"MoE max/mean load {r['max_over_mean_load']:4.2f}  "
               f"x{r['tflops_per_gpu_bridge'] / base:.2f} vs baseline  [{device}]", flush=True)
     (out_dir / "train_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))

@@ -74,3 +74,23 @@ def test_exporting_a_megatron_checkpoint_without_megatron_bridge_says_where_to_r
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "needs Megatron-Bridge and Transformer Engine" in out.stderr and "make export" in out.stderr
     assert list((tmp_path / "models").glob("*")) == []  # neither models/hf nor a temporary directory left
+
+
+def test_training_log_row_writes_memory_only_where_measured(tmp_path):
+    """Both backends log through one function: the GPU adds allocated and reserved peaks, the CPU neither."""
+    from dvclive import Live
+
+    from nano3.launch.smoke import read_metric
+    from nano3.train.metrics import log_train_step
+
+    row = dict(loss=2.5, lr=1e-4, grad_norm=0.5, tokens_per_s=8000.0, world=2, flops={"true": 1e9, "bridge": 1.1e9},
+               load={}, label="phase1")
+    with Live(str(tmp_path / "gpu"), save_dvc_exp=False, dvcyaml=False, report=None) as live:
+        log_train_step(live, 1, memory_gib=40.0, reserved_gib=47.5, **row)
+    with Live(str(tmp_path / "cpu"), save_dvc_exp=False, dvcyaml=False, report=None) as live:
+        log_train_step(live, 1, memory_gib=None, **row)
+    assert read_metric(tmp_path / "gpu", "perf/max_memory_reserved_gib") == [(1, 47.5)]
+    assert read_metric(tmp_path / "gpu", "perf/tflops_per_gpu_bridge") == [(1, pytest.approx(8000 * 1.1e9 / 2 / 1e12))]
+    assert read_metric(tmp_path / "cpu", "perf/max_memory_gib") == []
+    assert read_metric(tmp_path / "cpu", "perf/max_memory_reserved_gib") == []
+    assert read_metric(tmp_path / "cpu", "train/loss") == [(1, 2.5)]

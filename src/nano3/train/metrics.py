@@ -54,7 +54,7 @@ def load_stats(counts: list) -> dict[str, float]:
 
 def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: float | None,
                    tokens_per_s: float | None, world: int, flops: dict, memory_gib: float | None, load: dict,
-                   label: str) -> None:
+                   label: str, reserved_gib: float | None = None) -> None:
     """One training log row, the same keys whichever backend trained (so plots and tests compare them)."""
     live.step = it
     if loss is not None:
@@ -67,7 +67,9 @@ def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: f
         live.log_metric("perf/tflops_per_gpu_true", tokens_per_s * flops["true"] / world / 1e12)
         live.log_metric("perf/tflops_per_gpu_bridge", tokens_per_s * flops["bridge"] / world / 1e12)
     if memory_gib is not None:
-        live.log_metric("perf/max_memory_gib", memory_gib)
+        live.log_metric("perf/max_memory_gib", memory_gib)  # peak of live tensors (what the plan estimates)
+    if reserved_gib is not None:  # peak the caching allocator held: what must fit on the card, with CUDA's context
+        live.log_metric("perf/max_memory_reserved_gib", reserved_gib)
     for name, value in load.items():
         live.log_metric(name, value)
     live.log_metric("phase", label, plot=False)
@@ -153,7 +155,8 @@ class DvcliveCallback:
                        grad_norm=float(context.grad_norm) if context.grad_norm is not None else None,
                        tokens_per_s=elapsed_iters * self.tokens_per_iter / seconds if seconds > 0 else None,
                        world=world, flops=self.flops, memory_gib=torch.cuda.max_memory_allocated() / 2**30,
-                       load=self.tracker.read(), label=self.stage_label)
+                       load=self.tracker.read(), label=self.stage_label,
+                       reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
 
     def on_eval_end(self, context) -> None:
         if self.live is None or not context.total_loss_dict:

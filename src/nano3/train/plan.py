@@ -162,7 +162,10 @@ def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompu
     moe = 2 * h if recompute_moe else 2 * (2 * h + k * (2 * h + 2 * preset.moe_ffn_hidden_size)
                                            + 2 * preset.moe_shared_expert_intermediate_size / tp) + 4 * preset.num_moe_experts
     mlp = 2 * (2 * h + 2 * preset.ffn_hidden_size / tp)
-    logits = 4 * vocab / tp  # fp32 logits and their gradient during the loss
+    # The output layer at the loss: bf16 logits (2V), their fp32 copy (4V) and the fp32 softmax gradient (4V).
+    # Counting only 4V left the estimate 40% short of the activation slope measured on an H100
+    # (docs/benchmarks.md); at 131k vocab this is ~1.25 MB per token, as much as ten MoE layers.
+    logits = 10 * vocab / tp
     n_m, n_a, n_e, n_d = (preset.count(c) for c in "M*E-")
     return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp + logits
 
