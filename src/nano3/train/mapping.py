@@ -97,7 +97,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "model.recompute_modules": list(recompute) or None,
         **_kernels(params),
         "train.train_iters": phase.train_iters,
-        "train.exit_interval": phase.end_iter if phase.end_iter < phase.train_iters else None,
+        "train.exit_interval": phase.exit_interval,
         "train.global_batch_size": phase.global_batch_size,
         "train.micro_batch_size": layout.micro_batch_size,
         "train.exit_signal_handler": True,  # SIGTERM (Slurm's pre-time-limit signal): save, then exit

@@ -192,7 +192,7 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
             if rc != 0:
                 raise SystemExit(rc)
             exit_if_stopped(run_dir, stage, phase, log)
-            if phase.end_iter < phase.train_iters:
+            if phase.exit_interval:
                 log(f"{stage}: {phase.name} stopped at iteration {phase.end_iter} as planned (Bridge reports its "
                     f"exit_interval stop as 'SystemExit: 0' with a traceback; not an error)")
 

@@ -35,6 +35,11 @@ class PhasePlan:
     def tokens(self) -> int:
         return self.iterations * self.global_batch_size * self.seq_length
 
+    @property
+    def exit_interval(self) -> int | None:
+        """Where Megatron must stop before its `train_iters` (phase 1 of the curriculum), else None."""
+        return self.end_iter if self.end_iter < self.train_iters else None
+
 
 @dataclass(frozen=True)
 class LRSchedule:
