@@ -34,8 +34,11 @@ test: setup  ## run the tests (GPU tests skip without a GPU; Slurm tests start a
 smoke: setup  ## the whole pipeline on the embedded default (Megatron on GPUs, the CPU reference elsewhere)
 	python -m nano3.launch.smoke
 
-plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout check, memory, GPU-hours
-	python stages/pretrain.py --dry-run && python stages/lc.py --dry-run
+plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout, memory, GPU-hours, recipe check
+	python stages/pretrain.py --dry-run && python stages/lc.py --dry-run && python -m nano3.train.conform --recipe-only
+
+conform: setup  ## what the last runs used (read back from their live objects) vs params.yaml vs the recipe
+	python -m nano3.train.conform
 
 sample tokenizer blend pretrain lc export eval: setup  ## run one stage (and what it needs), here or on CLUSTER
 	$(call run,$@,$@)
@@ -52,4 +55,4 @@ status cancel logs: setup  ## this repo's Slurm jobs, last checkpoints and metri
 container:  ## build the image (FROM the NeMo container) with docker, enroot or apptainer (RUNTIME=...)
 	containers/build.sh $(RUNTIME)
 
-.PHONY: help setup test smoke plan sample tokenizer prep blend pretrain lc export eval all status cancel logs container
+.PHONY: help setup test smoke plan conform sample tokenizer prep blend pretrain lc export eval all status cancel logs container

@@ -234,6 +234,117 @@ def eval_loss_mixed_like_validation(repo: Path, metrics: dict) -> float:
     return sum(w * metrics["test"][n]["loss"] for n, w in weights.items()) / sum(weights.values())
 
 
+def effective_docs(repo: Path) -> dict[str, dict]:
+    out = {}
+    for stage in ("pretrain", "lc"):
+        manifest = json.loads((repo / "checkpoints" / f"{stage}.json").read_text())
+        for phase in manifest["phases"]:
+            out[phase["name"]] = json.loads((repo / manifest["run_dir"] / f"effective_config.{phase['name']}.json")
+                                            .read_text())
+    return out
+
+
+def test_effective_config_read_back_from_the_live_run_matches_params(smoke):
+    """Issue 11: the weight decay Megatron applies is train.weight_decay (0.1), not the recipe helper's 0.033, at
+    the first and the last step of every phase; no-decay groups get 0; `make conform` passes on the smoke."""
+    repo, _ = smoke
+    params = load_params(repo / "params.yaml")
+    wd = params["train"]["weight_decay"]
+    docs = effective_docs(repo)
+    assert set(docs) == {"phase1", "phase2", "lc"}
+    for phase, doc in docs.items():
+        groups = [g for g in doc["optimizer"]["groups"] if g["params"] > 0]
+        print(phase, doc["weight_decay_applied"], [(g["weight_decay"], g["params"]) for g in groups])
+        assert doc["backend"] == "megatron" and doc["scheduler"]["start_weight_decay"] == wd
+        assert doc["weight_decay_applied"]["first_step"] == wd == doc["weight_decay_applied"]["last_step"]
+        assert {g["weight_decay"] for g in groups} == {wd, 0.0}
+        assert doc["optimizer"]["params_decayed"] > 0 and doc["optimizer"]["params_not_decayed"] > 0
+        assert doc["init_std"] == 0.0173 and doc["moe"]["expert_bias"] is True
+    assert docs["phase2"]["data"]["consumed_train_samples_at_start"] > 0
+    wd_metric = read_metric(repo / "dvclive" / "pretrain", "optim/weight_decay")
+    assert wd_metric[0][0] == 1 and wd_metric[-1][0] == build_schedule(params).pretrain_iters
+    assert {v for _, v in wd_metric} == {wd}
+    out = subprocess.run([sys.executable, "-m", "nano3.train.conform"], cwd=repo, env=env(), capture_output=True,
+                         text=True)
+    print(out.stdout[-3000:])
+    assert out.returncode == 0, out.stderr
+
+
+def test_both_backends_agree_on_the_optimizer_and_model_settings(smoke, tmp_path):
+    """The CPU reference backend's own objects, built for the same phase, read back the same settings."""
+    from nano3.train.conform import compare
+    from nano3.train.plan import build_plan
+    from nano3.train.reference import (
+        ExpertLoad,
+        build_model,
+        build_optimizer,
+        effective_config,
+        phase_datasets,
+        phase_sizes,
+    )
+
+    repo, _ = smoke
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        params = load_params("params.yaml")
+        plan = build_plan(params, stages=("train",))
+        phase = plan.schedule.phase("phase1")
+        model = build_model(params, plan, None)
+        optimizer = build_optimizer(model, params, plan.schedule.pretrain_lr.lr_at(1))
+        sizes = phase_sizes(params, phase)
+        train_set, valid_set, _ = phase_datasets(params, phase, tmp_path / "cache", sizes)
+        ref = effective_config(params, phase, model, optimizer, plan.schedule.pretrain_lr,
+                               ExpertLoad(model, plan.preset.moe_router_bias_update_rate), train_set, valid_set, sizes)
+    finally:
+        os.chdir(cwd)
+    meg = effective_docs(repo)["phase1"]
+    shared = {k: v for k, v in meg.items() if k in ("optimizer", "scheduler", "moe", "init_std", "vocab", "data")}
+    shared["optimizer"] = {k: v for k, v in shared["optimizer"].items() if k not in ("groups", "params_decayed",
+                                                                                   "params_not_decayed")}
+    shared["data"] = {"blend": meg["data"]["blend"], "seed": meg["data"]["seed"]}
+    shared["moe"] = {k: v for k, v in meg["moe"].items() if not k.startswith("aux_loss")}
+    diffs = compare(ref, shared, {})
+    print("megatron vs reference:", [d.line("reference", "megatron") for d in diffs])
+    print("decayed / not decayed parameters: megatron", meg["optimizer"]["params_decayed"],
+          meg["optimizer"]["params_not_decayed"], "reference", ref["optimizer"]["params_decayed"],
+          ref["optimizer"]["params_not_decayed"])
+    assert not diffs
+
+
+def test_a_bridge_override_that_contradicts_params_is_refused_in_one_line(smoke):
+    """The recipe helper's weight decay forced back through Bridge: training refuses before its first step."""
+    repo, _ = smoke
+    cmd = [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/conform-test",
+           "scheduler.start_weight_decay=0.033", "scheduler.end_weight_decay=0.033"]
+    out = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=900)
+    last = out.stderr.strip().splitlines()[-1]
+    print(last)
+    assert out.returncode == 2 and last.startswith("error: ") and "weight_decay" in last and "0.033" in last
+    assert not list((repo / "checkpoints" / "conform-test").glob("pretrain/*/iter_*"))
+
+
+def test_production_config_container_carries_the_recipe_optimizer(smoke, tmp_path):
+    """configs/nano3.yaml through the mapping into Bridge's own ConfigContainer (no model is built)."""
+    from nano3.train.entry import build_config
+    from nano3.train.mapping import bridge_overrides
+    from nano3.train.schedule import build_schedule as schedule_of
+
+    repo, _ = smoke
+    params = load_params(repo / "configs" / "nano3.yaml")
+    params["tokenizer"]["dir"] = str(repo / "data" / "tokenizer")
+    params["blend"]["out_dir"] = str(repo / "data" / "blend")
+    sched = schedule_of(params)
+    for phase in sched.phases:
+        cfg = build_config({k: v for k, v in bridge_overrides(params, sched, phase, str(tmp_path)).items()
+                            if k != "dataset.per_split_data_args_path"})
+        assert cfg.optimizer.weight_decay == cfg.scheduler.start_weight_decay == cfg.scheduler.end_weight_decay == 0.1
+        assert (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2, cfg.optimizer.adam_eps) == (0.9, 0.95, 1e-8)
+        assert cfg.optimizer.lr == (1e-5 if phase.name == "lc" else 1e-4)
+        assert cfg.model.init_method_std == 0.0173 and cfg.model.moe_router_enable_expert_bias
+        assert cfg.checkpoint.most_recent_k == 4
+
+
 def test_dvc_exp_run_with_another_lr_retrains_and_reuses_the_data(smoke):
     """Last in this file: it changes the smoke copy's params and training outputs."""
     repo, _ = smoke

@@ -55,6 +55,7 @@ def nemotron_h_config(preset: ModelPreset, vocab_size: int, eod_id: int, max_pos
         use_bias=False,
         use_conv_bias=True,
         residual_in_fp32=False,
+        initializer_range=preset.init_method_std,
         bos_token_id=None,
         eos_token_id=eod_id,
         pad_token_id=eod_id,

@@ -31,6 +31,11 @@ def set_field(cfg, dotted: str, value: Any) -> None:
     setattr(node, name, value)
 
 
+def failure_path(run_dir: str | Path, phase: str) -> Path:
+    """Where rank 0 leaves a one-line reason for refusing to train (read by the stage, then removed)."""
+    return Path(run_dir) / f"refused.{phase}.txt"
+
+
 def build_config(overrides: dict[str, Any]):
     from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
     from megatron.bridge.recipes.utils.dataset_utils import get_blend_fields_from_data_paths
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
+    from nano3.train.effective import EffectiveConfigCallback
     from nano3.train.flops import flops_per_token, padded_vocab
     from nano3.train.mapping import bridge_overrides
     from nano3.train.metrics import DvcliveCallback
@@ -92,9 +98,16 @@ def main(argv: list[str] | None = None) -> None:
         flops_true=flops_per_token(preset, phase.seq_length, vocab, "true"),
         flops_bridge=flops_per_token(preset, phase.seq_length, vocab, "bridge"),
         log_interval=params.get_key("train.log_interval", kind=int),
-        extra={"run": Path(args.run_dir).name, "phase": args.phase},
+        extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
     )
-    pretrain(config=cfg, forward_step_func=forward_step, callbacks=[callback])
+    conformance = EffectiveConfigCallback(params, phase, args.run_dir)
+    try:
+        pretrain(config=cfg, forward_step_func=forward_step, callbacks=[conformance, callback])
+    except UserError as e:  # every rank raises it; rank 0 hands the one line to the stage (run.py)
+        if int(os.environ.get("RANK", "0")) == 0:
+            failure_path(args.run_dir, args.phase).write_text(f"{e}\n")
+            print(f"error: {e}", flush=True)
+        raise SystemExit(2)
     import torch
 
     if torch.distributed.is_initialized():

@@ -30,7 +30,7 @@ BRIDGE_SECTIONS = ("model", "train", "validation", "optimizer", "scheduler", "da
 PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed", "mxfp8": "bf16_with_mxfp8_mixed"}
 
 # train.* keys that do not change what is learned: a changed value resumes the same run.
-OPERATIONAL_KEYS = {"nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "live_dir",
+OPERATIONAL_KEYS = {"keep_checkpoints", "nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "live_dir",
                     "eval_interval", "eval_iters", "measured_tflops_per_gpu", "kernels", "recompute_modules",
                     "precision", "bridge_overrides", "backend", "num_workers"}
 
@@ -108,9 +108,15 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "optimizer.weight_decay": float(g("train.weight_decay")),
         "optimizer.adam_beta1": float(g("train.adam_beta1")),
         "optimizer.adam_beta2": float(g("train.adam_beta2")),
+        "optimizer.adam_eps": float(g("train.adam_eps")),
         "optimizer.clip_grad": float(g("train.clip_grad")),
+        # megatron-core's OptimizerParamScheduler rewrites every group's weight decay at every step from
+        # these, not from optimizer.weight_decay; Bridge's recipe helper leaves them at 0.033.
+        "scheduler.start_weight_decay": float(g("train.weight_decay")),
+        "scheduler.end_weight_decay": float(g("train.weight_decay")),
+        "scheduler.weight_decay_incr_style": "constant",
         "scheduler.lr_warmup_iters": lr.warmup_iters,
-        "scheduler.lr_warmup_init": 0.0,
+        "scheduler.lr_warmup_init": lr.warmup_init,
         "scheduler.lr_decay_iters": lr.decay_iters,
         "scheduler.lr_decay_style": lr.style,
         "scheduler.lr_wsd_decay_style": lr.wsd_decay_style,
@@ -126,6 +132,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "checkpoint.save": run_dir,
         "checkpoint.load": run_dir,
         "checkpoint.save_interval": g("train.save_interval", kind=int),
+        "checkpoint.most_recent_k": keep_checkpoints(params),
         "checkpoint.pretrained_checkpoint": pretrained,
         "checkpoint.ckpt_format": "torch_dist",
         "checkpoint.async_save": False,
@@ -140,8 +147,29 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
     if wandb.get("enabled"):
         o.update({"logger.wandb_project": wandb.get("project", "nano3"), "logger.wandb_entity": wandb.get("entity"),
                   "logger.wandb_exp_name": f"{phase.name}-{Path(run_dir).name}"})
-    o.update(g("train.bridge_overrides", {}, kind=dict) or {})
+    extra = g("train.bridge_overrides", {}, kind=dict) or {}
+    owned = sorted(set(extra) & set(STAGE_OWNED))
+    if owned:
+        raise UserError(f"{params.source}: train.bridge_overrides.{owned[0]}: {STAGE_OWNED[owned[0]]}")
+    o.update(extra)
     return o
+
+
+# Bridge fields the stage itself must own: setting them behind its back breaks resume or the curriculum.
+STAGE_OWNED = {
+    "checkpoint.save": "checkpoints go to train.checkpoint_dir/<stage>/<run digest>; set train.checkpoint_dir",
+    "checkpoint.load": "the stage resumes from its own run directory; set train.checkpoint_dir",
+    "train.train_iters": "set by the token budget; set train.tokens (or lc.tokens)",
+    "dataset.per_split_data_args_path": "the blend stage writes the phase blends; change blend.phases",
+}
+
+
+def keep_checkpoints(params) -> int:
+    """`train.keep_checkpoints` as Bridge's most_recent_k: null keeps every checkpoint (-1)."""
+    keep = params.get_key("train.keep_checkpoints", None, kind=int)
+    if keep is not None and keep < 1:
+        raise UserError(f"{params.source}: train.keep_checkpoints={keep} must be >= 1 (or null to keep all)")
+    return -1 if keep is None else keep
 
 
 def _precision(params) -> str:
@@ -155,12 +183,18 @@ def split_cli_overrides(params, overrides: list[str]) -> tuple[list[str], list[s
     """Separate params.yaml overrides from Bridge-style ones (`section.field=value` not in params.yaml).
 
     `train.train_iters=N`, the recipe document's example, is read as a token budget of
-    N x global_batch_size x seq_length, so the phase switch and the schedule follow it.
+    N x global_batch_size x seq_length, so the phase switch and the schedule follow it;
+    `checkpoint.save=/path`, its other example, sets the checkpoint root (train.checkpoint_dir), where
+    the stage also looks for the checkpoint to resume from.
     """
     ours, bridge = [], []
     for text in overrides:
         key, _, value = text.partition("=")
-        if key == "train.train_iters":
+        if key == "checkpoint.save":
+            ours.append(f"train.checkpoint_dir={value}")
+        elif key in STAGE_OWNED and key != "train.train_iters":
+            raise UserError(f"override '{text}': {STAGE_OWNED[key]}")
+        elif key == "train.train_iters":
             ours.append(f"train.tokens={int(value) * int(params.get_key('train.global_batch_size'))
                                       * int(params.get_key('train.seq_length'))}")
         elif params.has_key(key) or key.split(".")[0] not in BRIDGE_SECTIONS:

@@ -54,7 +54,7 @@ def load_stats(counts: list) -> dict[str, float]:
 
 def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: float | None,
                    tokens_per_s: float | None, world: int, flops: dict, memory_gib: float | None, load: dict,
-                   label: str, reserved_gib: float | None = None) -> None:
+                   label: str, reserved_gib: float | None = None, weight_decay: float | None = None) -> None:
     """One training log row, the same keys whichever backend trained (so plots and tests compare them)."""
     live.step = it
     if loss is not None:
@@ -72,6 +72,8 @@ def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: f
         live.log_metric("perf/max_memory_reserved_gib", reserved_gib)
     for name, value in load.items():
         live.log_metric(name, value)
+    if weight_decay is not None:  # as the optimizer applied it in this step (effective.applied_weight_decay)
+        live.log_metric("optim/weight_decay", weight_decay)
     live.log_metric("phase", label, plot=False)
     live.make_summary()
 
@@ -107,7 +109,7 @@ class DvcliveCallback:
     """A Megatron-Bridge callback (duck-typed: Bridge calls the on_* methods it finds)."""
 
     def __init__(self, live_dir: str, stage_label: str, tokens_per_iter: int, flops_true: float, flops_bridge: float,
-                 log_interval: int, extra: dict | None = None):
+                 log_interval: int, extra: dict | None = None, last_iter: int | None = None):
         self.live_dir, self.stage_label = live_dir, stage_label
         self.tokens_per_iter, self.log_interval = tokens_per_iter, log_interval
         self.flops = {"true": flops_true, "bridge": flops_bridge}
@@ -115,6 +117,8 @@ class DvcliveCallback:
         self.live = None
         self.tracker = None
         self.last = None  # (iteration, wall time) of the last log
+        self.first_iter, self.last_iter = None, last_iter  # the phase's first step in this process, and its last
+        self.weight_decay = None  # what the optimizer applies in the current step
 
     @staticmethod
     def _is_logging_rank() -> bool:
@@ -134,11 +138,22 @@ class DvcliveCallback:
             self.live.log_param(key, value)
         self.tracker = LoadBalanceTracker(context.model)
         self.last = (step, time.time())
+        self.first_iter = step + 1
+
+    def on_train_step_start(self, context) -> None:
+        if self.live is not None:
+            from nano3.train.effective import applied_weight_decay
+
+            self.weight_decay = applied_weight_decay(context.optimizer.param_groups)
 
     def on_train_step_end(self, context) -> None:
         if self.live is None:
             return
         it = context.state.train_state.step + 1  # Bridge fires this before counting the finished step
+        if it in (self.first_iter, self.last_iter) and it % self.log_interval:
+            self.live.step = it  # the weight decay of the first and last step, whatever the log interval
+            self.live.log_metric("optim/weight_decay", self.weight_decay)
+            self.live.make_summary()
         if it % self.log_interval:
             return
         import torch.distributed as dist
@@ -156,7 +171,7 @@ class DvcliveCallback:
                        tokens_per_s=elapsed_iters * self.tokens_per_iter / seconds if seconds > 0 else None,
                        world=world, flops=self.flops, memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                        load=self.tracker.read(), label=self.stage_label,
-                       reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+                       reserved_gib=torch.cuda.max_memory_reserved() / 2**30, weight_decay=self.weight_decay)
 
     def on_eval_end(self, context) -> None:
         if self.live is None or not context.total_loss_dict:

@@ -35,6 +35,14 @@ class ModelPreset:
     ffn_hidden_size: int
     moe_aux_loss_coeff: float = 1e-4
     make_vocab_size_divisible_by: int = 128
+    # Set explicitly rather than inherited from Bridge's recipe, so the conformance check can hold the
+    # live model to them: DeepSeek's aux-loss-free balancing (sigmoid scores + a per-expert bias moved
+    # at this rate) with a small sequence aux loss, and the recipe's init std.
+    moe_router_score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_load_balancing_type: str = "seq_aux_loss"
+    init_method_std: float = 0.0173
 
     @property
     def num_layers(self) -> int:

@@ -26,7 +26,6 @@ from nano3.files import atomic_dir, atomic_write_text
 from nano3.train.schedule import PhasePlan
 
 MAX_PARAMS = 100e6  # the reference trains tiny presets; anything larger belongs on GPUs
-BIAS_UPDATE_RATE = 1e-3  # megatron-core's moe_router_bias_update_rate default
 
 
 def resolve_backend(params) -> str:
@@ -63,9 +62,10 @@ class ExpertLoad:
     """Counts tokens per expert in every MoE layer (for the load metrics) and applies megatron-core's
     aux-loss-free balancing after each step: each expert's bias moves by the rate toward the mean load."""
 
-    def __init__(self, model):
+    def __init__(self, model, bias_update_rate: float):
         import torch
 
+        self.rate = bias_update_rate
         self.layers = [m for m in model.modules() if type(m).__name__ == "NemotronHMoE"]
         self.step_counts = [torch.zeros(m.n_routed_experts) for m in self.layers]
         self.log_counts = [torch.zeros(m.n_routed_experts) for m in self.layers]
@@ -90,7 +90,7 @@ class ExpertLoad:
         with torch.no_grad():
             for layer, counts in zip(self.layers, self.step_counts):
                 bias = layer.gate.e_score_correction_bias
-                bias += BIAS_UPDATE_RATE * torch.sign(counts.mean() - counts)
+                bias += self.rate * torch.sign(counts.mean() - counts)
                 counts.zero_()
 
     def read(self) -> dict[str, float]:
@@ -133,25 +133,89 @@ def build_optimizer(model, params, lr: float):
     g = params.get_key
     return torch.optim.AdamW([{"params": decay, "weight_decay": float(g("train.weight_decay"))},
                               {"params": rest, "weight_decay": 0.0}], lr=lr,
-                             betas=(float(g("train.adam_beta1")), float(g("train.adam_beta2"))), eps=1e-8)
+                             betas=(float(g("train.adam_beta1")), float(g("train.adam_beta2"))),
+                             eps=float(g("train.adam_eps")))
 
 
-def save_checkpoint(run_dir: Path, iteration: int, model, optimizer) -> None:
+def dataset_blend(dataset):
+    """(prefixes, weights) of a megatron-core dataset: a BlendedDataset's parts, or one GPTDataset."""
+    if dataset is None:
+        return None
+    if hasattr(dataset, "datasets"):
+        return [d.dataset_path for d in dataset.datasets], list(dataset.weights)
+    return [dataset.dataset_path], [1.0]
+
+
+def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load: ExpertLoad, train_set,
+                     valid_set, sizes: list[int]) -> dict:
+    """The effective configuration (effective.py) from the reference backend's own objects."""
+    from nano3.train.effective import _bridge_blend, applied_weight_decay, read_groups, summarize_groups
+
+    g = params.get_key
+    groups = read_groups(optimizer.param_groups)
+    config = model.config
+    return {
+        "backend": "reference", "phase": phase.name, "source": "live objects at start-up (CPU reference backend)",
+        "optimizer": {**summarize_groups(groups), "clip_grad": float(g("train.clip_grad")), "groups": groups},
+        "weight_decay_applied": {"first_step": applied_weight_decay(optimizer.param_groups)},
+        "scheduler": {"max_lr": schedule.lr, "min_lr": schedule.min_lr, "lr_warmup_init": schedule.warmup_init,
+                      "warmup_iters": schedule.warmup_iters, "decay_iters": schedule.decay_iters,
+                      "decay_style": schedule.style,
+                      **({"wsd_decay_style": schedule.wsd_decay_style,
+                          "wsd_decay_iters": schedule.decay_iters - schedule.decay_start_iter}
+                         if schedule.style == "WSD" else {}),
+                      # torch's AdamW keeps each group's weight decay; nothing schedules it
+                      "start_weight_decay": optimizer.param_groups[0]["weight_decay"],
+                      "end_weight_decay": optimizer.param_groups[0]["weight_decay"],
+                      "weight_decay_incr_style": "constant"},
+        "precision": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "parallel": {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1, "dp": 1, "world": 1, "sequence_parallel": False},
+        "batch": {"seq_length": len(train_set[0]["tokens"]), "global_batch_size": phase.global_batch_size,
+                  "micro_batch_size": g(f"{'lc' if phase.name == 'lc' else 'train'}.micro_batch_size", kind=int),
+                  "train_iters": phase.train_iters},
+        "vocab": {"tokenizer": read_info(g("tokenizer.dir", kind=str)).vocab_size,
+                  "model": int(model.get_input_embeddings().weight.shape[0])},
+        "moe": {"num_experts": config.n_routed_experts, "topk": config.num_experts_per_tok,
+                "score_function": "sigmoid",  # transformers' NemotronH router
+                "topk_scaling_factor": config.routed_scaling_factor,
+                "expert_bias": bool(load.layers) and all(hasattr(m.gate, "e_score_correction_bias") for m in load.layers),
+                "bias_update_rate": load.rate, "aux_loss_type": "none", "aux_loss_coeff": 0.0},
+        "init_std": config.initializer_range,
+        "data": {"seed": g("train.seed", kind=int),
+                 "blend": _bridge_blend([dataset_blend(train_set), dataset_blend(valid_set)]),
+                 "train_samples": sizes[0], "valid_samples": sizes[1] if valid_set is not None else 0},
+    }
+
+
+def save_checkpoint(run_dir: Path, iteration: int, model, optimizer, keep: int = -1) -> None:
+    """Save, point the tracker at it, then drop all but the `keep` newest (-1: keep all), as Bridge's most_recent_k."""
+    import shutil
+
     import torch
 
     with atomic_dir(run_dir / f"iter_{iteration:07d}") as tmp:
         model.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     atomic_write_text(run_dir / "latest_checkpointed_iteration.txt", f"{iteration}\n")
+    if keep > 0:
+        for old in sorted(run_dir.glob("iter_[0-9]*"))[:-keep]:
+            shutil.rmtree(old)
 
 
-def phase_datasets(params, phase: PhasePlan, cache_dir: Path):
-    from nano3.blend.validate import build_phase_datasets, megatron_tokenizer, split_sizes
+def phase_sizes(params, phase: PhasePlan) -> list[int]:
+    """Train/valid/test samples the phase reads, as Megatron-Bridge requests them for the same phase."""
+    from nano3.blend.validate import split_sizes
+
+    g = params.get_key
+    return split_sizes(phase.train_iters, phase.global_batch_size, g("train.eval_interval", kind=int),
+                       g("train.eval_iters", kind=int))
+
+
+def phase_datasets(params, phase: PhasePlan, cache_dir: Path, sizes: list[int]):
+    from nano3.blend.validate import build_phase_datasets, megatron_tokenizer
 
     g = params.get_key
     tokenizer_dir = g("tokenizer.dir", kind=str)
-    sizes = split_sizes(phase.train_iters, phase.global_batch_size, g("train.eval_interval", kind=int),
-                        g("train.eval_iters", kind=int))
     blend = Path(g("blend.out_dir", kind=str)) / f"{phase.blend}.json"
     return build_phase_datasets(blend, seq_length=phase.seq_length, seed=g("train.seed", kind=int), sizes=sizes,
                                 tokenizer=megatron_tokenizer(tokenizer_dir, read_info(tokenizer_dir)),
@@ -178,6 +242,9 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     from dvclive import Live
     from tqdm import tqdm
 
+    from nano3.train import effective
+    from nano3.train.conform import assert_run_conforms
+    from nano3.train.mapping import keep_checkpoints
     from nano3.train.metrics import log_train_step, truncate_metrics
     from nano3.train.run import checkpoint_dir, latest_iteration
 
@@ -194,7 +261,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
         state = torch.load(checkpoint_dir(run_dir, done) / "optimizer.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-    load = ExpertLoad(model)
+    load = ExpertLoad(model, plan.preset.moe_router_bias_update_rate)
     truncate_metrics(live_dir, done)
     live = Live(str(live_dir), resume=True, save_dvc_exp=False, dvcyaml=False, report=None)
     live.log_param("backend", "reference")
@@ -208,7 +275,12 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
         for phase in phases:
             if done >= phase.end_iter:
                 continue
-            train_set, valid_set, _ = phase_datasets(params, phase, run_dir / "dataset_cache")
+            sizes = phase_sizes(params, phase)
+            train_set, valid_set, _ = phase_datasets(params, phase, run_dir / "dataset_cache", sizes)
+            doc = effective_config(params, phase, model, optimizer, schedule, load, train_set, valid_set, sizes)
+            effective.write(run_dir, phase.name, doc)
+            assert_run_conforms(doc, params, phase, str(effective.effective_path(run_dir, phase.name)))
+            first = max(done, phase.start_iter) + 1
             gbs = phase.global_batch_size
             bar = tqdm(range(max(done, phase.start_iter), phase.end_iter), desc=f"{stage} {phase.name}", unit="it")
             last = (done, time.time())
@@ -216,6 +288,10 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                 it = step + 1
                 for group in optimizer.param_groups:
                     group["lr"] = schedule.lr_at(it)
+                weight_decay = effective.applied_weight_decay(optimizer.param_groups)
+                if it == phase.end_iter:
+                    doc["weight_decay_applied"].update(last_step=weight_decay, last_iteration=it)
+                    effective.write(run_dir, phase.name, doc)
                 model.train()
                 total = 0.0
                 for start in range(0, gbs, mbs):
@@ -232,13 +308,17 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                     seconds = time.time() - last[1]
                     log_train_step(live, it, loss=total, lr=schedule.lr_at(it), grad_norm=grad_norm,
                                    tokens_per_s=(it - last[0]) * gbs * phase.seq_length / seconds, world=1,
-                                   flops=flops, memory_gib=None, load=load.read(), label=phase.name)
+                                   flops=flops, memory_gib=None, load=load.read(), label=phase.name,
+                                   weight_decay=weight_decay)
                     last = (it, time.time())
+                elif it == first:
+                    live.step = it
+                    live.log_metric("optim/weight_decay", weight_decay)
                 if valid_set is not None and (it % eval_interval == 0 or it == phase.end_iter):
                     live.log_metric("valid/loss", validate(model, valid_set, g("train.eval_iters", kind=int) * gbs, mbs))
                     live.make_summary()
                 if it % save_interval == 0 or it == phase.end_iter or stop["now"]:
-                    save_checkpoint(run_dir, it, model, optimizer)
+                    save_checkpoint(run_dir, it, model, optimizer, keep_checkpoints(params))
                     done = it
                 if stop["now"]:
                     log(f"{stage}: stopped by SIGTERM at iteration {it} (checkpoint saved)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nano3.errors import UserError
 from nano3.files import atomic_write_json, read_json
+from nano3.train.entry import failure_path
 from nano3.train.mapping import file_digest, run_digest
 from nano3.train.plan import Plan, build_plan, local_gpus
 
@@ -115,10 +116,13 @@ def run_forwarding_sigterm(cmd: list[str]) -> int:
             signal.signal(s, h)
 
 
-def exit_if_stopped(run_dir: Path, stage: str, phase, log) -> None:
-    """A phase that ended before its last iteration was stopped by a signal: exit 3, the next run resumes."""
-    if latest_iteration(run_dir) < phase.end_iter:
-        log(f"{stage}: {phase.name} stopped at iteration {latest_iteration(run_dir)}; rerun to resume")
+def exit_if_stopped(run_dir: Path, stage: str, phases: list, log) -> None:
+    """Phases that ended before their last iteration were stopped by a signal: exit 3, the next run resumes.
+    The message names the phase the last checkpoint belongs to."""
+    done = latest_iteration(run_dir)
+    stopped = next((p for p in phases if done < p.end_iter), None)
+    if stopped is not None:
+        log(f"{stage}: {stopped.name} stopped at iteration {done}; rerun to resume")
         raise SystemExit(3)
 
 
@@ -174,7 +178,7 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
         from nano3.train.reference import train_reference
 
         train_reference(params, plan, stage, phases, run_dir, live_dir, pretrained, log)
-        exit_if_stopped(run_dir, stage, phases[-1], log)
+        exit_if_stopped(run_dir, stage, phases, log)
     else:
         for phase in phases:
             done = latest_iteration(run_dir)
@@ -189,9 +193,14 @@ def run_training_stage(stage: str, params_file: str, our_overrides: list[str], b
             if pretrained:
                 cmd += ["--pretrained", pretrained]
             rc = run_forwarding_sigterm(cmd)
+            refused = failure_path(run_dir, phase.name)
+            if rc != 0 and refused.exists():
+                reason = refused.read_text().strip()
+                refused.unlink()
+                raise UserError(reason)
             if rc != 0:
                 raise SystemExit(rc)
-            exit_if_stopped(run_dir, stage, phase, log)
+            exit_if_stopped(run_dir, stage, [phase], log)
             if phase.exit_interval:
                 log(f"{stage}: {phase.name} stopped at iteration {phase.end_iter} as planned (Bridge reports its "
                     f"exit_interval stop as 'SystemExit: 0' with a traceback; not an error)")

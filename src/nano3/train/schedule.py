@@ -50,11 +50,12 @@ class LRSchedule:
     decay_iters: int  # = train_iters: the LR reaches min_lr here
     style: str  # "WSD" or "constant"
     wsd_decay_style: str = "linear"
+    warmup_init: float = 0.0  # the LR warm-up starts from (Bridge's scheduler.lr_warmup_init)
 
     def lr_at(self, iteration: int) -> float:
         """The LR megatron-core reports after `iteration` optimizer steps (its formula, in iterations)."""
         if self.warmup_iters > 0 and iteration <= self.warmup_iters:
-            return self.lr * iteration / self.warmup_iters
+            return self.warmup_init + (self.lr - self.warmup_init) * iteration / self.warmup_iters
         if self.style == "constant":
             return self.lr
         if iteration > self.decay_iters:

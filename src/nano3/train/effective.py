@@ -1,0 +1,295 @@
+"""The effective configuration: what a training run actually uses, read back from its live objects.
+
+A config file says what was asked for; Megatron-Bridge's recipe defaults, its finalize() and
+megatron-core's schedulers decide what runs (a recipe helper once left the applied weight decay at
+0.033 while the config said 0.1). So each run writes `effective_config.<phase>.json` next to its
+`bridge_overrides.<phase>.json`, built from the optimizer's parameter groups, the LR/weight-decay
+scheduler, the model's config and weights, the process groups and the data config after set-up,
+and `expected(...)` derives the same document from params.yaml alone. conform.py compares the two.
+
+Both documents are nested dicts; `flatten` turns them into dotted keys for the comparison. Readers of
+live objects import torch / megatron lazily, so this module imports on any machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nano3.files import atomic_write_json, read_json
+
+FILE = "effective_config.{phase}.json"
+
+
+def effective_path(run_dir: str | Path, phase: str) -> Path:
+    return Path(run_dir) / FILE.format(phase=phase)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def summarize_groups(groups: list[dict]) -> dict[str, Any]:
+    """Per-group optimizer settings -> what the conformance check compares.
+
+    Parameters split into a decayed group and a no-decay group (biases, norms and other 1-D tensors);
+    the largest weight decay among non-empty groups is the decayed one's, the smallest the no-decay one's.
+    Betas and eps must be the same in every group; where they are not, the list of values is kept so the
+    comparison fails on it.
+    """
+    live = [g for g in groups if g["params"] > 0] or groups
+
+    def agreed(values: list):
+        distinct = []
+        for value in values:
+            if value not in distinct:
+                distinct.append(value)
+        return distinct[0] if len(distinct) == 1 else distinct
+
+    return {"weight_decay": max(g["weight_decay"] for g in live),
+            "no_decay_weight_decay": min(g["weight_decay"] for g in live),
+            "adam_beta1": agreed([g["betas"][0] for g in live]),
+            "adam_beta2": agreed([g["betas"][1] for g in live]),
+            "adam_eps": agreed([g["eps"] for g in live]),
+            "params_decayed": sum(g["params"] for g in live if g["weight_decay"] > 0),
+            "params_not_decayed": sum(g["params"] for g in live if g["weight_decay"] == 0)}
+
+
+def read_groups(param_groups) -> list[dict]:
+    """lr, weight decay, betas, eps and the number of parameters of each optimizer parameter group."""
+    out = []
+    for group in param_groups:
+        lr = group.get("lr")
+        out.append({"lr": float(lr.item() if hasattr(lr, "item") else lr),
+                    "weight_decay": float(group.get("weight_decay", 0.0)),
+                    "betas": [float(b) for b in group.get("betas", (None, None))],
+                    "eps": float(group["eps"]) if group.get("eps") is not None else None,
+                    "params": int(sum(p.numel() for p in group["params"])),
+                    "wd_mult": float(group.get("wd_mult", 1.0))})
+    return out
+
+
+def expected(params, phase, backend: str) -> dict:
+    """What params.yaml says this phase must run with, in the effective file's shape."""
+    from nano3.data.tokenizer import read_info
+    from nano3.train.flops import padded_vocab
+    from nano3.train.plan import model_vocab, read_layout
+    from nano3.train.presets import model_preset
+    from nano3.train.schedule import build_schedule
+
+    g = params.get_key
+    section = "lc" if phase.name == "lc" else "train"
+    layout = read_layout(params, section)
+    preset = model_preset(params)
+    schedule = build_schedule(params)
+    lr = schedule.lc_lr if phase.name == "lc" else schedule.pretrain_lr
+    wd = float(g("train.weight_decay"))
+    blend = read_json(Path(g("blend.out_dir", kind=str)) / f"{phase.blend}.json", f"{phase.blend} blend")
+    return {
+        "backend": backend,
+        "optimizer": {"weight_decay": wd, "no_decay_weight_decay": 0.0, "adam_beta1": float(g("train.adam_beta1")),
+                      "adam_beta2": float(g("train.adam_beta2")), "adam_eps": float(g("train.adam_eps")),
+                      "clip_grad": float(g("train.clip_grad"))},
+        "weight_decay_applied": {"first_step": wd, "last_step": wd},
+        "scheduler": {"max_lr": lr.lr, "min_lr": lr.min_lr, "lr_warmup_init": lr.warmup_init, "warmup_iters": lr.warmup_iters,
+                      "decay_iters": lr.decay_iters, "decay_style": lr.style,
+                      **({"wsd_decay_style": lr.wsd_decay_style, "wsd_decay_iters": lr.decay_iters - lr.decay_start_iter}
+                         if lr.style == "WSD" else {}),
+                      "start_weight_decay": wd, "end_weight_decay": wd, "weight_decay_incr_style": "constant"},
+        "precision": g("train.precision", "bf16", kind=str),
+        "parallel": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "etp": layout.etp,
+                     "dp": layout.dp, "world": layout.world, "sequence_parallel": layout.sequence_parallel},
+        "batch": {"seq_length": phase.seq_length, "global_batch_size": phase.global_batch_size,
+                  "micro_batch_size": layout.micro_batch_size, "train_iters": phase.train_iters},
+        "vocab": {"tokenizer": read_info(g("tokenizer.dir", kind=str)).vocab_size,
+                  "model": padded_vocab(model_vocab(params), preset, layout.tp)},
+        "moe": {"num_experts": preset.num_moe_experts, "topk": preset.moe_router_topk,
+                "score_function": preset.moe_router_score_function,
+                "topk_scaling_factor": preset.moe_router_topk_scaling_factor,
+                "expert_bias": preset.moe_router_enable_expert_bias,
+                "bias_update_rate": preset.moe_router_bias_update_rate,
+                "aux_loss_type": preset.moe_router_load_balancing_type, "aux_loss_coeff": preset.moe_aux_loss_coeff},
+        "init_std": preset.init_method_std,
+        "data": {"seed": g("train.seed", kind=int), "blend": {split: pairs(blend.get(split)) for split in ("train", "valid")},
+                 "train_samples": phase.train_iters * phase.global_batch_size},
+    }
+
+
+def pairs(flat: list | None) -> list[list] | None:
+    """A per-split blend list [w, prefix, w, prefix, ...] -> [[prefix, share], ...] with shares summing to 1."""
+    if not flat:
+        return None
+    weights = [float(w) for w in flat[0::2]]
+    return [[str(p), round(w / sum(weights), 9)] for w, p in zip(weights, flat[1::2])]
+
+
+def write(run_dir: str | Path, phase: str, doc: dict) -> Path:
+    path = effective_path(run_dir, phase)
+    atomic_write_json(path, doc)
+    return path
+
+
+# ---- Megatron-Bridge: read from the live objects at on_train_start (GPU machines only) ----------------------------
+
+def from_megatron(context, phase: str) -> dict:
+    """The effective configuration of a Bridge run, from the objects its training loop uses."""
+    cfg = context.state.cfg
+    model_config = _unwrap(context.model[0]).config
+    scheduler = context.scheduler
+    gbs = cfg.train.global_batch_size
+    groups = read_groups(context.optimizer.param_groups)
+    return {
+        "backend": "megatron", "phase": phase, "source": "live objects at on_train_start (Megatron-Bridge)",
+        "optimizer": {**summarize_groups(groups), "clip_grad": float(context.optimizer.config.clip_grad),
+                      "groups": groups},
+        "weight_decay_applied": {"first_step": summarize_groups(groups)["weight_decay"]},
+        "scheduler": {"max_lr": scheduler.max_lr, "min_lr": scheduler.min_lr, "lr_warmup_init": scheduler.init_lr,
+                      "warmup_iters": _iters(scheduler.lr_warmup_steps, gbs),
+                      "decay_iters": _iters(scheduler.lr_decay_steps, gbs), "decay_style": scheduler.lr_decay_style,
+                      **({"wsd_decay_style": scheduler.lr_wsd_decay_style,
+                          "wsd_decay_iters": _iters(scheduler.wsd_decay_steps, gbs)}
+                         if scheduler.lr_decay_style == "WSD" else {}),
+                      "start_weight_decay": scheduler.start_wd, "end_weight_decay": scheduler.end_wd,
+                      "weight_decay_incr_style": scheduler.wd_incr_style},
+        "precision": _precision_name(model_config),
+        "precision_detail": {"bf16": bool(model_config.bf16), "fp8": model_config.fp8,
+                             "fp8_recipe": getattr(model_config, "fp8_recipe", None),
+                             "params_dtype": str(model_config.params_dtype).replace("torch.", "")},
+        "parallel": _process_groups(model_config),
+        "batch": {"seq_length": int(cfg.model.seq_length), "dataset_seq_length": int(cfg.dataset.seq_length),
+                  "global_batch_size": gbs, "micro_batch_size": cfg.train.micro_batch_size,
+                  "train_iters": cfg.train.train_iters, "exit_interval": cfg.train.exit_interval},
+        "vocab": {"tokenizer": int(context.state.tokenizer.vocab_size),
+                  "model": _embedding_rows(context.model) * _parallel_size("tensor_model_parallel", model_config)},
+        "moe": {"num_experts": model_config.num_moe_experts, "topk": model_config.moe_router_topk,
+                "score_function": model_config.moe_router_score_function,
+                "topk_scaling_factor": model_config.moe_router_topk_scaling_factor,
+                "expert_bias": bool(model_config.moe_router_enable_expert_bias),
+                "bias_update_rate": model_config.moe_router_bias_update_rate,
+                "aux_loss_type": model_config.moe_router_load_balancing_type,
+                "aux_loss_coeff": model_config.moe_aux_loss_coeff},
+        "init_std": model_config.init_method_std,
+        "data": {"seed": cfg.dataset.random_seed, "blend": _bridge_blend(cfg.dataset.blend_per_split),
+                 "train_samples": _requested_samples(cfg)[0], "valid_samples": _requested_samples(cfg)[1],
+                 "consumed_train_samples_at_start": int(context.state.train_state.consumed_train_samples)},
+    }
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _iters(steps, gbs: int):
+    return None if steps is None else round(steps / gbs)
+
+
+def _precision_name(model_config) -> str:
+    if not model_config.fp8:
+        return "bf16" if model_config.bf16 else str(model_config.params_dtype).replace("torch.", "")
+    return "mxfp8" if getattr(model_config, "fp8_recipe", None) == "mxfp8" else "fp8"
+
+
+def _parallel_size(name: str, model_config) -> int:
+    """A parallel size from megatron-core's initialised process groups (the config's value if none)."""
+    from megatron.core import parallel_state as ps
+
+    getter = getattr(ps, f"get_{name}_world_size", None)
+    try:
+        return int(getter())
+    except Exception:
+        return int(getattr(model_config, f"{name}_size"))
+
+
+def _process_groups(model_config) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    return {"tp": _parallel_size("tensor_model_parallel", model_config),
+            "pp": _parallel_size("pipeline_model_parallel", model_config),
+            "cp": _parallel_size("context_parallel", model_config),
+            "ep": _parallel_size("expert_model_parallel", model_config),
+            "etp": _parallel_size("expert_tensor_parallel", model_config),
+            "dp": int(ps.get_data_parallel_world_size()),
+            "world": dist.get_world_size() if dist.is_initialized() else 1,
+            "sequence_parallel": bool(model_config.sequence_parallel)}
+
+
+def _embedding_rows(model_chunks) -> int:
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if name.endswith("word_embeddings.weight"):
+                return int(param.shape[0])
+    raise RuntimeError("no word_embeddings.weight in the model (not on the first pipeline stage?)")
+
+
+def _bridge_blend(blend_per_split) -> dict:
+    """Bridge's blend_per_split [(prefixes, weights) | None] x3 -> {split: [[prefix, share], ...]}."""
+    out = {}
+    for split, entry in zip(("train", "valid"), blend_per_split or (None, None)):
+        if not entry:
+            out[split] = None
+            continue
+        prefixes, weights = entry
+        weights = weights or [1.0] * len(prefixes)
+        out[split] = [[str(p), round(float(w) / sum(weights), 9)] for p, w in zip(prefixes, weights)]
+    return out
+
+
+def _requested_samples(cfg) -> tuple[int, int, int]:
+    from megatron.bridge.data.loaders import get_train_valid_test_num_samples
+
+    return tuple(int(n) for n in get_train_valid_test_num_samples(cfg))
+
+
+def applied_weight_decay(param_groups) -> float:
+    """The weight decay the next optimizer step applies to decayed parameters (the largest among groups)."""
+    values = [float(g.get("weight_decay", 0.0)) for g in param_groups if sum(p.numel() for p in g["params"]) > 0]
+    return max(values) if values else 0.0
+
+
+class EffectiveConfigCallback:
+    """A Megatron-Bridge callback: at start-up, write the effective configuration (rank 0) and refuse to
+    train if it contradicts params.yaml (every rank raises, so none waits on the others); record the
+    weight decay applied at the phase's first and last step."""
+
+    def __init__(self, params, phase, run_dir: str):
+        self.params, self.phase, self.run_dir = params, phase, run_dir
+        self.doc: dict | None = None
+
+    def on_train_start(self, context) -> None:
+        import torch.distributed as dist
+
+        from nano3.train.conform import assert_run_conforms
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        message = [None]
+        if rank0:
+            self.doc = from_megatron(context, self.phase.name)
+            write(self.run_dir, self.phase.name, self.doc)
+            try:
+                assert_run_conforms(self.doc, self.params, self.phase, str(effective_path(self.run_dir, self.phase.name)))
+            except Exception as e:  # a UserError, or a broken read: no rank may train on it
+                message = [str(e)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(message, src=0)
+        if message[0]:
+            from nano3.errors import UserError
+
+            raise UserError(message[0])
+
+    def on_train_step_start(self, context) -> None:
+        if self.doc is None:
+            return
+        it = context.state.train_state.step + 1
+        if it == self.phase.end_iter:
+            self.doc["weight_decay_applied"]["last_step"] = applied_weight_decay(context.optimizer.param_groups)
+            self.doc["weight_decay_applied"]["last_iteration"] = it
+            write(self.run_dir, self.phase.name, self.doc)
