@@ -213,12 +213,60 @@ def test_dry_run_stage_prints_the_plan_and_writes_json(tmp_path, spm_dir):
     import sys
 
     out = subprocess.run([sys.executable, str(ROOT / "stages" / "pretrain.py"), "--params", str(ROOT / "params.yaml"),
-                          "--dry-run", f"tokenizer.dir={spm_dir}"], cwd=tmp_path, capture_output=True, text=True)
+                          "--dry-run", f"tokenizer.dir={spm_dir}", "train.backend=megatron"], cwd=tmp_path,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "phase1 1..188, phase2 189..200" in out.stdout
+    assert "phase1 1..188, phase2 189..200" in out.stdout and "megatron (Megatron-Bridge on GPUs)" in out.stdout
     plan = json.loads((tmp_path / "reports" / "plan" / "pretrain.json").read_text())
     assert plan["schedule"]["switch_iter"] == 188 and plan["model"]["preset"] == "tiny"
     bad = subprocess.run([sys.executable, str(ROOT / "stages" / "pretrain.py"), "--dry-run", f"tokenizer.dir={spm_dir}",
-                          "--params", str(ROOT / "params.yaml"), "train.parallel.ep=3"], cwd=tmp_path,
+                          "--params", str(ROOT / "params.yaml"), "train.parallel.ep=3", "train.backend=megatron"], cwd=tmp_path,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: train.parallel") and "Traceback" not in bad.stderr
+
+
+def test_dry_run_on_a_cpu_machine_plans_the_backend_that_will_run(tmp_path, spm_dir):
+    """`make plan` where `make pretrain` would train the CPU reference budget plans that budget, and says so."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(ROOT / "stages" / "pretrain.py"), "--params", str(ROOT / "params.yaml"),
+                          "--dry-run", f"tokenizer.dir={spm_dir}"], cwd=tmp_path, capture_output=True, text=True,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert "reference (this machine has no CUDA GPU" in out.stdout and "phase1 1..45, phase2 46..48" in out.stdout
+    plan = json.loads((tmp_path / "reports" / "plan" / "pretrain.json").read_text())
+    assert plan["backend"] == "reference" and plan["schedule"]["pretrain_iters"] == 48
+
+
+def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
+    """The production layout on one node (90.2 GiB) and LC at 1M on the recipe layout (81.5 GiB) do not fit
+    an 80 GB card: the plan refuses them in one line, with the nearest layouts that fit."""
+    from nano3.train.plan import DEFAULT_GPU_MEMORY_GIB
+
+    h100 = (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB")
+    p = load_params(ROOT / "configs" / "nano3.yaml")
+    p["train"]["nodes"] = 1
+    with pytest.raises(UserError) as err:
+        build_plan(p, stages=("train",), gpu_memory=h100)
+    message = str(err.value)
+    assert message.startswith("train: the plan estimates 90.2 GiB per GPU") and "an H100 80GB has 79.6 GiB" in message
+    assert "nearest layouts that fit: train.parallel." in message and "\n" not in message
+    first_fit = message.split("fit: ")[1].split(" (")[0]  # apply the first suggestion: it must plan and fit
+    for key_value in first_fit.split():
+        key, value = key_value.split("=")
+        *parents, last = key.split(".")
+        node = p
+        for part in parents:
+            node = node[part]
+        node[last] = value == "true" if value in ("true", "false") else int(value)
+    assert build_plan(p, stages=("train",), gpu_memory=h100).stages["train"].memory.total_gib <= 79.6
+    p["train"]["parallel"]["tp"] = 1
+    assert build_plan(p, stages=("train",), gpu_memory=(139.8, "an H200"))  # the 1-node layout fits an H200  # fits there
+
+    lc = load_params(ROOT / "configs" / "nano3.yaml")
+    lc["lc"]["seq_length"] = 1048576
+    with pytest.raises(UserError, match=r"lc: the plan estimates 81.5 GiB .* nearest layouts that fit: lc\.parallel"):
+        build_plan(lc, stages=("lc",), gpu_memory=h100)
+    assert build_plan(load_params(ROOT / "configs" / "nano3.yaml"), gpu_memory=h100)  # the production config fits

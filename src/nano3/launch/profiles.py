@@ -35,6 +35,7 @@ class ClusterProfile:
     env: dict = field(default_factory=dict)
     sbatch_extra: tuple[str, ...] = ()
     max_requeues: int = 20
+    gpu_memory_gib: float = 79.6  # what CUDA reports for one GPU (H100 80GB: 79.6; H200: 139.8); plans must fit it
 
     @property
     def shape(self) -> tuple[int, int]:

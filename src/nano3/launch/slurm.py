@@ -72,7 +72,9 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
         if gpus > profile.gpus_per_node:  # the hardware first: no layout can fix this
             raise UserError(f"{section}.gpus_per_node={gpus} but cluster '{profile.name}' nodes have "
                             f"{profile.gpus_per_node} GPUs; lower it or set it to null to use the profile's")
-        layout = build_plan(params, stages=(section,), cluster_shape=profile.shape).stages[section].layout
+        memory = (profile.gpu_memory_gib, f"cluster '{profile.name}' (gpu_memory_gib)")
+        layout = build_plan(params, stages=(section,), cluster_shape=profile.shape,
+                            gpu_memory=memory).stages[section].layout
         args += [f"--nodes={layout.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={layout.gpus_per_node}",
                  f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.train_time or profile.time}"]
     else:

@@ -9,7 +9,7 @@ throughput. An impossible layout fails here with a message naming the key, not m
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from nano3.errors import UserError
 from nano3.train.flops import flops_per_token, padded_vocab, param_counts
@@ -17,6 +17,7 @@ from nano3.train.presets import ModelPreset, model_preset
 from nano3.train.schedule import TrainingSchedule, build_schedule
 
 GIB = 1024**3
+DEFAULT_GPU_MEMORY_GIB = 79.6  # an H100 80GB as CUDA reports it (81,559 MiB): the card a plan assumes by default
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,19 @@ class Layout:
     @property
     def microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+
+def local_gpu_memory() -> tuple[float, str] | None:
+    """(GiB, description) of this machine's first CUDA GPU, or None without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return props.total_memory / GIB, f"this machine's {props.name}"
+    except Exception:
+        pass
+    return None
 
 
 def local_gpus() -> int:
@@ -252,7 +266,52 @@ def model_vocab(params) -> int:
     return model if model is not None else tokenizer
 
 
-def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None) -> Plan:
+def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool, gpu_gib: float,
+                    limit: int = 3) -> list[tuple[str, float]]:
+    """The valid layouts nearest to `layout` whose estimate fits `gpu_gib`: first on the same nodes with the
+    fewest parallel sizes changed, then on twice and four times the nodes. [(params keys, GiB), ...]"""
+    sizes = [1, 2, 4, 8, 16, 32, 64]
+    found = []
+    for nodes in (layout.nodes, 2 * layout.nodes, 4 * layout.nodes):
+        for tp in [t for t in sizes if t <= layout.gpus_per_node]:
+            for pp in sizes:
+                for cp in sizes:
+                    for ep in sizes:
+                        cand = replace(layout, nodes=nodes, tp=tp, pp=pp, cp=cp, ep=ep,
+                                       sequence_parallel=layout.sequence_parallel or tp > 1)
+                        if cand.world % (tp * pp * cp) or layout_errors(cand, preset):
+                            continue
+                        gib = estimate_memory(cand, preset, vocab, recompute_moe).total_gib
+                        if gib <= gpu_gib:
+                            changed = [(k, getattr(cand, k)) for k in ("tp", "pp", "cp", "ep", "sequence_parallel")
+                                       if getattr(cand, k) != getattr(layout, k)]
+                            found.append((nodes, len([k for k, _ in changed if k != "sequence_parallel"]), gib,
+                                          changed))
+    found.sort(key=lambda f: (f[0], f[1], f[2]))
+    out = []
+    for nodes, _, gib, changed in found[:limit]:
+        keys = ([f"{layout.stage}.nodes={nodes}"] if nodes != layout.nodes else []) + \
+               [f"{layout.stage}.parallel.{k}={str(v).lower()}" for k, v in changed]
+        out.append((" ".join(keys), gib))
+    return out
+
+
+def check_memory(stage: StagePlan, preset: ModelPreset, vocab: int, recompute_moe: bool, gpu_gib: float,
+                 gpu_source: str) -> None:
+    """Refuse a layout whose per-GPU estimate exceeds the card, naming the nearest layouts that fit."""
+    total, lay = stage.memory.total_gib, stage.layout
+    if total <= gpu_gib:
+        return
+    fits = fitting_layouts(lay, preset, vocab, recompute_moe, gpu_gib)
+    hint = "; ".join(f"{keys} ({gib:.1f} GiB)" for keys, gib in fits) or "none found up to 4x the nodes"
+    raise UserError(f"{lay.stage}: the plan estimates {total:.1f} GiB per GPU (TP {lay.tp} PP {lay.pp} CP {lay.cp} "
+                    f"EP {lay.ep} on {lay.world} GPUs, seq {lay.seq_length}) but {gpu_source} has {gpu_gib:.1f} GiB; "
+                    f"nearest layouts that fit: {hint}")
+
+
+def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None,
+               gpu_memory: tuple[float, str] | None = None) -> Plan:
+    """The plan of each stage; with `gpu_memory` (GiB, where the number comes from) every stage must fit it."""
     preset = model_preset(params)
     schedule = build_schedule(params)
     raw_vocab = model_vocab(params)
@@ -270,6 +329,8 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         hours = tokens * bridge_f / (measured * 1e12) / 3600
         out[stage] = StagePlan(layout, estimate_memory(layout, preset, vocab, recompute_moe), iterations, tokens,
                                true_f, bridge_f, hours)
+        if gpu_memory is not None:
+            check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory)
     vocab = padded_vocab(raw_vocab, preset)
     counts = param_counts(preset, vocab)
     return Plan(params.get_key("model.preset"), preset, vocab, counts.total, counts.active, schedule, out)

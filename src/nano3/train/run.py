@@ -47,7 +47,7 @@ def manifest_path(params, stage: str) -> Path:
     return Path(params.get_key("train.checkpoint_dir", "checkpoints", kind=str)) / f"{stage}.json"
 
 
-def print_plan(plan: Plan, stage: str) -> None:
+def print_plan(plan: Plan, stage: str, backend: str, memory: tuple[float, str] | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -55,6 +55,9 @@ def print_plan(plan: Plan, stage: str) -> None:
     lay, mem = s.layout, s.memory
     table = Table(title=f"{stage} plan: {plan.preset_name} ({plan.params_total / 1e9:.3g}B total, "
                         f"{plan.params_active / 1e9:.3g}B active, {plan.preset.num_layers} layers)", show_header=False)
+    table.add_row("backend", "megatron (Megatron-Bridge on GPUs)" if backend == "megatron" else
+                  "reference (this machine has no CUDA GPU: the CPU budget train.reference / lc.reference; "
+                  "plan the GPU run with train.backend=megatron)")
     table.add_row("GPUs", f"{lay.world} = {lay.nodes} nodes x {lay.gpus_per_node}")
     table.add_row("layout", f"TP {lay.tp}  PP {lay.pp}  CP {lay.cp}  EP {lay.ep}  ETP {lay.etp}  DP {lay.dp}  "
                             f"SP {lay.sequence_parallel}")
@@ -71,7 +74,8 @@ def print_plan(plan: Plan, stage: str) -> None:
         table.add_row("LR", f"constant {plan.schedule.lc_lr.lr:g}")
     table.add_row("memory/GPU (est.)", f"{mem.total_gib:.1f} GiB = weights {mem.weights_gib:.1f} + grads "
                                        f"{mem.grads_gib:.1f} + optimizer {mem.optimizer_gib:.1f} + activations "
-                                       f"{mem.activations_gib:.1f} + overhead {mem.overhead_gib:.1f}")
+                                       f"{mem.activations_gib:.1f} + overhead {mem.overhead_gib:.1f}"
+                                       + (f"; fits {memory[1]}: {memory[0]:.1f} GiB" if memory else ""))
     table.add_row("GFLOP/token", f"{s.flops_per_token_true / 1e9:.2f} (true Mamba width), "
                                  f"{s.flops_per_token_bridge / 1e9:.2f} (Bridge's formula)")
     table.add_row("GPU-hours", f"{s.gpu_hours:,.1f} at the measured throughput (train.measured_tflops_per_gpu)")
@@ -135,19 +139,35 @@ def prepare_live_dir(live_dir: Path, digest: str) -> None:
     atomic_write_json(marker, {"digest": digest})
 
 
+def gpu_memory_target(gpu_memory_gib: float | None) -> tuple[float, str]:
+    """The card a Megatron plan must fit: --gpu-memory, else the CLUSTER profile's, else this machine's GPU,
+    else an H100 80GB."""
+    from nano3.train.plan import DEFAULT_GPU_MEMORY_GIB, local_gpu_memory
+
+    if gpu_memory_gib is not None:
+        return gpu_memory_gib, "--gpu-memory"
+    if os.environ.get("CLUSTER"):
+        from nano3.launch.profiles import get_profile
+
+        profile = get_profile(os.environ["CLUSTER"])
+        return profile.gpu_memory_gib, f"cluster '{profile.name}' (gpu_memory_gib)"
+    return local_gpu_memory() or (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB (the default; --gpu-memory or CLUSTER=<profile>)")
+
+
 def run_training_stage(stage: str, params_file: str, our_overrides: list[str], bridge_cli: list[str],
-                       dry_run: bool, log=print) -> dict | None:
+                       dry_run: bool, log=print, gpu_memory_gib: float | None = None) -> dict | None:
     from nano3.config import load_params
     from nano3.train.reference import for_backend, resolve_backend
 
     requested = load_params(params_file, our_overrides)
-    backend = resolve_backend(requested) if not dry_run else requested.get_key("train.backend", "auto", kind=str)
+    backend = resolve_backend(requested)
     params = for_backend(requested, backend)
-    plan = build_plan(params, stages=(STAGE_SECTION[stage],))
-    print_plan(plan, stage)
+    memory = gpu_memory_target(gpu_memory_gib) if backend == "megatron" else None
+    plan = build_plan(params, stages=(STAGE_SECTION[stage],), gpu_memory=memory)
+    print_plan(plan, stage, backend, memory)
     report = Path("reports") / "plan"
     report.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(report / f"{stage}.json", plan.as_dict())
+    atomic_write_json(report / f"{stage}.json", plan.as_dict() | {"backend": backend})
     if dry_run:
         return None
 
@@ -226,8 +246,10 @@ def training_stage_main(stage: str, description: str) -> None:
 
     def main(args, _params) -> None:
         ours, bridge = split_cli_overrides(load_params(args.params), args.overrides)
-        run_training_stage(stage, args.params, ours, bridge, dry_run=args.dry_run)
+        run_training_stage(stage, args.params, ours, bridge, dry_run=args.dry_run, gpu_memory_gib=args.gpu_memory)
 
     parser = stage_parser(description)
     parser.add_argument("--dry-run", action="store_true", help="print the plan (no GPU needed) and exit")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="plan for GPUs of this many GiB (default: the CLUSTER profile's, this machine's, or 79.6)")
     run_stage(main, parser, load=False)
