@@ -108,6 +108,56 @@ def test_killed_reference_training_resumes_to_the_same_loss(smoke):
     assert steps == list(range(1, 11))  # rows the killed run logged after its checkpoint were replaced, not doubled
 
 
+def test_reference_runs_write_effective_configs_that_conform(smoke):
+    """Issue 11 on the CPU backend: each phase's effective configuration comes from the reference's own objects,
+    weight decay 0.1 at the first and last step, and `make conform` passes (its deviations listed)."""
+    repo, _ = smoke
+    for stage, phases in (("pretrain", ("phase1", "phase2")), ("lc", ("lc",))):
+        manifest = json.loads((repo / "checkpoints" / f"{stage}.json").read_text())
+        for phase in phases:
+            doc = json.loads((repo / manifest["run_dir"] / f"effective_config.{phase}.json").read_text())
+            assert doc["backend"] == "reference" and doc["weight_decay_applied"]["first_step"] == 0.1
+            assert doc["weight_decay_applied"]["last_step"] == 0.1
+            assert {g["weight_decay"] for g in doc["optimizer"]["groups"]} == {0.1, 0.0}
+    wd = read_metric(repo / "dvclive" / "pretrain", "optim/weight_decay")
+    assert wd[0][0] == 1 and wd[-1][0] == 48 and {v for _, v in wd} == {0.1}
+    out = run(repo, sys.executable, "-m", "nano3.train.conform")
+    assert "conform: every difference is an intended, listed deviation" in out.stdout
+    assert "ok  precision: running 'float32', params 'bf16' (intended: FP32 on CPU" in out.stdout
+
+
+def test_checkpoint_root_retention_and_the_stopped_phase(smoke, tmp_path):
+    """`checkpoint.save=/path` (the recipe's example) moves the checkpoint root and a rerun resumes there;
+    train.keep_checkpoints keeps the newest N; a SIGTERM names the phase that was running."""
+    repo, _ = smoke
+    budget = ["train.reference.tokens=10240", "train.save_interval=2", "train.log_interval=1"]  # 10 steps, switch at 9
+    root = tmp_path / "ck"
+    run(repo, sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={root}", "train.keep_checkpoints=2",
+        "train.live_dir=live_ck")
+    manifest = json.loads((root / "pretrain.json").read_text())
+    run_dir = Path(manifest["run_dir"])
+    assert run_dir.parent == root / "pretrain" and manifest["iteration"] == 10
+    assert sorted(p.name for p in run_dir.glob("iter_*")) == ["iter_0000008", "iter_0000010"]
+    again = run(repo, sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={root}",
+                "train.keep_checkpoints=2", "train.live_dir=live_ck")
+    assert "pretrain phase1" not in again.stderr and json.loads((root / "pretrain.json").read_text())["iteration"] == 10
+
+    cmd = [sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={tmp_path / 'ck2'}", "train.live_dir=live2"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        trackers = list((tmp_path / "ck2" / "pretrain").glob("*/latest_checkpointed_iteration.txt"))
+        if trackers and int(trackers[0].read_text()) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    stopped = int(trackers[0].read_text())
+    assert proc.returncode == 3 and stopped < 9, log[-2000:]
+    assert f"pretrain: phase1 stopped at iteration {stopped}; rerun to resume" in log
+
+
 def test_exp_run_with_another_lr_reruns_training_export_and_eval_only(smoke):
     """Last: it changes the copy's workspace."""
     repo, _ = smoke

@@ -275,3 +275,26 @@ def test_requeues_are_capped(repo, tmp_path):
     wait_done(job)
     text = log.read_text()
     assert "not requeued: the job already restarted 0 times" in text and "resumed" not in text
+
+
+def test_cancel_and_status_touch_only_this_repositorys_jobs(repo, tmp_path):
+    """Another clone's jobs carry the same nano3-* names: `make cancel` must leave them alone."""
+    other = tmp_path / "other-clone"
+    other.mkdir()
+
+    def hold(cwd: Path) -> str:
+        return subprocess.run(["sbatch", "--parsable", "--job-name=nano3-pretrain", "-p", "debug", "-c", "1",
+                               "--mem=100M", "-o", "/dev/null", "--wrap", "sleep 120"], cwd=cwd, capture_output=True,
+                              text=True, check=True).stdout.strip().split(";")[0]
+
+    mine, theirs = hold(repo), hold(other)
+    try:
+        status = launch(repo, "status").stdout
+        listed = [line.split()[0] for line in status.splitlines() if "nano3-" in line]
+        assert listed == [mine], status
+        out = launch(repo, "cancel").stdout
+        assert out.strip() == f"cancelled 1 job(s): {mine}"
+        assert settled_state(mine) in ("CANCELLED", "GONE")
+        assert job_state(theirs) in ("PENDING", "RUNNING")
+    finally:
+        subprocess.run(["scancel", mine, theirs], capture_output=True)

@@ -33,3 +33,14 @@ def test_production_blend_is_nvidias_open_datasets_and_plans_at_recipe_scale(tmp
     plan = build_plan(p)
     assert plan.params_total / 1e9 > 31 and plan.schedule.pretrain_iters == round(25e12 / (8192 * 4096))
     assert plan.stages["lc"].layout.world == 256 and plan.stages["lc"].layout.cp == 8
+
+
+def test_console_scripts_point_at_callables():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"console script {name}: {target}"

@@ -159,3 +159,15 @@ def test_bad_input_fails_in_one_line_and_leaves_no_dataset(tmp_path, params_fact
             "all_empty": "no non-empty documents"}[bad] in error_lines[0]
     assert not (tmp_path / "prepared" / "d").exists()
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_progress_is_a_line_at_a_fixed_interval_in_a_log(tmp_path, sample_dir, params_factory, capsys):
+    """Not on a terminal (a Slurm log), rich would draw nothing until the end: plain lines instead."""
+    params = params_factory({"code": {"source": str(sample_dir / "stdlib-code")}},
+                            prep={"unit_mb": 2, "log_interval_s": 0})
+    manifest = prepare_dataset(params, "code", workers=1, show_progress=True)
+    units = manifest["source"]["units"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("prep code: ")]
+    assert len(lines) == units >= 4, lines
+    assert lines[0].startswith(f"prep code: 1/{units} units, ") and lines[-1].startswith(f"prep code: {units}/{units}")
+    assert lines[-1].split(", ")[2].endswith(" tokens")

@@ -186,6 +186,29 @@ def test_cli_overrides_split_between_params_and_bridge(params):
     assert bridge == ["model.recompute_granularity=full", "train.manual_gc=false"]
 
 
+def test_checkpoint_save_sets_the_checkpoint_root_and_stage_owned_fields_are_refused(params):
+    """The recipe document's `checkpoint.save=/path` must not send checkpoints where resume never looks."""
+    ours, bridge = split_cli_overrides(params, ["checkpoint.save=/lustre/ck", "checkpoint.save_interval=10"])
+    assert ours == ["train.checkpoint_dir=/lustre/ck"] and bridge == ["checkpoint.save_interval=10"]
+    with pytest.raises(UserError, match=r"^override 'checkpoint.load=/x': the stage resumes from its own run"):
+        split_cli_overrides(params, ["checkpoint.load=/x"])
+    s = build_schedule(params)
+    params["train"]["bridge_overrides"] = {"checkpoint.save": "/elsewhere"}
+    with pytest.raises(UserError, match="train.bridge_overrides.checkpoint.save: checkpoints go to train.checkpoint_dir"):
+        bridge_overrides(params, s, s.phase("phase1"), "run")
+
+
+def test_checkpoint_retention_maps_to_bridge_and_production_keeps_four(params):
+    s = build_schedule(params)
+    assert bridge_overrides(params, s, s.phase("phase1"), "run")["checkpoint.most_recent_k"] == -1  # null: all
+    params["train"]["keep_checkpoints"] = 3
+    assert bridge_overrides(params, s, s.phase("phase1"), "run")["checkpoint.most_recent_k"] == 3
+    params["train"]["keep_checkpoints"] = 0
+    with pytest.raises(UserError, match="train.keep_checkpoints=0 must be >= 1"):
+        bridge_overrides(params, s, s.phase("phase1"), "run")
+    assert load_params(ROOT / "configs" / "nano3.yaml")["train"]["keep_checkpoints"] == 4
+
+
 def test_model_vocab_smaller_than_the_tokenizers_is_refused(params):
     from nano3.train.plan import model_vocab
 

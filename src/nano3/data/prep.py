@@ -22,6 +22,8 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -192,13 +194,17 @@ def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool) -> None:
 
 
 def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: int,
-               sample_rows: int | None, show_progress: bool) -> dict[int, dict]:
+               sample_rows: int | None, show_progress: bool, log_interval_s: float = 60.0) -> dict[int, dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     todo = [u for u in units if u.index not in done]
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("units  {task.fields[docs]:,} docs  {task.fields[tokens]:,} tokens"), TimeElapsedColumn())
-    with Progress(*columns, disable=not show_progress, transient=False) as bar:
+    # rich draws its bar only on a terminal; in a Slurm log it would print nothing until the end. There,
+    # a plain line every `prep.log_interval_s` seconds instead.
+    plain = show_progress and not sys.stderr.isatty()
+    interval, started, last_line = log_interval_s, time.time(), [time.time()]
+    with Progress(*columns, disable=not show_progress or plain, transient=False) as bar:
         task = bar.add_task(f"prep {job.spec.name}", total=len(units), completed=len(done), docs=0, tokens=0)
         counts = [0, 0]
 
@@ -211,6 +217,10 @@ def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: 
                 counts[0] += d
                 counts[1] += t
             bar.update(task, docs=counts[0], tokens=counts[1])
+            if plain and time.time() - last_line[0] >= interval:
+                last_line[0] = time.time()
+                print(f"prep {job.spec.name}: {int(bar.tasks[0].completed)}/{len(units)} units, {counts[0]:,} docs, "
+                      f"{counts[1]:,} tokens, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
         if sample_rows is not None or workers <= 1:
             # In-process: --sample takes the first N rows in unit order, which is sequential by nature.
@@ -224,8 +234,8 @@ def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: 
                 done[unit.index] = receipt
                 if remaining is not None:
                     remaining -= receipt["rows"]
-                drain(q)
                 bar.advance(task)
+                drain(q)
             return done
 
         ctx = mp.get_context("fork")  # workers inherit the imported libraries; they load their own tokenizer
@@ -352,7 +362,8 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
                       batch_chars=int(prep.get("batch_mb", 8)) << 20)
         mine = units if units_of is None else [u for u in units if u.index % units_of[1] == units_of[0]]
         mine_done = {u.index: done[u.index] for u in mine if u.index in done}
-        receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress)
+        receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress,
+                              float(params.get_key("prep.log_interval_s", 60, kind=(int, float))))
         if step == "units":
             return None
 

@@ -131,11 +131,14 @@ def cmd_all(args) -> int:
 
 
 def our_jobs() -> list[list[str]]:
-    """This user's nano3-* jobs in the queue (none where Slurm is not installed)."""
+    """This repository's nano3-* jobs in the queue: the user's, submitted from this directory (another clone's
+    jobs have the same names); none where Slurm is not installed."""
     if shutil.which("squeue") is None:
         return []
-    out = subprocess.run(["squeue", "-h", "--me", "-o", "%i|%j|%T|%M|%R"], capture_output=True, text=True)
-    return [line.split("|") for line in out.stdout.splitlines() if "|nano3-" in line]
+    out = subprocess.run(["squeue", "-h", "--me", "-o", "%i|%j|%T|%M|%R|%Z"], capture_output=True, text=True)
+    here = Path.cwd().resolve()
+    jobs = [line.split("|") for line in out.stdout.splitlines() if "|nano3-" in line]
+    return [job[:5] for job in jobs if Path(job[5]).resolve() == here]
 
 
 def cmd_status(_args) -> int:
