@@ -113,3 +113,21 @@ def test_a_blend_naming_an_unprepared_dataset(prepared, sample_dir):
     params["datasets"]["fresh"] = {"source": str(sample_dir / "stdlib-docs")}
     with pytest.raises(UserError, match=r"prepared/fresh/manifest.json: dataset 'fresh' is not prepared; run `make prep`"):
         build_blends(params, log=lambda *_: None)
+
+
+def test_a_dataset_left_without_validation_documents_is_reported(tmp_path, sample_dir, spm_dir):
+    """At a small valid_fraction the hash split can leave a dataset no validation document; it then drops out
+    of the validation blend: the log and report.md say so instead of leaving it silent."""
+    datasets = {"docs": {"source": str(sample_dir / "stdlib-docs"), "valid_fraction": 0.0001, "test_fraction": 0.05}}
+    only_docs = {phase: {"docs": 1.0} for phase in WEIGHTS}
+    params = make_params(tmp_path, spm_dir, datasets, blend={"phases": only_docs, "validate": False},
+                         prep={"unit_mb": 1})
+    manifest = prepare_dataset(params, "docs", show_progress=False)
+    assert manifest["splits"]["valid"]["documents"] == 0
+    logged = []
+    build_blends(params, log=logged.append)
+    total = sum(manifest["splits"][s]["documents"] for s in ("train", "valid", "test"))
+    gap = f"phase1: docs has no valid documents (its hash split left 0 of {total:,}), so valid loss leaves it out; " \
+          "raise datasets.docs.valid_fraction"
+    assert f"warning: {gap}" in logged
+    assert f"- {gap}" in (tmp_path / "reports" / "report.md").read_text()

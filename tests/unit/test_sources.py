@@ -98,6 +98,19 @@ def test_hf_source_streams_a_hub_layout_mirror(tmp_path, docs):
     assert got == docs[:40][0::2] + docs[:40][1::2]
 
 
+def test_a_truncated_file_in_a_hub_mirror_is_a_one_line_error(tmp_path, docs):
+    """As for a local Parquet source: no 60-line pyarrow traceback from the streaming reader."""
+    mirror = write_hub_layout(tmp_path, docs)
+    part = mirror / "nvidia" / "Nemotron-Fake" / "High-Quality" / "part_1.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    spec = DatasetSpec(name="hq", source="hf://nvidia/Nemotron-Fake/High-Quality")
+    with pytest.raises(UserError) as err:
+        read_all(spec, hf_mirror=str(mirror))
+    msg = one_line(err)
+    assert msg.startswith(f"hf://nvidia/Nemotron-Fake/High-Quality shard 1 (mirror {mirror}): unreadable data")
+    assert "datasets.hq" in msg
+
+
 def test_hf_source_without_the_hub_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

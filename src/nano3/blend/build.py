@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from nano3.blend.report import write_report
-from nano3.blend.spec import PHASES, blend_rows, load_manifests, per_split_blend, phase_weights
+from nano3.blend.spec import PHASES, blend_rows, held_out_gaps, load_manifests, per_split_blend, phase_weights
 from nano3.blend.validate import build_phase, megatron_tokenizer, split_sizes
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
@@ -29,7 +29,7 @@ def build_blends(params, log=print) -> dict:
                         f"prepared with ({fingerprint}); rerun prep (dvc repro) so data and tokenizer match")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, summary = [], {"phases": {}, "tokenizer": fingerprint}
+    rows, gaps, summary = [], [], {"phases": {}, "tokenizer": fingerprint}
     for phase in PHASES:
         phase_tokens = plans[phase].tokens if phase in plans else 0
         blend = per_split_blend(manifests, weights[phase], root)
@@ -37,12 +37,13 @@ def build_blends(params, log=print) -> dict:
             log(f"blend {phase}: no dataset has validation documents; training will skip validation")
         atomic_write_json(out_dir / f"{phase}.json", blend)
         rows += blend_rows(phase, manifests, weights[phase], phase_tokens)
+        gaps += held_out_gaps(manifests, weights[phase], phase)
         summary["phases"][phase] = {"datasets": weights[phase], "tokens": phase_tokens}
 
     max_epochs = float(params.get_key("blend.max_epochs", kind=(int, float)))
     report_dir = Path(params.get_key("blend.report_dir", kind=str))
     report_dir.mkdir(parents=True, exist_ok=True)
-    for warning in write_report(rows, max_epochs, report_dir):
+    for warning in write_report(rows, max_epochs, report_dir, gaps):
         log(f"warning: {warning}")
 
     cache_dir = out_dir / "cache"

@@ -26,7 +26,7 @@ def warnings_for(rows: list[BlendRow], max_epochs: float) -> list[str]:
             f"lower its weight, the phase's tokens, or add data" for r in rows if r.epochs > max_epochs]
 
 
-def markdown(rows: list[BlendRow], max_epochs: float) -> str:
+def markdown(rows: list[BlendRow], max_epochs: float, extra: list[str] = ()) -> str:
     lines = ["# Blend report", "",
              "Share = token share within the phase; epochs = share x phase tokens / dataset train tokens.", "",
              "| phase | dataset | share | dataset tokens | phase tokens | tokens drawn | epochs |",
@@ -35,7 +35,7 @@ def markdown(rows: list[BlendRow], max_epochs: float) -> str:
         flag = " **!**" if r.epochs > max_epochs else ""
         lines.append(f"| {r.phase} | {r.dataset} | {r.share:.1%} | {_human(r.dataset_tokens)} | "
                      f"{_human(r.phase_tokens)} | {_human(r.drawn_tokens)} | {r.epochs:.2f}{flag} |")
-    if warns := warnings_for(rows, max_epochs):
+    if warns := [*warnings_for(rows, max_epochs), *extra]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warns]
     return "\n".join(lines) + "\n"
 
@@ -76,8 +76,9 @@ def plot(rows: list[BlendRow], max_epochs: float, path: Path) -> None:
     tmp.replace(path)
 
 
-def write_report(rows: list[BlendRow], max_epochs: float, out_dir: Path) -> list[str]:
-    atomic_write_text(out_dir / "report.md", markdown(rows, max_epochs))
+def write_report(rows: list[BlendRow], max_epochs: float, out_dir: Path, extra: list[str] = ()) -> list[str]:
+    """report.md (with every warning), shares.csv and report.png; returns the warnings."""
+    atomic_write_text(out_dir / "report.md", markdown(rows, max_epochs, extra))
     atomic_write_text(out_dir / "shares.csv", shares_csv(rows))
     plot(rows, max_epochs, out_dir / "report.png")
-    return warnings_for(rows, max_epochs)
+    return [*warnings_for(rows, max_epochs), *extra]

@@ -94,6 +94,19 @@ def per_split_blend(manifests: dict[str, dict], weights: dict[str, float], root:
     return blend
 
 
+def held_out_gaps(manifests: dict[str, dict], weights: dict[str, float], phase: str) -> list[str]:
+    """A dataset whose hash split left no validation (or test) document drops out of that split's blend
+    silently: say so, with the knob that fixes it."""
+    out = []
+    for name in sorted(weights):
+        total = sum(manifests[name]["splits"][s]["documents"] for s in ("train", "valid", "test"))
+        for split in ("valid", "test"):
+            if manifests[name]["splits"][split]["tokens"] == 0:
+                out.append(f"{phase}: {name} has no {split} documents (its hash split left 0 of {total:,}), so "
+                           f"{split} loss leaves it out; raise datasets.{name}.{split}_fraction")
+    return out
+
+
 def blend_rows(phase: str, manifests: dict[str, dict], weights: dict[str, float], phase_tokens: int) -> list[BlendRow]:
     rows = []
     for name, share in sorted(weights.items()):

@@ -223,7 +223,15 @@ class Source:
         """Yield lists of text values (None where a row's text is null) for one unit, in order."""
         reader = {"jsonl": self._read_jsonl, "parquet": self._read_parquet, "text": self._read_text,
                   "arrow": self._read_arrow, "hf": self._read_hf}[unit.kind]
-        yield from reader(unit, batch_size)
+        try:
+            yield from reader(unit, batch_size)
+        except UserError:
+            raise
+        except Exception as e:  # the same one-line contract for every source kind (pyarrow, datasets, ...)
+            where = (f"{self.spec.source} shard {unit.start}" + (f" (mirror {self.hf_mirror})" if self.hf_mirror else "")
+                     if unit.kind == "hf" else str(unit.paths[0]))
+            raise UserError(f"{where}: unreadable data ({type(e).__name__}: {brief(e)}); re-download or fix it, "
+                            f"or drop it from datasets.{self.spec.name}") from None
 
     def _missing_field(self, where: str, row) -> UserError:
         keys = list(row)[:8] if isinstance(row, dict) else type(row).__name__
