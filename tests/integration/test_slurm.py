@@ -98,7 +98,7 @@ def repo(slurm, tmp_path_factory):
 
 
 TRAIN_AT_SCALE = ["model.preset=nano3", "train.parallel.ep=8", "train.micro_batch_size=1", "train.global_batch_size=64",
-                  "train.seq_length=4096", "lc.parallel.cp=2", "lc.parallel.ep=8", "lc.global_batch_size=48",
+                  "train.seq_length=4096", "lc.parallel.cp=8", "lc.parallel.ep=8", "lc.global_batch_size=48",
                   "lc.seq_length=16384", "model.vocab_size=131072"]
 
 
@@ -298,3 +298,26 @@ def test_cancel_and_status_touch_only_this_repositorys_jobs(repo, tmp_path):
         assert job_state(theirs) in ("PENDING", "RUNNING")
     finally:
         subprocess.run(["scancel", mine, theirs], capture_output=True)
+
+
+def test_submitting_a_stage_chains_the_upstream_stages_dvc_has_not_run(slurm, tmp_path):
+    """`make blend CLUSTER=x` on a fresh clone means what `make blend` means here: the stages it needs first."""
+    fresh = copy_repo(tmp_path / "fresh")
+    (fresh / "clusters-test.toml").write_text(TWO_NODE_PROFILE)
+    out = launch(fresh, "submit", "blend", "--cluster", "local")
+    jobs = [line.split()[:2] for line in out.stdout.splitlines()]
+    try:
+        assert [stage for stage, _ in jobs] == ["sample", "tokenizer", "prep", "prep", "blend"], out.stdout
+        assert "blend needs sample, tokenizer, prep first (dvc status)" in out.stderr
+        ids = {stage: [j for s, j in jobs if s == stage] for stage, _ in jobs}
+
+        def dependency(job: str) -> str:
+            text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+            return next(w for w in text.split() if w.startswith("Dependency="))
+
+        assert all(f"afterok:{p}" in dependency(ids["blend"][0]) for p in ids["prep"])
+        assert f"afterok:{ids['sample'][0]}" in dependency(ids["tokenizer"][0])
+        only = launch(fresh, "submit", "blend", "--cluster", "local", "--only", "--print").stdout
+        assert only.count("sbatch ") == 1 and "stages/blend.sbatch" in only
+    finally:
+        subprocess.run(["scancel", *[j for _, j in jobs]], capture_output=True)

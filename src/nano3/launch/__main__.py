@@ -82,52 +82,74 @@ def cmd_run(args) -> int:
     if not cluster or os.environ.get("EXECUTOR", "slurm") == "local":
         return subprocess.call([sys.executable, f"stages/{args.stage}.py", "--params", params_file(), *args.rest])
     return cmd_submit(argparse.Namespace(stage=args.stage, rest=args.rest, cluster=cluster, wait=True,
-                                         test_only=False, print_only=False, dependency=None))
+                                         test_only=False, print_only=False, dependency=None, only=True))
+
+
+def stale_upstream(stage: str) -> list[str]:
+    """Pipeline stages before `stage` that DVC reports as not up to date (what `dvc repro <stage>` would run first)."""
+    if stage not in PIPELINE or shutil.which("dvc") is None:
+        return []
+    out = subprocess.run(["dvc", "status", "--with-deps", "--json", stage], capture_output=True, text=True)
+    if out.returncode != 0:
+        return []
+    changed = {name.split("@")[0] for name in json.loads(out.stdout or "{}")}
+    return [s for s in PIPELINE[: PIPELINE.index(stage)] if s in changed]
+
+
+def chain_requests(stages: list[str], params, profile, stage_args: list[str]) -> list[tuple[str, list[JobRequest]]]:
+    """Every job request of `stages` (`stage_args` go to the last), all checked before any is submitted."""
+    return [(stage, requests_for(stage, params, profile, stage_args if stage == stages[-1] else [])) for stage in stages]
+
+
+def submit_chain(chain: list[tuple[str, list[JobRequest]]], params, wait: bool, print_only: bool = False,
+                 test: bool = False, dependency: str | None = None) -> int:
+    """Submit the stages in order, each job starting only once the previous stage's jobs succeeded (afterok).
+    With `wait`, each stage's jobs are waited for before the next."""
+    last = dependency
+    for stage, requests in chain:
+        ids = []
+        for request in requests:
+            if print_only or test:
+                print(request.shell_line())
+                if test:
+                    print(test_only(request))
+                continue
+            if request.stage == "prep":
+                job, rc = submit_prep(request, params, wait, last)
+                if rc:
+                    return rc
+            elif wait:
+                job, rc = "", submit_and_wait(request, *after(last))
+                if rc:
+                    return rc
+            else:
+                job = submit(request, *after(last))
+            if job:
+                ids.append(job)
+                print(f"{stage:9s} {job}  ({request.name})")
+        last = ":".join(ids) or last
+    return 0
 
 
 def cmd_submit(args) -> int:
+    """One stage, after the upstream stages DVC says are not up to date (chained with afterok), as
+    `make <stage>` without CLUSTER runs what the stage needs."""
     params = load_params(params_file(), [a for a in args.rest if "=" in a and not a.startswith("-")])
     profile = get_profile(args.cluster)
-    last = args.dependency
-    for request in requests_for(args.stage, params, profile, args.rest):
-        if args.print_only or args.test_only:
-            print(request.shell_line())
-            if args.test_only:
-                print(test_only(request))
-            continue
-        if request.stage == "prep":
-            job, rc = submit_prep(request, params, args.wait, last)
-            if rc:
-                return rc
-            if job:
-                print(job)
-            continue
-        if args.wait:
-            rc = submit_and_wait(request, *after(last))
-            if rc:
-                return rc
-        else:
-            print(submit(request, *after(last)))
-    return 0
+    upstream = [] if args.only else stale_upstream(args.stage)
+    chain = chain_requests([*upstream, args.stage], params, profile, args.rest)
+    if upstream:
+        print(f"nano3: {args.stage} needs {', '.join(upstream)} first (dvc status): submitting them chained with "
+              f"afterok (--only submits {args.stage} alone)", file=sys.stderr)
+    return submit_chain(chain, params, args.wait, args.print_only, args.test_only, args.dependency)
 
 
 def cmd_all(args) -> int:
     """The whole pipeline as chained jobs (detached); record it afterwards with `dvc commit`."""
     params = load_params(params_file())
-    profile = get_profile(args.cluster)
-    last = None
-    for stage in PIPELINE:
-        ids = []
-        for request in requests_for(stage, params, profile, []):
-            if stage == "prep":
-                job, _ = submit_prep(request, params, wait=False, dependency=last)
-            else:
-                job = submit(request, *after(last))
-            ids.append(job)
-            print(f"{stage:9s} {job}  ({request.name})")
-        last = ":".join(ids)
+    rc = submit_chain(chain_requests(list(PIPELINE), params, get_profile(args.cluster), []), params, wait=False)
     print("when the last job is done: dvc commit -f  (records the outputs in dvc.lock)")
-    return 0
+    return rc
 
 
 def our_jobs() -> list[list[str]]:
@@ -206,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-only", action="store_true", help="sbatch --test-only: check, queue nothing")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the sbatch command only")
     p.add_argument("--dependency", help="job id(s) that must succeed first")
+    p.add_argument("--only", action="store_true", help="submit this stage alone, not the upstream stages it needs")
     p = sub.add_parser("all")
     p.add_argument("--cluster", default=os.environ.get("CLUSTER"), required=not os.environ.get("CLUSTER"))
     sub.add_parser("status")
