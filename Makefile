@@ -11,8 +11,12 @@ SETUP := $(VENV)/.synced
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 endif
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+# A Python 3.12 by absolute path, outside any virtualenv (an active one's interpreter would make uv look
+# for a managed CPython to download); an active foreign virtualenv is otherwise ignored.
 PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
-           "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
+           "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12); print(sys._base_executable)' 2>/dev/null \
+           && break; done)
+unexport VIRTUAL_ENV
 LAUNCH := python -m nano3.launch
 # make <stage>: here through DVC; with CLUSTER, a job (its id is printed; `dvc commit <stage>` records it when
 # done); WAIT=1 waits, streams its log and returns its exit code. `CLUSTER=x dvc repro` waits through DVC.

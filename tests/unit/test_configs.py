@@ -44,3 +44,21 @@ def test_console_scripts_point_at_callables():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr, None)), f"console script {name}: {target}"
+
+
+def test_make_setup_ignores_an_active_foreign_virtualenv(tmp_path):
+    """With another 3.12 virtualenv active, `make setup` must hand uv a base interpreter by absolute path: given
+    the venv's bare `python3.12`, uv went looking for a managed CPython to download (and failed offline)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    venv = tmp_path / "foreign"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    env = {**os.environ, "VIRTUAL_ENV": str(venv), "PATH": f"{venv}/bin:{os.environ['PATH']}"}
+    env.pop("NANO3_SYSTEM_PYTHON", None)
+    out = subprocess.run(["make", "-n", "-B", "setup"], cwd=ROOT, env=env, capture_output=True, text=True)
+    sync = next(line for line in out.stdout.splitlines() if "sync --frozen" in line)
+    python = Path(sync.split("--python ")[1].strip('"'))
+    assert python.is_absolute() and venv not in python.parents and python.exists(), sync
