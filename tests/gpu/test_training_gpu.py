@@ -260,7 +260,11 @@ def test_effective_config_read_back_from_the_live_run_matches_params(smoke):
         assert {g["weight_decay"] for g in groups} == {wd, 0.0}
         assert doc["optimizer"]["params_decayed"] > 0 and doc["optimizer"]["params_not_decayed"] > 0
         assert doc["init_std"] == 0.0173 and doc["moe"]["expert_bias"] is True
-    assert docs["phase2"]["data"]["consumed_train_samples_at_start"] > 0
+    sched = build_schedule(params)
+    for name in ("phase1", "phase2", "lc"):  # each phase's index holds the samples it reads, at Megatron's numbering
+        phase, data = sched.phase(name), docs[name]["data"]
+        assert (data["train_samples"], data["sample_offset"]) == (phase.samples, phase.sample_offset), data
+        assert data["consumed_train_samples_at_start"] == phase.sample_offset
     wd_metric = read_metric(repo / "dvclive" / "pretrain", "optim/weight_decay")
     assert wd_metric[0][0] == 1 and wd_metric[-1][0] == build_schedule(params).pretrain_iters
     assert {v for _, v in wd_metric} == {wd}

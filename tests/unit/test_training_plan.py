@@ -198,6 +198,21 @@ def test_checkpoint_save_sets_the_checkpoint_root_and_stage_owned_fields_are_ref
         bridge_overrides(params, s, s.phase("phase1"), "run")
 
 
+def test_each_phase_index_is_sized_to_what_the_phase_reads(params):
+    """Phase 2 of the recipe reads 44,703 steps x 8,192 = 366M samples; its index was built for all 6.1B."""
+    from nano3.blend.validate import split_sizes
+    from nano3.train.entry import PhaseWindow
+
+    s = build_schedule(load_params(ROOT / "configs" / "nano3.yaml"))
+    p1, p2 = s.phase("phase1"), s.phase("phase2")
+    assert split_sizes(p2, 1000, 10)[0] == p2.samples == (745_058 - 700_355) * 8192 == 366_206_976
+    assert split_sizes(p1, 1000, 10)[0] == 700_355 * 8192 and p2.sample_offset == 700_355 * 8192
+    assert split_sizes(p2, 1000, 10)[1:] == split_sizes(p1, 1000, 10)[1:] == [(745_058 // 1000 + 1) * 10 * 8192,
+                                                                              10 * 8192]
+    window = PhaseWindow(list(range(100, 110)), offset=50)  # Megatron's sampler starts at consumed = 50
+    assert len(window) == 60 and window[50] == 100 and window[59] == 109
+
+
 def test_checkpoint_retention_maps_to_bridge_and_production_keeps_four(params):
     s = build_schedule(params)
     assert bridge_overrides(params, s, s.phase("phase1"), "run")["checkpoint.most_recent_k"] == -1  # null: all

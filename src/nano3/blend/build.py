@@ -56,8 +56,7 @@ def build_blends(params, log=print) -> dict:
             plan = plans.get(phase)
             if plan is None:
                 continue
-            sizes = split_sizes(plan.train_iters, plan.global_batch_size, g("train.eval_interval", kind=int),
-                                g("train.eval_iters", kind=int))
+            sizes = split_sizes(plan, g("train.eval_interval", kind=int), g("train.eval_iters", kind=int))
             lengths = build_phase(out_dir / f"{phase}.json", seq_length=plan.seq_length, seed=g("train.seed", kind=int),
                                   sizes=sizes, tokenizer=tokenizer, cache_dir=cache_dir if prebuild else None)
             summary["phases"][phase]["samples"] = dict(zip(("train", "valid", "test"), lengths))

@@ -35,10 +35,12 @@ def megatron_tokenizer(tokenizer_dir: str, info: TokenizerInfo):
     return build_tokenizer(TokenizerConfig(**bridge_tokenizer_fields(tokenizer_dir, info), pad_vocab_size=False))
 
 
-def split_sizes(train_iters: int, global_batch_size: int, eval_interval: int, eval_iters: int) -> list[int]:
-    """Samples per split as Megatron-Bridge requests them (data/loaders.get_train_valid_test_num_samples)."""
-    eval_total = (train_iters // eval_interval + 1) * eval_iters if eval_interval else 0
-    return [train_iters * global_batch_size, eval_total * global_batch_size, eval_iters * global_batch_size]
+def split_sizes(phase, eval_interval: int, eval_iters: int) -> list[int]:
+    """Samples per split for one phase: train is what the phase reads (not the whole run's train_iters x GBS:
+    phase 2 of 25T tokens reads 366M samples, not 6.1B); valid/test as Megatron-Bridge requests them
+    (data/loaders.get_train_valid_test_num_samples)."""
+    eval_total = (phase.train_iters // eval_interval + 1) * eval_iters if eval_interval else 0
+    return [phase.samples, eval_total * phase.global_batch_size, eval_iters * phase.global_batch_size]
 
 
 def build_phase(blend_file: Path, *, seq_length: int, seed: int, sizes: list[int], tokenizer,

@@ -117,7 +117,7 @@ def expected(params, phase, backend: str) -> dict:
                 "aux_loss_type": preset.moe_router_load_balancing_type, "aux_loss_coeff": preset.moe_aux_loss_coeff},
         "init_std": preset.init_method_std,
         "data": {"seed": g("train.seed", kind=int), "blend": {split: pairs(blend.get(split)) for split in ("train", "valid")},
-                 "train_samples": phase.train_iters * phase.global_batch_size},
+                 "train_samples": phase.samples, "sample_offset": phase.sample_offset},
     }
 
 
@@ -137,8 +137,9 @@ def write(run_dir: str | Path, phase: str, doc: dict) -> Path:
 
 # ---- Megatron-Bridge: read from the live objects at on_train_start (GPU machines only) ----------------------------
 
-def from_megatron(context, phase: str) -> dict:
-    """The effective configuration of a Bridge run, from the objects its training loop uses."""
+def from_megatron(context, phase: str, requested: dict | None = None) -> dict:
+    """The effective configuration of a Bridge run, from the objects its training loop uses; `requested`:
+    what the phase's dataset provider asked megatron-core for (entry.PhaseWindow), None where it did not run."""
     cfg = context.state.cfg
     model_config = _unwrap(context.model[0]).config
     scheduler = context.scheduler
@@ -176,7 +177,7 @@ def from_megatron(context, phase: str) -> dict:
                 "aux_loss_coeff": model_config.moe_aux_loss_coeff},
         "init_std": model_config.init_method_std,
         "data": {"seed": cfg.dataset.random_seed, "blend": _bridge_blend(cfg.dataset.blend_per_split),
-                 "train_samples": _requested_samples(cfg)[0], "valid_samples": _requested_samples(cfg)[1],
+                 **(requested or {"bridge_train_samples": _requested_samples(cfg)[0]}),
                  "consumed_train_samples_at_start": int(context.state.train_state.consumed_train_samples)},
     }
 
@@ -260,8 +261,9 @@ class EffectiveConfigCallback:
     train if it contradicts params.yaml (every rank raises, so none waits on the others); record the
     weight decay applied at the phase's first and last step."""
 
-    def __init__(self, params, phase, run_dir: str):
+    def __init__(self, params, phase, run_dir: str, requested: dict | None = None):
         self.params, self.phase, self.run_dir = params, phase, run_dir
+        self.requested = requested  # filled by the dataset provider before training starts
         self.doc: dict | None = None
 
     def on_train_start(self, context) -> None:
@@ -272,7 +274,7 @@ class EffectiveConfigCallback:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         message = [None]
         if rank0:
-            self.doc = from_megatron(context, self.phase.name)
+            self.doc = from_megatron(context, self.phase.name, self.requested or None)
             write(self.run_dir, self.phase.name, self.doc)
             try:
                 assert_run_conforms(self.doc, self.params, self.phase, str(effective_path(self.run_dir, self.phase.name)))

@@ -36,6 +36,41 @@ def failure_path(run_dir: str | Path, phase: str) -> Path:
     return Path(run_dir) / f"refused.{phase}.txt"
 
 
+class PhaseWindow:
+    """A phase's training dataset seen at Megatron's sample numbers: a phase that resumes at consumed sample
+    `offset` (phase 2) reads indices offset.. of a dataset built only for the samples it reads."""
+
+    def __init__(self, dataset, offset: int):
+        self.dataset, self.offset = dataset, offset
+
+    def __len__(self) -> int:
+        return self.offset + len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index - self.offset]
+
+
+def read_only_the_phase(phase, requested: dict) -> None:
+    """Make Bridge build each phase's training index for the samples that phase reads (phase 2 of the recipe:
+    366M, not the 6.1B of train_iters x GBS that Bridge would request) and record what was requested.
+
+    Bridge picks the dataset provider from its registry by config type at pretrain() time; the wrapper keeps
+    its two-argument signature so Bridge binds no extra arguments.
+    """
+    from megatron.bridge.data import utils as data_utils
+    from megatron.bridge.training.config import GPTDatasetConfig
+
+    original = data_utils._REGISTRY[GPTDatasetConfig]
+
+    def provider(train_val_test_num_samples, dataset_config):
+        sizes = [phase.samples, *train_val_test_num_samples[1:]]
+        requested.update(train_samples=sizes[0], valid_samples=int(sizes[1]), sample_offset=phase.sample_offset)
+        train, valid, test = original(sizes, dataset_config)
+        return (PhaseWindow(train, phase.sample_offset) if train is not None else None), valid, test
+
+    data_utils._REGISTRY[GPTDatasetConfig] = provider
+
+
 def build_config(overrides: dict[str, Any]):
     from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
     from megatron.bridge.recipes.utils.dataset_utils import get_blend_fields_from_data_paths
@@ -100,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         log_interval=params.get_key("train.log_interval", kind=int),
         extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
     )
-    conformance = EffectiveConfigCallback(params, phase, args.run_dir)
+    requested: dict = {}
+    read_only_the_phase(phase, requested)
+    conformance = EffectiveConfigCallback(params, phase, args.run_dir, requested)
     try:
         pretrain(config=cfg, forward_step_func=forward_step, callbacks=[conformance, callback])
     except UserError as e:  # every rank raises it; rank 0 hands the one line to the stage (run.py)

@@ -183,7 +183,8 @@ def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load:
         "init_std": config.initializer_range,
         "data": {"seed": g("train.seed", kind=int),
                  "blend": _bridge_blend([dataset_blend(train_set), dataset_blend(valid_set)]),
-                 "train_samples": sizes[0], "valid_samples": sizes[1] if valid_set is not None else 0},
+                 "train_samples": sizes[0], "valid_samples": sizes[1] if valid_set is not None else 0,
+                 "sample_offset": phase.sample_offset},
     }
 
 
@@ -207,8 +208,7 @@ def phase_sizes(params, phase: PhasePlan) -> list[int]:
     from nano3.blend.validate import split_sizes
 
     g = params.get_key
-    return split_sizes(phase.train_iters, phase.global_batch_size, g("train.eval_interval", kind=int),
-                       g("train.eval_iters", kind=int))
+    return split_sizes(phase, g("train.eval_interval", kind=int), g("train.eval_iters", kind=int))
 
 
 def phase_datasets(params, phase: PhasePlan, cache_dir: Path, sizes: list[int]):
@@ -295,7 +295,8 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                 model.train()
                 total = 0.0
                 for start in range(0, gbs, mbs):
-                    samples = [train_set[step * gbs + i] for i in range(start, min(start + mbs, gbs))]
+                    first = (step - phase.start_iter) * gbs  # the phase's dataset holds only what it reads
+                    samples = [train_set[first + i] for i in range(start, min(start + mbs, gbs))]
                     loss = batch_loss(model, samples) * len(samples) / gbs
                     loss.backward()
                     total += loss.item()

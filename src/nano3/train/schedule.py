@@ -36,6 +36,16 @@ class PhasePlan:
         return self.iterations * self.global_batch_size * self.seq_length
 
     @property
+    def samples(self) -> int:
+        """Training samples the phase reads: its dataset index is built for these and no more."""
+        return self.iterations * self.global_batch_size
+
+    @property
+    def sample_offset(self) -> int:
+        """Samples consumed before the phase starts (Megatron's consumed_train_samples when it resumes)."""
+        return self.start_iter * self.global_batch_size
+
+    @property
     def exit_interval(self) -> int | None:
         """Where Megatron must stop before its `train_iters` (phase 1 of the curriculum), else None."""
         return self.end_iter if self.end_iter < self.train_iters else None
