@@ -32,6 +32,21 @@ def run(repo: Path, *cmd: str, check: bool = True, timeout: int = 1800) -> subpr
     return out
 
 
+def start_until_checkpoint(repo: Path, cmd: list[str], root: Path, at_least: int, log: Path | None = None):
+    """Start a training command in its own process group; return it and its tracker file once it has saved a
+    checkpoint at iteration >= at_least."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=out, stderr=subprocess.STDOUT if log else out,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        trackers = list(root.glob("*/latest_checkpointed_iteration.txt"))
+        if trackers and int(trackers[0].read_text()) >= at_least:
+            return proc, trackers[0]
+        time.sleep(0.2)
+    raise AssertionError(f"{' '.join(cmd)}: no checkpoint at iteration >= {at_least} under {root}")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("cpu") / "repo")
@@ -87,17 +102,10 @@ def test_killed_reference_training_resumes_to_the_same_loss(smoke):
     budget = ["train.reference.tokens=10240", "train.save_interval=2", "train.log_interval=1"]
     run(repo, sys.executable, "stages/pretrain.py", *budget, "train.checkpoint_dir=ck_whole", "train.live_dir=live_whole")
     cmd = [sys.executable, "stages/pretrain.py", *budget, "train.checkpoint_dir=ck_killed", "train.live_dir=live_killed"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        trackers = list((repo / "ck_killed" / "pretrain").glob("*/latest_checkpointed_iteration.txt"))
-        if trackers and int(trackers[0].read_text()) >= 4:
-            break
-        time.sleep(0.2)
+    proc, tracker = start_until_checkpoint(repo, cmd, repo / "ck_killed" / "pretrain", 4)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = int(trackers[0].read_text())
+    killed_at = int(tracker.read_text())
     assert 4 <= killed_at < 10
     run(repo, *cmd)
     whole = json.loads((repo / "ck_whole" / "pretrain.json").read_text())
@@ -143,17 +151,10 @@ def test_checkpoint_root_retention_and_the_stopped_phase(smoke, tmp_path):
     assert "pretrain phase1" not in again.stderr and json.loads((root / "pretrain.json").read_text())["iteration"] == 10
 
     cmd = [sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={tmp_path / 'ck2'}", "train.live_dir=live2"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        trackers = list((tmp_path / "ck2" / "pretrain").glob("*/latest_checkpointed_iteration.txt"))
-        if trackers and int(trackers[0].read_text()) >= 2:
-            break
-        time.sleep(0.2)
+    proc, tracker = start_until_checkpoint(repo, cmd, tmp_path / "ck2" / "pretrain", 2, log=tmp_path / "term.log")
     os.killpg(proc.pid, signal.SIGTERM)
-    log, _ = proc.communicate(timeout=300)
-    stopped = int(trackers[0].read_text())
+    proc.wait(timeout=300)
+    log, stopped = (tmp_path / "term.log").read_text(), int(tracker.read_text())
     assert proc.returncode == 3 and stopped < 9, log[-2000:]
     assert f"pretrain: phase1 stopped at iteration {stopped}; rerun to resume" in log
 
