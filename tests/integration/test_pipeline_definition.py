@@ -108,3 +108,10 @@ def test_a_fresh_clone_shows_what_would_run_without_running_it(tmp_path):
     assert {"sample:", "blend:", "pretrain:", "lc:", "export:", "eval:"} <= set(out.stdout.split())
     readme = (ROOT / "README.md").read_text()
     assert "dvc status" in readme and "dvc repro --dry" in readme
+
+
+def test_dvc_plots_output_is_git_ignored_and_documented():
+    """`dvc plots show` writes dvc_plots/index.html into the repository: it must not show up as a change."""
+    out = subprocess.run(["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=ROOT)
+    assert out.returncode == 0, "dvc_plots/ is not git-ignored"
+    assert "dvc_plots/index.html" in (ROOT / "README.md").read_text()
