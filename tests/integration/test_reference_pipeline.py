@@ -145,7 +145,7 @@ def test_checkpoint_root_retention_and_the_stopped_phase(smoke, tmp_path):
     manifest = json.loads((root / "pretrain.json").read_text())
     run_dir = Path(manifest["run_dir"])
     assert run_dir.parent == root / "pretrain" and manifest["iteration"] == 10
-    assert sorted(p.name for p in run_dir.glob("iter_*")) == ["iter_0000008", "iter_0000010"]
+    assert sorted(p.name for p in run_dir.glob("iter_*")) == ["iter_0000009", "iter_0000010"]  # 9: phase 1's end
     again = run(repo, sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={root}",
                 "train.keep_checkpoints=2", "train.live_dir=live_ck")
     assert "pretrain phase1" not in again.stderr and json.loads((root / "pretrain.json").read_text())["iteration"] == 10

@@ -295,8 +295,8 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                 model.train()
                 total = 0.0
                 for start in range(0, gbs, mbs):
-                    first = (step - phase.start_iter) * gbs  # the phase's dataset holds only what it reads
-                    samples = [train_set[first + i] for i in range(start, min(start + mbs, gbs))]
+                    offset = (step - phase.start_iter) * gbs  # the phase's dataset holds only what it reads
+                    samples = [train_set[offset + i] for i in range(start, min(start + mbs, gbs))]
                     loss = batch_loss(model, samples) * len(samples) / gbs
                     loss.backward()
                     total += loss.item()
