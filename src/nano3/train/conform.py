@@ -13,6 +13,7 @@ Two checks, one rule: every difference is either listed with its reason in `conf
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from nano3.config import load_params, yaml_load
 from nano3.errors import UserError
+from nano3.files import read_json
 from nano3.train.effective import effective_path, expected, flatten
 
 DEVIATIONS_FILE = Path(__file__).resolve().parents[3] / "configs" / "deviations.yaml"
@@ -182,8 +184,6 @@ def run_files(params) -> list[tuple[str, Path]]:
         path = manifest_path(params, stage)
         if not path.exists():
             continue
-        from nano3.files import read_json
-
         manifest = read_json(path, f"{stage} manifest")
         for phase in manifest.get("phases", []):
             out.append((phase["name"], effective_path(manifest["run_dir"], phase["name"])))
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             errors.append(f"{path}: missing; the run predates effective-config files, rerun its stage")
             continue
-        doc = __import__("json").loads(path.read_text())
+        doc = json.loads(path.read_text())
         effective_params = for_backend(params, doc.get("backend", "megatron"))
         phase = build_schedule(effective_params).phase(phase_name)
         diffs = check_run(doc, effective_params, phase, deviations)
