@@ -51,6 +51,14 @@ def build_phase(blend_file: Path, *, seq_length: int, seed: int, sizes: list[int
     return [len(d) if d is not None else 0 for d in datasets]
 
 
+def prefixes_and_weights(entries: list | None) -> tuple[list[str], list[float]] | None:
+    """One split of a per_split_data_args_path file ([w, prefix, w, prefix, ...] or null) as megatron-core's
+    (prefixes, weights) pair."""
+    if not entries:
+        return None
+    return [entries[i + 1] for i in range(0, len(entries), 2)], [float(entries[i]) for i in range(0, len(entries), 2)]
+
+
 def build_phase_datasets(blend_file: Path, *, seq_length: int, seed: int, sizes: list[int], tokenizer,
                          cache_dir: Path | None) -> list:
     """The phase's train/valid/test datasets (None for an empty split), as megatron-core builds them."""
@@ -59,12 +67,7 @@ def build_phase_datasets(blend_file: Path, *, seq_length: int, seed: int, sizes:
 
     doc = json.loads(blend_file.read_text())
 
-    def parse(entries):
-        if not entries:
-            return None
-        return [entries[i + 1] for i in range(0, len(entries), 2)], [float(entries[i]) for i in range(0, len(entries), 2)]
-
-    blend_per_split = [parse(doc[s]) for s in ("train", "valid", "test")]
+    blend_per_split = [prefixes_and_weights(doc[s]) for s in ("train", "valid", "test")]
     sizes = [n if blend is not None else 0 for n, blend in zip(sizes, blend_per_split)]
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend_per_split=blend_per_split, tokenizer=tokenizer,

@@ -194,7 +194,7 @@ def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool) -> None:
 
 
 def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: int,
-               sample_rows: int | None, show_progress: bool, log_interval_s: float = 60.0) -> dict[int, dict]:
+               sample_rows: int | None, show_progress: bool, log_interval_s: float) -> dict[int, dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     todo = [u for u in units if u.index not in done]

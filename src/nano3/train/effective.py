@@ -77,6 +77,7 @@ def read_groups(param_groups) -> list[dict]:
 
 def expected(params, phase, backend: str) -> dict:
     """What params.yaml says this phase must run with, in the effective file's shape."""
+    from nano3.blend.validate import prefixes_and_weights
     from nano3.data.tokenizer import read_info
     from nano3.train.flops import padded_vocab
     from nano3.train.plan import model_vocab, read_layout
@@ -116,17 +117,10 @@ def expected(params, phase, backend: str) -> dict:
                 "bias_update_rate": preset.moe_router_bias_update_rate,
                 "aux_loss_type": preset.moe_router_load_balancing_type, "aux_loss_coeff": preset.moe_aux_loss_coeff},
         "init_std": preset.init_method_std,
-        "data": {"seed": g("train.seed", kind=int), "blend": {split: pairs(blend.get(split)) for split in ("train", "valid")},
+        "data": {"seed": g("train.seed", kind=int),
+                 "blend": blend_shares([prefixes_and_weights(blend.get(split)) for split in ("train", "valid")]),
                  "train_samples": phase.samples, "sample_offset": phase.sample_offset},
     }
-
-
-def pairs(flat: list | None) -> list[list] | None:
-    """A per-split blend list [w, prefix, w, prefix, ...] -> [[prefix, share], ...] with shares summing to 1."""
-    if not flat:
-        return None
-    weights = [float(w) for w in flat[0::2]]
-    return [[str(p), round(w / sum(weights), 9)] for w, p in zip(weights, flat[1::2])]
 
 
 def write(run_dir: str | Path, phase: str, doc: dict) -> Path:
@@ -145,11 +139,11 @@ def from_megatron(context, phase: str, requested: dict | None = None) -> dict:
     scheduler = context.scheduler
     gbs = cfg.train.global_batch_size
     groups = read_groups(context.optimizer.param_groups)
+    summary = summarize_groups(groups)
     return {
         "backend": "megatron", "phase": phase, "source": "live objects at on_train_start (Megatron-Bridge)",
-        "optimizer": {**summarize_groups(groups), "clip_grad": float(context.optimizer.config.clip_grad),
-                      "groups": groups},
-        "weight_decay_applied": {"first_step": summarize_groups(groups)["weight_decay"]},
+        "optimizer": {**summary, "clip_grad": float(context.optimizer.config.clip_grad), "groups": groups},
+        "weight_decay_applied": {"first_step": summary["weight_decay"]},
         "scheduler": {"max_lr": scheduler.max_lr, "min_lr": scheduler.min_lr, "lr_warmup_init": scheduler.init_lr,
                       "warmup_iters": _iters(scheduler.lr_warmup_steps, gbs),
                       "decay_iters": _iters(scheduler.lr_decay_steps, gbs), "decay_style": scheduler.lr_decay_style,
@@ -176,7 +170,7 @@ def from_megatron(context, phase: str, requested: dict | None = None) -> dict:
                 "aux_loss_type": model_config.moe_router_load_balancing_type,
                 "aux_loss_coeff": model_config.moe_aux_loss_coeff},
         "init_std": model_config.init_method_std,
-        "data": {"seed": cfg.dataset.random_seed, "blend": _bridge_blend(cfg.dataset.blend_per_split),
+        "data": {"seed": cfg.dataset.random_seed, "blend": blend_shares(cfg.dataset.blend_per_split),
                  **(requested or {"bridge_train_samples": _requested_samples(cfg)[0]}),
                  "consumed_train_samples_at_start": int(context.state.train_state.consumed_train_samples)},
     }
@@ -231,8 +225,9 @@ def _embedding_rows(model_chunks) -> int:
     raise RuntimeError("no word_embeddings.weight in the model (not on the first pipeline stage?)")
 
 
-def _bridge_blend(blend_per_split) -> dict:
-    """Bridge's blend_per_split [(prefixes, weights) | None] x3 -> {split: [[prefix, share], ...]}."""
+def blend_shares(blend_per_split) -> dict:
+    """(prefixes, weights) | None per split (Bridge's blend_per_split; train and valid are read) ->
+    {split: [[prefix, share], ...]} with the shares summing to 1: one form for params, Bridge and the reference."""
     out = {}
     for split, entry in zip(("train", "valid"), blend_per_split or (None, None)):
         if not entry:

@@ -149,7 +149,7 @@ def dataset_blend(dataset):
 def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load: ExpertLoad, train_set,
                      valid_set, sizes: list[int]) -> dict:
     """The effective configuration (effective.py) from the reference backend's own objects."""
-    from nano3.train.effective import _bridge_blend, applied_weight_decay, read_groups, summarize_groups
+    from nano3.train.effective import applied_weight_decay, blend_shares, read_groups, summarize_groups
 
     g = params.get_key
     groups = read_groups(optimizer.param_groups)
@@ -182,7 +182,7 @@ def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load:
                 "bias_update_rate": load.rate, "aux_loss_type": "none", "aux_loss_coeff": 0.0},
         "init_std": config.initializer_range,
         "data": {"seed": g("train.seed", kind=int),
-                 "blend": _bridge_blend([dataset_blend(train_set), dataset_blend(valid_set)]),
+                 "blend": blend_shares([dataset_blend(train_set), dataset_blend(valid_set)]),
                  "train_samples": sizes[0], "valid_samples": sizes[1] if valid_set is not None else 0,
                  "sample_offset": phase.sample_offset},
     }
