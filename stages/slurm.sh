@@ -3,6 +3,7 @@
 #   NANO3_RUNTIME   pyxis | apptainer | none      NANO3_IMAGE   container image (pyxis) or .sif file
 #   NANO3_MOUNTS    src:dst[,src:dst...]          NANO3_MAX_REQUEUES   cap on self-requeues (default 20)
 #   NANO3_PARAMS    parameter file (default params.yaml)
+#   NANO3_IMAGE_EXTRAS   installed (the image has nano3's packages) | install (install them at job start)
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 mkdir -p logs
@@ -11,13 +12,15 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the package, where no
 echo "nano3: job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) on ${SLURM_JOB_NODELIST:-?}, restart ${SLURM_RESTART_COUNT:-0}," \
      "runtime ${NANO3_RUNTIME:-none}, $(date -Is)"
 
-# Run a command on every task of a job step, inside the container (exec: the caller's process is srun).
+# Run a command on every task of a job step, inside the container (exec: the caller's process is srun),
+# after stages/in_image.sh has checked (or, with image_extras = "install", completed) the image.
 in_container() {
   case "${NANO3_RUNTIME:-none}" in
     pyxis) exec srun --container-image="$NANO3_IMAGE" --container-workdir="$PWD" --no-container-mount-home \
-             --container-mounts="$PWD:$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" "$@" ;;
-    apptainer) exec srun apptainer exec --nv --pwd "$PWD" --bind "$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" "$NANO3_IMAGE" "$@" ;;
-    none) exec srun "$@" ;;
+             --container-mounts="$PWD:$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" bash stages/in_image.sh "$@" ;;
+    apptainer) exec srun apptainer exec --nv --pwd "$PWD" --bind "$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" "$NANO3_IMAGE" \
+                 bash stages/in_image.sh "$@" ;;
+    none) exec srun bash stages/in_image.sh "$@" ;;
     *) echo "error: NANO3_RUNTIME='${NANO3_RUNTIME}' is not pyxis, apptainer or none" >&2; exit 2 ;;
   esac
 }

@@ -340,8 +340,8 @@ def test_production_config_container_carries_the_recipe_optimizer(smoke, tmp_pat
     params["blend"]["out_dir"] = str(repo / "data" / "blend")
     sched = schedule_of(params)
     for phase in sched.phases:
-        cfg = build_config({k: v for k, v in bridge_overrides(params, sched, phase, str(tmp_path)).items()
-                            if k != "dataset.per_split_data_args_path"})
+        cfg, _ = build_config({k: v for k, v in bridge_overrides(params, sched, phase, str(tmp_path)).items()
+                               if k != "dataset.per_split_data_args_path"})
         assert cfg.optimizer.weight_decay == cfg.scheduler.start_weight_decay == cfg.scheduler.end_weight_decay == 0.1
         assert (cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2, cfg.optimizer.adam_eps) == (0.9, 0.95, 1e-8)
         assert cfg.optimizer.lr == (1e-5 if phase.name == "lc" else 1e-4)
@@ -365,3 +365,50 @@ def test_dvc_exp_run_with_another_lr_retrains_and_reuses_the_data(smoke):
     print(f"final pretrain loss: lr 1e-3 {before['metrics']['train']['loss']:.4f}, lr 3e-4 "
           f"{after['metrics']['train']['loss']:.4f}")
     assert after["metrics"]["train"]["loss"] != before["metrics"]["train"]["loss"]
+
+
+NANO_V3_PRETRAIN = """
+import sys
+import megatron.bridge.training.pretrain as bridge_pretrain
+
+bridge_own = bridge_pretrain.pretrain
+
+def pretrain(config, forward_step_func):  # the signature of the recipe image's Bridge (nano-v3): no callbacks
+    return bridge_own(config, forward_step_func)
+
+bridge_pretrain.pretrain = pretrain
+from nano3.train.entry import main
+main(sys.argv[1:])
+"""
+
+
+def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smoke, tmp_path):
+    """Issue 12: the recipe image's Bridge has `pretrain(config, forward_step_func)` only. Phase 1 of a shortened
+    run, through the real training loop with that signature: the loop hooks (megatron_compat) must give the same
+    dvclive metrics, validation loss and effective-config file as Bridge's callbacks do."""
+    repo, _ = smoke
+    params = load_params(repo / "params.yaml")
+    iters = 60
+    tokens = iters * params["train"]["global_batch_size"] * params["train"]["seq_length"]
+    overrides = [f"train.tokens={tokens}", "train.eval_interval=20"]
+    run_dir, live_dir = tmp_path / "run", tmp_path / "live"
+    cmd = [sys.executable, "-c", NANO_V3_PRETRAIN, "--params", "params.yaml", "--phase", "phase1",
+           "--run-dir", str(run_dir), "--live-dir", str(live_dir)] + [a for o in overrides for a in ("--override", o)]
+    one_rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    out = subprocess.run(cmd, cwd=repo, env={**env(), **one_rank}, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    phase = build_schedule(load_params(repo / "params.yaml", overrides)).phase("phase1")
+    loss = read_metric(live_dir, "train/loss")
+    valid = read_metric(live_dir, "valid/loss")
+    wd = read_metric(live_dir, "optim/weight_decay")
+    print("train/loss", loss[0], loss[-1], "valid/loss", valid, "end_iter", phase.end_iter)
+    assert loss[0][0] == params["train"]["log_interval"] and loss[-1][0] <= phase.end_iter and loss[-1][1] < loss[0][1]
+    assert [s for s, _ in valid] == [20, 40]
+    assert wd[0][0] == 1 and wd[-1][0] == phase.end_iter
+    doc = json.loads((run_dir / "effective_config.phase1.json").read_text())
+    assert doc["weight_decay_applied"]["last_iteration"] == phase.end_iter
+    assert doc["weight_decay_applied"]["first_step"] == doc["weight_decay_applied"]["last_step"] == 0.1
+    stack = json.loads((run_dir / "stack.phase1.json").read_text())
+    print(stack)
+    assert stack["installed"]["megatron-bridge"]

@@ -44,12 +44,27 @@ def test_shipped_profiles_are_valid():
     (lambda t: t.replace('container_image = "nvcr.io/nvidia/nemo:25.11.nemotron_3_nano"\n', ""), "runtime 'pyxis' needs a container_image"),
     (lambda t: t.replace("nodes = 2", 'nodes = "two"'), "'nodes' must be a positive integer, got 'two'"),
     (lambda t: t + "gpu_per_node = 4\n", "unknown keys ['gpu_per_node']"),
+    (lambda t: t + 'image_extras = "pip"\n', "[big]: image_extras 'pip' is not one of installed, install"),
 ])
 def test_bad_profiles(tmp_path, edit, message):
     path = profile_file(tmp_path, edit(GOOD))
     with pytest.raises(UserError) as err:
         get_profile("small" if "unknown cluster" in message else "big", path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_profile_says_whether_the_image_has_nanos_packages(tmp_path):
+    """The bare recipe image lacks dvc/dvclive: its example profile installs them at job start; a job's
+    environment carries the setting to stages/in_image.sh."""
+    shipped = ROOT / "stages" / "clusters.toml"
+    assert get_profile("example-pyxis", shipped).image_extras == "install"
+    assert get_profile("example-apptainer", shipped).image_extras == "installed"
+    params = load_params(ROOT / "params.yaml")
+    path = profile_file(tmp_path, GOOD + 'image_extras = "install"\n')
+    request = build_request("blend", params, get_profile("big", path), [])
+    assert request.env["NANO3_IMAGE_EXTRAS"] == "install"
+    plain = build_request("blend", params, get_profile("big", profile_file(tmp_path, GOOD)), [])
+    assert plain.env["NANO3_IMAGE_EXTRAS"] == "installed"
 
 
 def test_training_request_takes_its_shape_from_params_or_the_profile(tmp_path):

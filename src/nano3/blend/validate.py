@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nano3.data.tokenizer import SPM_FILE, TokenizerInfo
 from nano3.errors import UserError, brief
+from nano3.megatron_compat import build_megatron_tokenizer, process_group_for_dataset_builds
 
 
 def bridge_tokenizer_fields(tokenizer_dir: str, info: TokenizerInfo) -> dict:
@@ -29,10 +30,7 @@ def bridge_tokenizer_fields(tokenizer_dir: str, info: TokenizerInfo) -> dict:
 
 def megatron_tokenizer(tokenizer_dir: str, info: TokenizerInfo):
     """The tokenizer object Bridge builds for these fields (Bridge disables mcore's vocab padding)."""
-    from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
-    from megatron.training.config import TokenizerConfig
-
-    return build_tokenizer(TokenizerConfig(**bridge_tokenizer_fields(tokenizer_dir, info), pad_vocab_size=False))
+    return build_megatron_tokenizer(bridge_tokenizer_fields(tokenizer_dir, info))
 
 
 def split_sizes(phase, eval_interval: int, eval_iters: int) -> list[int]:
@@ -77,7 +75,7 @@ def build_phase_datasets(blend_file: Path, *, seq_length: int, seed: int, sizes:
     # megatron-core logs every index it builds at INFO; keep the stage's output to its summary.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), process_group_for_dataset_builds():
             datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     except Exception as e:
         raise UserError(f"{blend_file}: megatron-core could not build this blend ({type(e).__name__}: "

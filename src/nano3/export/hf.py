@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nano3.data.tokenizer import SPM_FILE, read_info
 from nano3.errors import UserError
+from nano3.megatron_compat import nemotron_h_classes
 from nano3.train.presets import ModelPreset
 
 LAYER_KINDS = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
@@ -22,8 +23,7 @@ def nemotron_h_config(preset: ModelPreset, vocab_size: int, eod_id: int, max_pos
     """transformers' NemotronHConfig with the preset's shapes and the Nemotron 3 Nano conventions Megatron
     uses: squared-ReLU experts, sigmoid router with expert bias, normalised top-k scaled by the factor,
     no positional embeddings, untied output layer, RMSNorm eps 1e-5, Mamba conv 4 and chunk 128."""
-    from transformers import NemotronHConfig
-
+    NemotronHConfig, _ = nemotron_h_classes()
     return NemotronHConfig(
         architectures=["NemotronHForCausalLM"],
         vocab_size=vocab_size,

@@ -16,6 +16,7 @@ from nano3.errors import UserError
 
 PROFILES_FILE = os.environ.get("NANO3_CLUSTERS", "stages/clusters.toml")
 RUNTIMES = ("pyxis", "apptainer", "none")
+IMAGE_EXTRAS = ("installed", "install")  # the image has nano3's packages | stages/in_image.sh installs them
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ClusterProfile:
     env: dict = field(default_factory=dict)
     sbatch_extra: tuple[str, ...] = ()
     max_requeues: int = 20
+    image_extras: str = "installed"  # "install" on a bare NeMo image: nano3's packages installed at job start
     gpu_memory_gib: float = 79.6  # what CUDA reports for one GPU (H100 80GB: 79.6; H200: 139.8); plans must fit it
 
     @property
@@ -66,6 +68,9 @@ def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
         raise UserError(f"{where}: runtime '{raw['runtime']}' is not one of {', '.join(RUNTIMES)}")
     if raw["runtime"] != "none" and not raw.get("container_image"):
         raise UserError(f"{where}: runtime '{raw['runtime']}' needs a container_image")
+    if raw.get("image_extras", "installed") not in IMAGE_EXTRAS:
+        raise UserError(f"{where}: image_extras '{raw['image_extras']}' is not one of {', '.join(IMAGE_EXTRAS)} "
+                        "(install: nano3's packages are installed at job start, for a bare NeMo image)")
     for key in ("nodes", "gpus_per_node", "cpus_per_task"):
         if not isinstance(raw[key], int) or raw[key] < (0 if key == "gpus_per_node" else 1):
             raise UserError(f"{where}: '{key}' must be a positive integer, got {raw[key]!r}")

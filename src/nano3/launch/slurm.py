@@ -83,6 +83,7 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
     args += list(profile.sbatch_extra)
     env = {"NANO3_RUNTIME": profile.runtime, "NANO3_IMAGE": profile.container_image or "",
            "NANO3_MOUNTS": ",".join(profile.mounts), "NANO3_MAX_REQUEUES": str(profile.max_requeues),
+           "NANO3_IMAGE_EXTRAS": profile.image_extras,
            "NANO3_PARAMS": params_file, **{k: str(v) for k, v in profile.env.items()}}
     return JobRequest(stage, name, args, env, stage_args)
 

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=N -m nano3.train.entry --stage pretrain --phase phase1 --run-dir DIR [...]
 
 Builds Megatron-Bridge's Nemotron 3 Nano recipe config, applies mapping.bridge_overrides, and
-runs Bridge's `pretrain`. Megatron-Bridge and Transformer Engine are imported only here.
+runs Bridge's `pretrain` (through megatron_compat, so the recipe image's older Bridge runs it too). Megatron-Bridge and Transformer Engine are imported only here.
 Import-safe on purpose: distributed checkpoint saving starts worker processes with spawn.
 """
 
@@ -18,6 +18,8 @@ from typing import Any
 import nano3  # noqa: F401  (quiet imports)
 from nano3.config import load_params, parse_override
 from nano3.errors import UserError
+from nano3.files import atomic_write_json
+from nano3.megatron_compat import adapt_overrides, dataset_providers, installed_stack, run_pretrain
 
 
 def set_field(cfg, dotted: str, value: Any) -> None:
@@ -57,10 +59,10 @@ def read_only_the_phase(phase, requested: dict) -> None:
     Bridge picks the dataset provider from its registry by config type at pretrain() time; the wrapper keeps
     its two-argument signature so Bridge binds no extra arguments.
     """
-    from megatron.bridge.data import utils as data_utils
     from megatron.bridge.training.config import GPTDatasetConfig
 
-    original = data_utils._REGISTRY[GPTDatasetConfig]
+    registry = dataset_providers(GPTDatasetConfig)
+    original = registry[GPTDatasetConfig]
 
     def provider(train_val_test_num_samples, dataset_config):
         sizes = [phase.samples, *train_val_test_num_samples[1:]]
@@ -68,15 +70,18 @@ def read_only_the_phase(phase, requested: dict) -> None:
         train, valid, test = original(sizes, dataset_config)
         return (PhaseWindow(train, phase.sample_offset) if train is not None else None), valid, test
 
-    data_utils._REGISTRY[GPTDatasetConfig] = provider
+    registry[GPTDatasetConfig] = provider
 
 
-def build_config(overrides: dict[str, Any]):
+def build_config(overrides: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Bridge's recipe config with our overrides, spelled for the installed Bridge (megatron_compat);
+    returns the config and the notes of what was spelled differently."""
     from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
     from megatron.bridge.recipes.utils.dataset_utils import get_blend_fields_from_data_paths
     from megatron.bridge.training.mixed_precision import get_mixed_precision_config
 
     cfg = nemotron_3_nano_pretrain_config()
+    overrides, notes = adapt_overrides(cfg, overrides)
     for key, value in overrides.items():
         if key == "dataset.per_split_data_args_path":
             blend, per_split, split = get_blend_fields_from_data_paths(per_split_data_args_path=value)
@@ -89,12 +94,11 @@ def build_config(overrides: dict[str, Any]):
             cfg.comm_overlap = value
         else:
             set_field(cfg, key, value)
-    return cfg
+    return cfg, notes
 
 
 def main(argv: list[str] | None = None) -> None:
     from megatron.bridge.training.gpt_step import forward_step
-    from megatron.bridge.training.pretrain import pretrain
 
     from nano3.train.effective import EffectiveConfigCallback
     from nano3.train.flops import flops_per_token, padded_vocab
@@ -119,11 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     phase = schedule.phase(args.phase)
     overrides = bridge_overrides(params, schedule, phase, args.run_dir, args.pretrained)
     overrides.update(dict(parse_override(text) for text in args.bridge))
+    cfg, spelled = build_config(overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         (Path(args.run_dir) / f"bridge_overrides.{args.phase}.json").write_text(
             json.dumps(overrides, indent=2, sort_keys=True, default=str))
-    cfg = build_config(overrides)
+        atomic_write_json(Path(args.run_dir) / f"stack.{args.phase}.json",
+                          {"installed": installed_stack(), "spelled_for_this_bridge": spelled})
 
     preset = model_preset(params)
     layout = read_layout(params, "lc" if args.phase == "lc" else "train")
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     read_only_the_phase(phase, requested)
     conformance = EffectiveConfigCallback(params, phase, args.run_dir, requested)
     try:
-        pretrain(config=cfg, forward_step_func=forward_step, callbacks=[conformance, callback])
+        run_pretrain(cfg, forward_step, [conformance, callback])
     except UserError as e:  # every rank raises it; rank 0 hands the one line to the stage (run.py)
         if int(os.environ.get("RANK", "0")) == 0:
             failure_path(args.run_dir, args.phase).write_text(f"{e}\n")

@@ -1,0 +1,231 @@
+"""Run on the Megatron-Bridge that is installed, the recipe image's or today's, by looking at what it has.
+
+The recipe's image `nemo:25.11.nemotron_3_nano` carries Bridge's `nano-v3` branch (December 2025, version
+string 0.3.0rc0) on megatron-core 0.16.0rc0; today's pin is Bridge 0.6.2 on megatron-core 0.19.2. Every
+difference this repository meets is detected from the installed code (a field, a parameter, a module),
+never from a version string, so a backport or a patched image works too:
+
+- the layer pattern field: `hybrid_layer_pattern` (Bridge >= 0.4) or `hybrid_override_pattern`;
+- evaluation settings: a `validation` section (Bridge >= 0.4) or fields of `train`;
+- the CUDA-graph module list: `cuda_graph_modules` or megatron-core's older `cuda_graph_scope`;
+- the vocabulary from the tokenizer: `tokenizer.use_tokenizer_vocab_size` (Bridge >= 0.6), or a model
+  `vocab_size` of None (older Bridge then takes the tokenizer's);
+- training callbacks: `pretrain(callbacks=...)` (Bridge >= 0.3.0); without it the same callback objects are
+  driven from wrappers of the training loop's own functions (`train`, `train_step`, `evaluate`);
+- the dataset provider registry Bridge picks a provider from (the phase-sized index hooks into it);
+- the tokenizer builder: megatron-core's (`megatron.core.tokenizers`) or Bridge's own (older cores);
+- megatron-core 0.16's BlendedDataset asks torch.distributed for its rank even in one process: the CPU-side
+  blend build runs inside a one-process group where none exists;
+- transformers' NemotronH classes (transformers >= 5), which the HF export needs.
+
+Everything imports lazily: this module imports on any machine, and tests drive each branch with stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable
+
+from nano3.errors import UserError
+
+NEWER_IMAGE = "use an image with a newer Megatron-Bridge (the profile's container_image; see README, Supported stacks)"
+
+
+def adapt_overrides(cfg, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Our Bridge overrides (spelled for today's Bridge) in the spelling of the ConfigContainer `cfg`.
+
+    Returns the adapted overrides and one note per key spelled differently here (written with the run).
+    """
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        new = key
+        if key == "model.hybrid_layer_pattern" and not hasattr(cfg.model, "hybrid_layer_pattern"):
+            new = "model.hybrid_override_pattern"
+        elif section == "validation" and not hasattr(cfg, "validation"):
+            new = f"train.{name}"
+        elif key == "model.cuda_graph_modules" and not hasattr(cfg.model, "cuda_graph_modules"):
+            new = "model.cuda_graph_scope"
+        elif key == "tokenizer.use_tokenizer_vocab_size" and not hasattr(cfg.tokenizer, "use_tokenizer_vocab_size"):
+            if value and "model.vocab_size" not in overrides:  # older Bridge sizes a None vocab from the tokenizer
+                out["model.vocab_size"] = None
+                notes.append(f"{key}={value} -> model.vocab_size=None")
+            else:
+                notes.append(f"{key}={value} dropped (model.vocab_size is set)")
+            continue
+        if new != key:
+            notes.append(f"{key} -> {new}")
+        out[new] = value
+    return out, notes
+
+
+def model_pattern(model_config) -> str:
+    """The hybrid layer pattern of a Bridge model config or megatron-core model, whichever field it has."""
+    for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):
+        value = getattr(model_config, name, None)
+        if value:
+            return value
+    raise UserError("the Megatron model config has neither hybrid_layer_pattern nor hybrid_override_pattern; "
+                    + NEWER_IMAGE)
+
+
+def takes_callbacks(pretrain: Callable) -> bool:
+    return "callbacks" in inspect.signature(pretrain).parameters
+
+
+def run_pretrain(cfg, forward_step: Callable, callbacks: list) -> None:
+    """Bridge's pretrain() with our callbacks, whether or not this Bridge accepts callbacks."""
+    pretrain_module = importlib.import_module("megatron.bridge.training.pretrain")
+    if takes_callbacks(pretrain_module.pretrain):
+        pretrain_module.pretrain(config=cfg, forward_step_func=forward_step, callbacks=callbacks)
+        return
+    train_module = importlib.import_module("megatron.bridge.training.train")
+    eval_module = importlib.import_module("megatron.bridge.training.eval")
+    with loop_hooks(callbacks, pretrain_module, train_module, eval_module):
+        pretrain_module.pretrain(config=cfg, forward_step_func=forward_step)
+
+
+def _fire(callbacks: Iterable, event: str, context: SimpleNamespace) -> None:
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(context)
+
+
+def _arguments(function: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    return inspect.signature(function).bind_partial(*args, **kwargs).arguments
+
+
+@contextlib.contextmanager
+def loop_hooks(callbacks: list, pretrain_module, train_module, eval_module):
+    """Drive Bridge-style callbacks on a Bridge without them, from wrappers of its loop's functions.
+
+    `pretrain` calls `train(...)` (its own imported name), `train` calls `train_step(...)` every iteration and,
+    at each evaluation interval, `evaluate(...)` of the eval module. The wrappers fire what Bridge >= 0.3
+    fires at those points, with a context carrying the same attributes (state, model, optimizer, scheduler,
+    loss_dict, grad_norm, total_loss_dict). Evaluations after training (pretrain's final valid/test pass)
+    fire nothing, as in Bridge.
+    """
+    targets = ((pretrain_module, "train"), (train_module, "train_step"), (eval_module, "evaluate"))
+    for module, name in targets:
+        if not callable(getattr(module, name, None)):
+            raise UserError(f"this Megatron-Bridge has neither pretrain(callbacks=) nor {module.__name__}.{name}, "
+                            f"so training metrics cannot be recorded; {NEWER_IMAGE}")
+    original = {name: getattr(module, name) for module, name in targets}
+    loop: dict[str, Any] = {}
+
+    def train(*args, **kwargs):
+        a = _arguments(original["train"], args, kwargs)
+        loop.update(state=a.get("global_state"), model=a.get("model"), optimizer=a.get("optimizer"),
+                    scheduler=a.get("scheduler"))
+        _fire(callbacks, "on_train_start", SimpleNamespace(**loop))
+        try:
+            result = original["train"](*args, **kwargs)
+        finally:
+            ended = dict(loop)
+            loop.clear()
+        _fire(callbacks, "on_train_end", SimpleNamespace(**ended))
+        return result
+
+    def train_step(*args, **kwargs):
+        _fire(callbacks, "on_train_step_start", SimpleNamespace(**loop))
+        result = original["train_step"](*args, **kwargs)
+        loss_dict, grad_norm = result[0], result[5]  # (loss_dict, skipped, checkpoint?, exit?, code, grad_norm, zeros)
+        _fire(callbacks, "on_train_step_end", SimpleNamespace(**loop, loss_dict=loss_dict, grad_norm=grad_norm))
+        return result
+
+    def evaluate(*args, **kwargs):
+        result = original["evaluate"](*args, **kwargs)
+        if loop and not _arguments(original["evaluate"], args, kwargs).get("is_test", False):
+            _fire(callbacks, "on_eval_end", SimpleNamespace(**loop, total_loss_dict=result[0]))
+        return result
+
+    wrappers = {"train": train, "train_step": train_step, "evaluate": evaluate}
+    for module, name in targets:
+        setattr(module, name, wrappers[name])
+    try:
+        yield
+    finally:
+        for module, name in targets:
+            setattr(module, name, original[name])
+
+
+def dataset_providers(config_type) -> dict:
+    """Bridge's registry mapping a dataset config type to its provider (read at pretrain() time)."""
+    data_utils = importlib.import_module("megatron.bridge.data.utils")
+    registry = getattr(data_utils, "_REGISTRY", None)
+    if not isinstance(registry, dict) or config_type not in registry:
+        raise UserError("this Megatron-Bridge has no dataset provider registry (megatron.bridge.data.utils._REGISTRY) "
+                        f"to size each phase's index by; {NEWER_IMAGE}")
+    return registry
+
+
+def build_megatron_tokenizer(fields: dict[str, Any]):
+    """The tokenizer Bridge builds for these TokenizerConfig fields, with megatron-core's vocab padding off.
+
+    megatron-core >= 0.17 builds it (`megatron.core.tokenizers`, configured by megatron.training's
+    TokenizerConfig); older cores have neither, and Bridge builds its own.
+    """
+    try:
+        from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
+        from megatron.training.config import TokenizerConfig
+    except ImportError:
+        try:
+            from megatron.bridge.training.tokenizers.config import TokenizerConfig
+            from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
+        except ImportError as e:
+            raise UserError(f"building the training tokenizer needs megatron-core >= 0.17 or Megatron-Bridge "
+                            f"({e.name or e} is missing here); run `make setup`, or run in the NeMo container") from None
+        return build_tokenizer(TokenizerConfig(**fields))
+    return build_tokenizer(TokenizerConfig(**fields, pad_vocab_size=False))
+
+
+@contextlib.contextmanager
+def process_group_for_dataset_builds():
+    """A one-process gloo group around megatron-core dataset builds when no group exists (the blend stage, the
+    reference backend): megatron-core 0.16 calls torch.distributed.get_rank() unguarded while building a blended
+    index; newer cores check first. With one process every rank-0 branch and barrier is the single-process path."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", store=dist.FileStore(f"{tmp}/store", 1), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def nemotron_h_classes():
+    """transformers' (NemotronHConfig, NemotronHForCausalLM): native from transformers 5 on."""
+    transformers = importlib.import_module("transformers")
+    config = getattr(transformers, "NemotronHConfig", None)
+    model = getattr(transformers, "NemotronHForCausalLM", None)
+    if config is None or model is None:
+        raise UserError(f"transformers {getattr(transformers, '__version__', '?')} has no NemotronH model, which the "
+                        "Hugging Face export and the reference backend need (transformers >= 5); "
+                        "`pip install 'transformers>=5.12'` in the image, or " + NEWER_IMAGE)
+    return config, model
+
+
+def installed_stack() -> dict[str, str | None]:
+    """Versions of the training stack as installed (for the record, never for decisions)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in ("megatron-bridge", "megatron-core", "transformer-engine", "torch", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+

@@ -1,0 +1,269 @@
+"""Issue 12: one code path for the recipe image's Megatron-Bridge (nano-v3 branch, 0.3.0rc0) and today's (0.6.x).
+
+Each capability branch of nano3.megatron_compat runs here against stand-ins with the signatures and fields of
+both Bridges (written from their sources: nano-v3 @1cedb0a9c, v0.3.1, v0.6.2); the real Bridges run in
+tests/gpu on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+from nano3.errors import UserError
+from nano3.megatron_compat import (
+    adapt_overrides,
+    build_megatron_tokenizer,
+    dataset_providers,
+    loop_hooks,
+    model_pattern,
+    nemotron_h_classes,
+    run_pretrain,
+    takes_callbacks,
+)
+
+
+# ---- config spellings -------------------------------------------------------------------------------------------
+
+@dataclass
+class OldModel:  # Bridge nano-v3 / 0.3.x on megatron-core 0.16
+    hybrid_override_pattern: str = "MEMEM*E"
+    cuda_graph_scope: list | None = None
+    vocab_size: int | None = 131072
+
+
+@dataclass
+class NewModel:  # Bridge 0.6.x on megatron-core 0.19
+    hybrid_layer_pattern: str = "MEMEM*E"
+    cuda_graph_modules: list = field(default_factory=list)
+    vocab_size: int | None = None
+
+
+def old_config():
+    return SimpleNamespace(model=OldModel(), train=SimpleNamespace(eval_interval=1000, eval_iters=32),
+                           tokenizer=SimpleNamespace(tokenizer_type=None))
+
+
+def new_config():
+    return SimpleNamespace(model=NewModel(), train=SimpleNamespace(), validation=SimpleNamespace(eval_interval=1),
+                           tokenizer=SimpleNamespace(use_tokenizer_vocab_size=False))
+
+
+OURS = {"model.hybrid_layer_pattern": "M*E", "validation.eval_interval": 5, "validation.eval_iters": 2,
+        "model.cuda_graph_modules": [], "tokenizer.use_tokenizer_vocab_size": True, "optimizer.lr": 1e-4}
+
+
+def test_todays_bridge_takes_the_overrides_as_they_are():
+    adapted, notes = adapt_overrides(new_config(), OURS)
+    assert adapted == OURS and notes == []
+
+
+def test_the_recipe_images_bridge_gets_its_own_spelling_of_each_field():
+    adapted, notes = adapt_overrides(old_config(), OURS)
+    assert adapted == {"model.hybrid_override_pattern": "M*E", "train.eval_interval": 5, "train.eval_iters": 2,
+                       "model.cuda_graph_scope": [], "model.vocab_size": None, "optimizer.lr": 1e-4}
+    assert "model.hybrid_layer_pattern -> model.hybrid_override_pattern" in notes and len(notes) == 5
+
+
+def test_an_explicit_model_vocab_wins_over_the_tokenizers_on_the_older_bridge():
+    adapted, notes = adapt_overrides(old_config(), {"tokenizer.use_tokenizer_vocab_size": False,
+                                                    "model.vocab_size": 131072})
+    assert adapted == {"model.vocab_size": 131072} and "dropped" in notes[0]
+
+
+def test_the_layer_pattern_is_read_from_whichever_field_the_model_has():
+    assert model_pattern(OldModel(hybrid_override_pattern="ME*")) == "ME*"
+    assert model_pattern(NewModel(hybrid_layer_pattern="M*E")) == "M*E"
+    with pytest.raises(UserError, match="neither hybrid_layer_pattern nor hybrid_override_pattern"):
+        model_pattern(SimpleNamespace())
+
+
+# ---- callbacks: pretrain(callbacks=) or the loop's own functions ---------------------------------------------------
+
+# The nano-v3 training loop's shape: pretrain() calls its imported `train`, which calls `train_step` and, at each
+# evaluation interval, the eval module's `evaluate` (both looked up as module globals, as Bridge does); after
+# training, pretrain evaluates once more. Names and signatures as in Bridge nano-v3 (train.py, eval.py, pretrain.py).
+EVAL_SRC = '''
+def evaluate(state, forward_step_func, data_iterator, model, process_non_loss_data_func, config, verbose=False,
+             non_loss_data_func=None):
+    state.log.append(("evaluate", state.train_state.step))
+    return {"lm loss": 2.5}, None, False
+'''
+TRAIN_SRC = '''
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, global_state, pg_collection,
+               forward_backward_func):
+    global_state.log.append(("train_step", global_state.train_state.step))
+    return {"lm loss": 3.0 - global_state.train_state.step / 10}, 0, False, False, 0, 0.5, None
+
+def train(forward_step_func, model, optimizer, scheduler, train_data_iterator, valid_data_iterator, global_state,
+          checkpointing_context, pg_collection, process_non_loss_data_func=None, non_loss_data_func=None):
+    while global_state.train_state.step < 4:
+        train_step(forward_step_func, train_data_iterator, model, optimizer, scheduler, global_state, pg_collection,
+                   None)
+        global_state.train_state.step += 1
+        if global_state.train_state.step % 2 == 0:
+            EVAL.evaluate(global_state, forward_step_func, valid_data_iterator, model, None, global_state.cfg)
+'''
+PRETRAIN_SRC = '''
+def pretrain(config, forward_step_func):
+    state = config.state
+    train(forward_step_func, ["model"], config.optimizer, "scheduler", None, None, state, {}, None)
+    EVAL.evaluate(state, forward_step_func, None, ["model"], None, config)   # the final validation: no callback
+'''
+
+
+def stand_in_bridge(monkeypatch, with_callbacks: bool) -> SimpleNamespace:
+    """Register modules megatron.bridge.training.{pretrain,train,eval} shaped like nano-v3 (or, with_callbacks,
+    like Bridge >= 0.3 whose pretrain takes the callbacks)."""
+    modules = {}
+    for name, src in (("eval", EVAL_SRC), ("train", TRAIN_SRC), ("pretrain", PRETRAIN_SRC)):
+        module = types.ModuleType(f"megatron.bridge.training.{name}")
+        module.EVAL = modules.get("eval")
+        exec(src, module.__dict__)
+        modules[name] = module
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    modules["pretrain"].train = modules["train"].train  # `from megatron.bridge.training.train import train`
+    if with_callbacks:
+        def pretrain(config, forward_step_func, callbacks=None):
+            config.received = callbacks
+
+        modules["pretrain"].pretrain = pretrain
+    return SimpleNamespace(**modules)
+
+
+class Recorder:
+    """Records each event with what DvcliveCallback and EffectiveConfigCallback read from its context."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, c):
+        self.events.append(("start", c.state.train_state.step, c.model, c.optimizer.param_groups[0]["lr"],
+                            c.scheduler))
+
+    def on_train_step_start(self, c):
+        self.events.append(("step_start", c.state.train_state.step))
+
+    def on_train_step_end(self, c):
+        self.events.append(("step_end", c.state.train_state.step, c.loss_dict["lm loss"], c.grad_norm))
+
+    def on_eval_end(self, c):
+        self.events.append(("eval_end", c.state.train_state.step, c.total_loss_dict["lm loss"]))
+
+    def on_train_end(self, c):
+        self.events.append(("end", c.state.train_state.step))
+
+
+def old_run_config():
+    state = SimpleNamespace(train_state=SimpleNamespace(step=0), log=[], cfg=None)
+    return SimpleNamespace(state=state, optimizer=SimpleNamespace(param_groups=[{"lr": 1e-4}]))
+
+
+def test_a_bridge_without_callbacks_fires_them_from_its_training_loop(monkeypatch):
+    bridge = stand_in_bridge(monkeypatch, with_callbacks=False)
+    assert not takes_callbacks(bridge.pretrain.pretrain)
+    recorder, cfg = Recorder(), old_run_config()
+    run_pretrain(cfg, forward_step=lambda *a: None, callbacks=[recorder])
+    assert recorder.events == [
+        ("start", 0, ["model"], 1e-4, "scheduler"),
+        ("step_start", 0), ("step_end", 0, 3.0, 0.5),
+        ("step_start", 1), ("step_end", 1, 2.9, 0.5), ("eval_end", 2, 2.5),
+        ("step_start", 2), ("step_end", 2, 2.8, 0.5),
+        ("step_start", 3), ("step_end", 3, 2.7, 0.5), ("eval_end", 4, 2.5),
+        ("end", 4),
+    ]
+    assert ("evaluate", 4) in cfg.state.log[-1:]  # the final validation ran, and fired nothing
+    # Bridge's own functions are back in place afterwards
+    assert bridge.train.train_step.__module__ == bridge.train.__name__
+    assert bridge.pretrain.train is bridge.train.train and bridge.eval.evaluate.__module__ == bridge.eval.__name__
+
+
+def test_a_bridge_with_callbacks_receives_them_and_its_loop_is_left_alone(monkeypatch):
+    bridge = stand_in_bridge(monkeypatch, with_callbacks=True)
+    original_step = bridge.train.train_step
+    recorder, cfg = Recorder(), old_run_config()
+    run_pretrain(cfg, forward_step=lambda *a: None, callbacks=[recorder])
+    assert cfg.received == [recorder] and bridge.train.train_step is original_step
+
+
+def test_the_loop_hooks_are_removed_when_training_fails(monkeypatch):
+    bridge = stand_in_bridge(monkeypatch, with_callbacks=False)
+    originals = (bridge.pretrain.train, bridge.train.train_step, bridge.eval.evaluate)
+
+    class Boom(Recorder):
+        def on_train_step_end(self, c):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_pretrain(old_run_config(), forward_step=lambda *a: None, callbacks=[Boom()])
+    assert (bridge.pretrain.train, bridge.train.train_step, bridge.eval.evaluate) == originals
+
+
+def test_a_loop_without_the_expected_functions_is_refused_in_one_line():
+    pretrain = types.ModuleType("megatron.bridge.training.pretrain")
+    pretrain.train = lambda *a: None
+    empty = types.ModuleType("megatron.bridge.training.train")
+    with pytest.raises(UserError, match="neither pretrain\\(callbacks=\\) nor megatron.bridge.training.train.train_step"):
+        with loop_hooks([], pretrain, empty, types.ModuleType("e")):
+            pass
+
+
+# ---- dataset registry, tokenizer builder, transformers ---------------------------------------------------------
+
+def test_the_dataset_provider_registry_is_found_or_refused(monkeypatch):
+    class GPTDatasetConfig:
+        pass
+
+    utils = types.ModuleType("megatron.bridge.data.utils")
+    utils._REGISTRY = {GPTDatasetConfig: "provider"}
+    monkeypatch.setitem(sys.modules, utils.__name__, utils)
+    assert dataset_providers(GPTDatasetConfig)[GPTDatasetConfig] == "provider"
+    del utils._REGISTRY
+    with pytest.raises(UserError, match="no dataset provider registry"):
+        dataset_providers(GPTDatasetConfig)
+
+
+def test_the_tokenizer_is_built_by_megatron_core_where_it_can(spm_dir):
+    """This machine's megatron-core (0.19) has the builder: the real one runs."""
+    from nano3.blend.validate import bridge_tokenizer_fields
+    from nano3.data.tokenizer import read_info
+
+    info = read_info(spm_dir)
+    tokenizer = build_megatron_tokenizer(bridge_tokenizer_fields(str(spm_dir), info))
+    assert tokenizer.vocab_size == info.vocab_size and tokenizer.eod == info.eod_id
+
+
+def test_an_older_core_gets_the_tokenizer_from_bridge(monkeypatch):
+    """megatron-core 0.16 has no megatron.core.tokenizers builder nor megatron.training.config: Bridge's own."""
+    monkeypatch.setitem(sys.modules, "megatron.core.tokenizers.utils.build_tokenizer", None)  # import fails
+    config_mod = types.ModuleType("megatron.bridge.training.tokenizers.config")
+    tokenizer_mod = types.ModuleType("megatron.bridge.training.tokenizers.tokenizer")
+    config_mod.TokenizerConfig = lambda **fields: ("bridge-config", fields)
+    tokenizer_mod.build_tokenizer = lambda config: ("bridge-tokenizer", config)
+    monkeypatch.setitem(sys.modules, config_mod.__name__, config_mod)
+    monkeypatch.setitem(sys.modules, tokenizer_mod.__name__, tokenizer_mod)
+    fields = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": "m.model"}
+    assert build_megatron_tokenizer(fields) == ("bridge-tokenizer", ("bridge-config", fields))
+
+
+def test_neither_builder_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "megatron.core.tokenizers.utils.build_tokenizer", None)
+    monkeypatch.setitem(sys.modules, "megatron.bridge.training.tokenizers.config", None)
+    with pytest.raises(UserError, match="needs megatron-core >= 0.17 or Megatron-Bridge"):
+        build_megatron_tokenizer({"tokenizer_type": "x"})
+
+
+def test_nemotron_h_comes_from_transformers_or_the_export_says_what_to_install(monkeypatch):
+    import transformers
+
+    config, model = nemotron_h_classes()
+    assert config is transformers.NemotronHConfig and model is transformers.NemotronHForCausalLM
+    old = types.ModuleType("transformers")
+    old.__version__ = "4.57.6"  # what the recipe image's Bridge pins (transformers < 5)
+    monkeypatch.setitem(sys.modules, "transformers", old)
+    with pytest.raises(UserError, match="transformers 4.57.6 has no NemotronH model"):
+        nemotron_h_classes()
