@@ -171,3 +171,39 @@ def test_progress_is_a_line_at_a_fixed_interval_in_a_log(tmp_path, sample_dir, p
     assert len(lines) == units >= 4, lines
     assert lines[0].startswith(f"prep code: 1/{units} units, ") and lines[-1].startswith(f"prep code: {units}/{units}")
     assert lines[-1].split(", ")[2].endswith(" tokens")
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_our_bin_idx_writer_gives_megatron_cores_bytes(tmp_path, dtype):
+    """Issue 14: prep writes bin/idx without importing megatron-core (and torch); the files must be byte for byte
+    what megatron-core's IndexedDatasetBuilder writes, documents and merged pieces (add_index) alike."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from nano3.data.binidx import BinIdxWriter, optimal_dtype
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 60000, size=int(n), dtype=np.int64).astype(dtype) for n in rng.integers(1, 400, 50)]
+    for tool, make in (("ours", BinIdxWriter), ("megatron", IndexedDatasetBuilder)):
+        for piece, chunk in (("a", docs[:20]), ("b", docs[20:])):
+            w = make(str(tmp_path / f"{tool}_{piece}.bin"), dtype=dtype)
+            for d in chunk:
+                w.add_document(d) if tool == "ours" else w.add_document(d, [len(d)])
+            w.finalize(str(tmp_path / f"{tool}_{piece}.idx"))
+        merged = make(str(tmp_path / f"{tool}_m.bin"), dtype=dtype)
+        for piece in ("a", "b"):
+            merged.add_index(str(tmp_path / f"{tool}_{piece}"))
+        merged.finalize(str(tmp_path / f"{tool}_m.idx"))
+    for name in ("a.bin", "a.idx", "b.idx", "m.bin", "m.idx"):
+        assert (tmp_path / f"ours_{name}").read_bytes() == (tmp_path / f"megatron_{name}").read_bytes(), name
+    read = IndexedDataset(str(tmp_path / "ours_m"))
+    assert len(read) == 50 and all(np.array_equal(read[i], docs[i]) for i in (0, 19, 20, 49))
+    for vocab in (8192, 65499, 65500, 131072):
+        assert optimal_dtype(vocab) == DType.optimal_dtype(vocab)
+
+
+def test_data_preparation_does_not_import_torch():
+    """13 s of every prep run on 2 cores was importing megatron-core (torch) before any work."""
+    code = ("import sys; import nano3.data.prep, nano3.data.sources, nano3.data.tokenizer; "
+            "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -2,8 +2,8 @@
 
 Design, and why:
 - The source is planned into units (sources.py) that depend only on the input; each unit is
-  tokenized by one worker process into its own train/valid/test pieces with megatron-core's
-  `IndexedDatasetBuilder`. Output therefore does not depend on the worker count, and memory is
+  tokenized by one worker process into its own train/valid/test pieces (binidx.py writes megatron-core's
+  IndexedDataset bytes without importing it, so no process pays for torch). Output therefore does not depend on the worker count, and memory is
   bounded by the batch and unit size, never by the dataset size.
 - A document's split is chosen from a hash of its text: stable across reruns and worker counts,
   and duplicates never straddle train and test.
@@ -15,7 +15,6 @@ Design, and why:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -29,8 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from nano3.data.binidx import BinIdxWriter
 from nano3.data.sources import DatasetSpec, Source, Unit
 from nano3.data.tokenizer import Encoder, read_info
 from nano3.errors import UserError
@@ -119,7 +118,7 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
         batch_tokens = 0
         for start, stop in char_bounded(texts, job.batch_chars):  # bounds memory whatever the document sizes
             for split, ids in zip(splits[start:stop], encoder.encode_documents(texts[start:stop])):
-                builders[split].add_document(ids, [len(ids)])
+                builders[split].add_document(ids)
                 counts["documents"][split] += 1
                 counts["tokens"][split] += len(ids)
                 batch_tokens += len(ids)
@@ -136,13 +135,12 @@ def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
     job: PrepJob = _worker["job"]
     dtype = _worker["encoder"].info.token_dtype
     prefixes = {s: unit_prefix(job.work_dir, unit.index, s) for s in SPLITS}
-    builders = {s: IndexedDatasetBuilder(f"{p}.bin.tmp", dtype=dtype) for s, p in prefixes.items()}
+    builders = {s: BinIdxWriter(f"{p}.bin.tmp", dtype=dtype) for s, p in prefixes.items()}
     try:
         counts = _tokenize_into(builders, unit, row_limit)
     except BaseException:
-        for split, builder in builders.items():  # a failed unit leaves nothing behind
-            builder.data_file.close()
-            Path(f"{prefixes[split]}.bin.tmp").unlink(missing_ok=True)
+        for builder in builders.values():  # a failed unit leaves nothing behind
+            builder.discard()
         raise
     sha = {}
     for split, builder in builders.items():
@@ -282,7 +280,7 @@ def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[i
                                    "sha256_bin": r["sha256"]["train.bin"], "sha256_idx": r["sha256"]["train.idx"]})
             elif used:
                 name = f"{split}/shard_000000"
-                builder = IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype)
+                builder = BinIdxWriter(tmp / f"{name}.bin", dtype=dtype)
                 for u in used:
                     builder.add_index(str(unit_prefix(work_dir, u.index, split)))
                 builder.finalize(str(tmp / f"{name}.idx"))
@@ -307,13 +305,7 @@ def prepare_dataset(params, name: str, *, workers: int | None = None, sample_row
     "units" tokenizes the units i, i+n, ... of `units_of=(i, n)` without assembling, "assemble"
     writes the dataset once every unit has its receipt. "all" does the three in one process.
     """
-    # megatron-core's builder calls gc.collect() per merged piece; with torch loaded each call costs
-    # ~0.2 s. Freezing the import-time objects makes those collections cheap.
-    gc.freeze()
-    try:
-        return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of)
-    finally:
-        gc.unfreeze()
+    return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of)
 
 
 def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | None, force: bool,

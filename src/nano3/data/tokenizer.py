@@ -38,9 +38,9 @@ class TokenizerInfo:
     @property
     def token_dtype(self) -> type:
         """Megatron's rule: uint16 below 65,500 ids, else int32."""
-        from megatron.core.datasets.indexed_dataset import DType
+        from nano3.data.binidx import optimal_dtype
 
-        return DType.optimal_dtype(self.vocab_size)
+        return optimal_dtype(self.vocab_size)
 
 
 def fingerprint_files(directory: Path, names: Iterable[str]) -> str:
