@@ -12,7 +12,7 @@ def main(args, params) -> None:
     units_of = tuple(int(x) for x in args.units.split("/")) if args.units else None
     for name in args.names:
         m = prepare_dataset(params, name, workers=args.workers, sample_rows=args.sample, force=args.force,
-                            step=step, units_of=units_of)
+                            step=step, units_of=units_of, verify=args.verify)
         if m is None:
             print(f"prep {name}: {step} step done")
             continue
@@ -26,6 +26,8 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=None, help="processes (default prep.workers)")
     parser.add_argument("--sample", type=int, default=None, metavar="N", help="only the first N rows per dataset")
     parser.add_argument("--force", action="store_true", help="ignore finished work and redo the dataset")
+    parser.add_argument("--verify", action="store_true",
+                        help="also encode every document with the tokenizer's own library; fail on any difference")
     parser.add_argument("--plan-only", action="store_true", help="(job arrays) reset the work directory for this plan")
     parser.add_argument("--units", metavar="I/N", help="(job arrays) tokenize units I, I+N, ... and stop")
     parser.add_argument("--assemble", action="store_true", help="(job arrays) write the dataset from the units")

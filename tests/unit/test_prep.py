@@ -207,3 +207,38 @@ def test_data_preparation_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_fast_encoder_writes_the_same_bytes_and_verify_catches_a_wrong_one(tmp_path, sample_dir, monkeypatch):
+    """Issue 14: with a byte-level BPE (the production kind), `auto` prepares with gigatoken; the dataset is byte
+    for byte the one the tokenizer's own library gives, with 1 or 8 workers (8 workers on 4 units: 2 encoder
+    threads each). `--verify` re-encodes with the tokenizer and stops in one line where an encoder is wrong."""
+    from nano3.data import tokenizer as tok_module
+    from nano3.data.tokenizer import save_huggingface
+    from nano3.errors import UserError
+    from tests.conftest import make_params
+    from tests.unit.test_tokenizer import hf_tokenizer_dir
+
+    texts = docs_from(sample_dir, "stdlib-docs", 300)
+    save_huggingface(str(hf_tokenizer_dir(tmp_path / "src", texts, vocab_size=2048, all_bytes=True)), tmp_path / "tok")
+    datasets = {"code": {"source": str(sample_dir / "stdlib-code"), "valid_fraction": 0.02}}
+    digests = {}
+    for encoder, workers in (("reference", 1), ("auto", 1), ("auto", 8)):
+        out = tmp_path / f"out-{encoder}-{workers}"
+        params = make_params(tmp_path, tmp_path / "tok", datasets, prep={
+            "encoder": encoder, "out_dir": str(out), "work_dir": str(tmp_path / f"work-{encoder}-{workers}")})
+        manifest = prepare_dataset(params, "code", workers=workers, show_progress=False, verify=True)
+        assert manifest["source"]["units"] == 4
+        digests[(encoder, workers)] = tree_digest(out / "code")
+    assert digests[("reference", 1)] == digests[("auto", 1)] == digests[("auto", 8)]
+
+    def drops_a_token(self, texts):
+        return [ids[1:] for ids in self._gt.encode_batch_list(texts, parallel=False)]
+
+    params = make_params(tmp_path, tmp_path / "tok", datasets, prep={
+        "encoder": "gigatoken", "out_dir": str(tmp_path / "bad"), "work_dir": str(tmp_path / "bad-work")})
+    monkeypatch.setattr(tok_module.Encoder, "_encode_gigatoken", drops_a_token)
+    monkeypatch.setattr("nano3.data.prep.choose_encoder", lambda *a: ("gigatoken", "forced"))
+    with pytest.raises(UserError, match="prep code: encoder gigatoken gives other ids than the tokenizer in unit 0"):
+        prepare_dataset(params, "code", workers=1, show_progress=False, verify=True)
+    assert not (tmp_path / "bad" / "code").exists()

@@ -32,14 +32,17 @@ def test_sentencepiece_is_deterministic_and_round_trips(tmp_path, sample_dir, sp
     assert all(a[-1] == first.eod_id and a.dtype.name == "uint16" for a in arrays)
 
 
-def hf_tokenizer_dir(dest: Path, texts: list[str]) -> Path:
-    """A fast HF tokenizer saved exactly as a hub repo stores one (tokenizer.json + config files)."""
+def hf_tokenizer_dir(dest: Path, texts: list[str], vocab_size: int = 600, all_bytes: bool = False) -> Path:
+    """A fast HF tokenizer saved exactly as a hub repo stores one (tokenizer.json + config files);
+    `all_bytes` gives it the 256 byte tokens production byte-level BPEs (Nemotron's) have."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>", "<unk>"]))
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if all_bytes else []
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
+                                                       initial_alphabet=alphabet))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>").save_pretrained(dest)
     return dest
 
@@ -83,3 +86,52 @@ def test_huggingface_tokenizer_by_hub_name_from_the_local_cache(tmp_path, sample
     assert lines[0] == "nvidia/Fake-Nano-Tokenizer 600 </s>"
     assert lines[1].startswith("ERROR tokenizer.name=nvidia/Not-In-Cache: could not load") and len(lines) == 2
     assert (tmp_path / "out" / "tokenizer.json").exists() and not (tmp_path / "out2").exists()
+
+
+# ---- issue 14: the fastest encoder that gives the tokenizer's own ids ------------------------------------------
+
+def test_gigatoken_gives_tokenizers_ids_on_the_whole_sample_corpus(tmp_path, sample_dir):
+    """A byte-level BPE trained with `tokenizers` on real text (the production tokenizer's kind): gigatoken's ids
+    equal tokenizers' on every document of both sample datasets, so `auto` takes it."""
+    from nano3.data.tokenizer import choose_encoder
+
+    docs = docs_from(sample_dir, "stdlib-code") + docs_from(sample_dir, "stdlib-docs")
+    src = hf_tokenizer_dir(tmp_path / "src", docs[:400], vocab_size=4096, all_bytes=True)
+    save_huggingface(str(src), tmp_path / "tok")
+    reference, fast = Encoder(tmp_path / "tok"), Encoder(tmp_path / "tok", "gigatoken", threads=2)
+    assert fast.encode_batch(docs) == reference.encode_batch(docs)
+    assert choose_encoder(tmp_path / "tok", "auto", lambda: docs[:50])[0] == "gigatoken"
+    assert choose_encoder(tmp_path / "tok", "reference", lambda: docs[:50])[0] == "reference"
+    # a BPE without all 256 byte tokens is beyond gigatoken: auto falls back, insisting is one line
+    import pytest
+
+    from nano3.errors import UserError
+
+    save_huggingface(str(hf_tokenizer_dir(tmp_path / "small", docs[:100])), tmp_path / "small_tok")
+    name, why = choose_encoder(tmp_path / "small_tok", "auto", lambda: docs[:50])
+    assert name == "reference" and why.startswith("tokenizers (gigatoken unusable here:")
+    with pytest.raises(UserError, match="gigatoken cannot load this tokenizer"):
+        choose_encoder(tmp_path / "small_tok", "gigatoken", lambda: docs[:50])
+
+
+def test_sentencepiece_keeps_its_own_library_and_a_differing_encoder_is_refused(spm_dir, sample_dir):
+    """gigatoken's SentencePiece backend is not id-identical on real text (3 of 1,710 sample documents with the
+    embedded default's model): `auto` never takes it, and insisting on it where it differs is an error."""
+    import pytest
+
+    from nano3.data.tokenizer import choose_encoder, first_difference
+    from nano3.errors import UserError
+
+    def probe():
+        raise AssertionError("auto must not even read a probe for SentencePiece")
+
+    assert choose_encoder(spm_dir, "auto", probe) == ("reference", "sentencepiece (prep.encoder=auto)")
+    docs = docs_from(sample_dir, "stdlib-code") + docs_from(sample_dir, "stdlib-docs")
+    where = first_difference(Encoder(spm_dir).encode_batch(docs), Encoder(spm_dir, "gigatoken").encode_batch(docs))
+    if where is None:
+        assert choose_encoder(spm_dir, "gigatoken", lambda: docs)[0] == "gigatoken"
+    else:
+        with pytest.raises(UserError, match=f"gives other ids than sentencepiece on probe document {where}"):
+            choose_encoder(spm_dir, "gigatoken", lambda: docs)
+    with pytest.raises(UserError, match="prep.encoder='fast' must be one of auto, reference, gigatoken"):
+        choose_encoder(spm_dir, "fast", probe)

@@ -31,7 +31,7 @@ import numpy as np
 
 from nano3.data.binidx import BinIdxWriter
 from nano3.data.sources import DatasetSpec, Source, Unit
-from nano3.data.tokenizer import Encoder, read_info
+from nano3.data.tokenizer import Encoder, choose_encoder, read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir, atomic_write_json, read_json, sha256_file
 
@@ -50,6 +50,9 @@ class PrepJob:
     work_dir: str
     batch_size: int
     batch_chars: int = 8 << 20
+    encoder: str = "reference"  # tokenizer.choose_encoder's pick: same ids, possibly faster
+    threads: int = 1  # encoder threads per worker: the cores no other unit uses
+    verify: bool = False  # encode every batch with the reference too, and fail on any difference
 
 
 def split_of(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, bytes]:
@@ -67,8 +70,9 @@ _worker: dict = {}
 
 def _init_worker(job: PrepJob, progress_queue) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(job=job, encoder=Encoder(job.tokenizer_dir), source=Source(job.spec, job.hf_mirror),
-                   progress=progress_queue)
+    reference = Encoder(job.tokenizer_dir) if job.verify and job.encoder != "reference" else None
+    _worker.update(job=job, encoder=Encoder(job.tokenizer_dir, job.encoder, job.threads), reference=reference,
+                   source=Source(job.spec, job.hf_mirror), progress=progress_queue)
 
 
 def unit_prefix(work_dir: str | Path, index: int, split: str) -> Path:
@@ -117,7 +121,11 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
             splits.append(split)
         batch_tokens = 0
         for start, stop in char_bounded(texts, job.batch_chars):  # bounds memory whatever the document sizes
-            for split, ids in zip(splits[start:stop], encoder.encode_documents(texts[start:stop])):
+            documents = encoder.encode_documents(texts[start:stop])
+            if _worker.get("reference") is not None:
+                verify_batch(documents, _worker["reference"].encode_batch(texts[start:stop]), unit,
+                             counts["rows"] - len(batch))
+            for split, ids in zip(splits[start:stop], documents):
                 builders[split].add_document(ids)
                 counts["documents"][split] += 1
                 counts["tokens"][split] += len(ids)
@@ -128,6 +136,14 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
             break
     counts["digest"] = unit_digest.hexdigest()
     return counts
+
+
+def verify_batch(documents: list[np.ndarray], reference: list[list[int]], unit: Unit, first_row: int) -> None:
+    """--verify: the encoder's ids (EOD aside) must be the tokenizer's own, document by document."""
+    for i, (ours, theirs) in enumerate(zip(documents, reference)):
+        if len(ours) != len(theirs) + 1 or not np.array_equal(ours[:-1], np.asarray(theirs, dtype=ours.dtype)):
+            raise UserError(f"prep {_worker['job'].spec.name}: encoder {_worker['job'].encoder} gives other ids than "
+                            f"the tokenizer in unit {unit.index} near row {first_row + i}; set prep.encoder: reference")
 
 
 def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
@@ -298,18 +314,27 @@ def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[i
 
 def prepare_dataset(params, name: str, *, workers: int | None = None, sample_rows: int | None = None,
                     force: bool = False, show_progress: bool = True, step: str = "all",
-                    units_of: tuple[int, int] | None = None) -> dict | None:
+                    units_of: tuple[int, int] | None = None, verify: bool = False) -> dict | None:
     """The prep stage for one dataset: returns its manifest (also written to `<out>/manifest.json`).
 
-    `step` splits the work for a Slurm job array: "plan" resets the work directory for this plan,
+    `verify` encodes every document with the tokenizer's own library too and fails on any difference (the
+    encoder actually used may be a faster one: tokenizer.choose_encoder). `step` splits the work for a Slurm job array: "plan" resets the work directory for this plan,
     "units" tokenizes the units i, i+n, ... of `units_of=(i, n)` without assembling, "assemble"
     writes the dataset once every unit has its receipt. "all" does the three in one process.
     """
-    return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of)
+    return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of, verify)
+
+
+def _probe(source: Source, unit: Unit, batch_size: int) -> list[str]:
+    """The dataset's first batch of documents: what choose_encoder compares the encoders on."""
+    for batch in source.read(unit, batch_size):
+        return [t for t in batch if isinstance(t, str) and t.strip()]
+    return []
 
 
 def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | None, force: bool,
-                     show_progress: bool, step: str, units_of: tuple[int, int] | None) -> dict | None:
+                     show_progress: bool, step: str, units_of: tuple[int, int] | None,
+                     verify: bool = False) -> dict | None:
     spec = DatasetSpec.from_params(params, name)
     prep = params.get_key("prep", kind=dict)
     out_dir = Path(params.get_key("prep.out_dir", kind=str)) / name
@@ -349,11 +374,18 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
     else:
         if done and show_progress:
             print(f"prep {name}: resuming, {len(done)} of {len(units)} units already done")
-        job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
-                      work_dir=str(work_dir), batch_size=int(prep.get("batch_size", 1000)),
-                      batch_chars=int(prep.get("batch_mb", 8)) << 20)
         mine = units if units_of is None else [u for u in units if u.index % units_of[1] == units_of[0]]
         mine_done = {u.index: done[u.index] for u in mine if u.index in done}
+        batch_size = int(prep.get("batch_size", 1000))
+        encoder, why = choose_encoder(tokenizer_dir, str(prep.get("encoder", "auto")),
+                                      lambda: _probe(source, units[0], batch_size))
+        if show_progress:
+            print(f"prep {name}: encoder {why}")
+        left = max(1, len(mine) - len(mine_done))
+        job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
+                      work_dir=str(work_dir), batch_size=batch_size, batch_chars=int(prep.get("batch_mb", 8)) << 20,
+                      encoder=encoder, threads=max(1, workers // left) if sample_rows is None else workers,
+                      verify=bool(verify or prep.get("verify_encoder", False)))
         receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress,
                               float(params.get_key("prep.log_interval_s", 60, kind=(int, float))))
         if step == "units":
