@@ -325,10 +325,15 @@ def prepare_dataset(params, name: str, *, workers: int | None = None, sample_row
     return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of, verify)
 
 
+PROBE_CHARS = 1 << 20
+
+
 def _probe(source: Source, unit: Unit, batch_size: int) -> list[str]:
-    """The dataset's first batch of documents: what choose_encoder compares the encoders on."""
+    """The dataset's first documents, about 1 MB of text: what choose_encoder compares the encoders on (a
+    sanity check of seconds; the whole-corpus check is --verify)."""
     for batch in source.read(unit, batch_size):
-        return [t for t in batch if isinstance(t, str) and t.strip()]
+        texts = [t for t in batch if isinstance(t, str) and t.strip()]
+        return texts[:char_bounded(texts, PROBE_CHARS)[0][1]] if texts else []
     return []
 
 
