@@ -191,9 +191,18 @@ class Encoder:
     def _encode_gigatoken(self, texts: list[str]) -> list[list[int]]:
         return self._gt.encode_batch_list(texts, parallel=self.threads > 1)
 
+    def _encode_gigatoken_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids concatenated, each text's number of ids)."""
+        import awkward as ak
+
+        batch = self._gt.encode_batch(texts, parallel=self.threads > 1)
+        return ak.to_numpy(ak.flatten(batch)), ak.to_numpy(ak.num(batch))
+
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text with EOD appended, in the on-disk dtype."""
         dtype, eod = self.info.token_dtype, self.info.eod_id
+        if self.backend == "gigatoken":  # one flat array from Rust, no Python list per document
+            return with_eod(*self._encode_gigatoken_flat(texts), dtype, eod)
         out = []
         for ids in self.encode_batch(texts):
             arr = np.empty(len(ids) + 1, dtype=dtype)
@@ -201,6 +210,17 @@ class Encoder:
             arr[-1] = eod
             out.append(arr)
         return out
+
+
+def with_eod(flat: np.ndarray, lengths: np.ndarray, dtype, eod: int) -> list[np.ndarray]:
+    """Documents given as concatenated ids and their lengths -> one array per document, EOD appended."""
+    ends = np.cumsum(lengths.astype(np.int64) + 1)  # each document's end, its EOD included
+    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
+    keep = np.ones(len(out), bool)
+    keep[ends - 1] = False
+    out[keep] = flat
+    out[ends - 1] = eod
+    return np.split(out, ends[:-1])
 
 
 def load_gigatoken(directory: Path, info: TokenizerInfo):
