@@ -246,3 +246,26 @@ def test_the_fast_encoder_writes_the_same_bytes_and_verify_catches_a_wrong_one(t
     with pytest.raises(UserError, match="prep code: encoder gigatoken gives other ids than the tokenizer in unit 0"):
         prepare_dataset(params, "code", workers=1, show_progress=False, verify=True)
     assert not (tmp_path / "bad" / "code").exists()
+
+
+def test_auto_units_cut_one_large_file_for_every_worker_and_keep_the_output(tmp_path, sample_dir, params_factory,
+                                                                             monkeypatch):
+    """Issue 14: one large JSONL file is no longer one unit (one busy worker): `unit_mb: auto` cuts the input into
+    about 64 units from its size alone, so 1 and 3 workers still write the same bytes. (The 16 MB floor is
+    lowered here to keep the file small.)"""
+    from nano3.data import prep as prep_module
+    from nano3.errors import UserError
+
+    monkeypatch.setattr(prep_module, "MIN_UNIT", 4096)
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": t} for t in docs_from(sample_dir, "stdlib-docs")])
+    digests = []
+    for workers in (1, 3):
+        params = params_factory({"one": {"source": str(path)}}, prep={
+            "unit_mb": "auto", "out_dir": str(tmp_path / f"out{workers}"), "work_dir": str(tmp_path / f"w{workers}")})
+        manifest = prepare_dataset(params, "one", workers=workers, show_progress=False)
+        assert manifest["source"]["units"] in range(60, 66), manifest["source"]["units"]
+        digests.append(tree_digest(tmp_path / f"out{workers}" / "one"))
+    assert digests[0] == digests[1]
+    with pytest.raises(UserError, match="prep.unit_mb='big' must be a positive number of MB or 'auto'"):
+        prepare_dataset(params_factory({"one": {"source": str(path)}}, prep={"unit_mb": "big"}), "one",
+                        show_progress=False)

@@ -325,6 +325,22 @@ def prepare_dataset(params, name: str, *, workers: int | None = None, sample_row
     return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of, verify)
 
 
+AUTO_UNITS = 64  # `unit_mb: auto` cuts a dataset into about this many units: up to 64 workers stay busy
+MIN_UNIT, MAX_UNIT = 16 << 20, 1 << 30
+
+
+def unit_bytes(unit_mb, source: Source) -> int:
+    """Unit size in bytes: `prep.unit_mb` MB, or (auto) the local input's size / 64, within 16 MB .. 1 GB.
+
+    Derived from the input alone, never from the worker count: units are the shards, and the output must be
+    the same bytes for any number of workers. A 200 MB JSONL file becomes 13 units, not one."""
+    if unit_mb != "auto":
+        if not isinstance(unit_mb, (int, float)) or unit_mb <= 0:
+            raise UserError(f"prep.unit_mb={unit_mb!r} must be a positive number of MB or 'auto'")
+        return int(unit_mb * (1 << 20))
+    return min(MAX_UNIT, max(MIN_UNIT, -(-source.input_bytes() // AUTO_UNITS)))
+
+
 PROBE_CHARS = 1 << 20
 
 
@@ -350,7 +366,7 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
         sample_rows = prep.get("sample_rows")
     workers = workers or int(prep.get("workers", 0)) or os.cpu_count() or 1  # 0 / None: all cores
     source = Source(spec, prep.get("hf_mirror"))
-    units = source.plan(int(prep.get("unit_mb", 1024)) << 20)
+    units = source.plan(unit_bytes(prep.get("unit_mb", "auto"), source))
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
 
     existing = out_dir / MANIFEST

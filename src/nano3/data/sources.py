@@ -109,6 +109,15 @@ class Source:
             raise UserError(f"{self.where}: the dataset is empty; check the path or the split")
         return units
 
+    def input_bytes(self) -> int:
+        """Bytes of the local input files (0 for a hub dataset: its units are its shards)."""
+        src = self.spec.source
+        if src.startswith("hf://"):
+            return 0
+        if _is_save_to_disk(Path(src)):
+            return sum(p.stat().st_size for p in Path(src).rglob("*.arrow"))
+        return sum(Path(f).stat().st_size for f in self._local_files())
+
     def _local_files(self) -> list[str]:
         src = self.spec.source
         path = Path(src)
