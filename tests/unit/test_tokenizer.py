@@ -114,24 +114,40 @@ def test_gigatoken_gives_tokenizers_ids_on_the_whole_sample_corpus(tmp_path, sam
         choose_encoder(tmp_path / "small_tok", "gigatoken", lambda: docs[:50])
 
 
-def test_sentencepiece_keeps_its_own_library_and_a_differing_encoder_is_refused(spm_dir, sample_dir):
-    """gigatoken's SentencePiece backend is not id-identical on real text (3 of 1,710 sample documents with the
-    embedded default's model): `auto` never takes it, and insisting on it where it differs is an error."""
+def test_sentencepiece_through_gigatoken_gives_sentencepieces_ids_and_a_differing_encoder_is_refused(spm_dir,
+                                                                                                    sample_dir,
+                                                                                                    monkeypatch):
+    """gigatoken reads a SentencePiece model's control pieces (`<s>`, `</s>`, `<unk>`) where a document spells
+    them; sentencepiece never does. Such documents are routed to sentencepiece, and the whole sample corpus then
+    gets sentencepiece's ids: `auto` takes gigatoken. Without the routing the ids differ, and the encoder is
+    refused (auto falls back; insisting on it is one line)."""
     import pytest
 
+    from nano3.data import tokenizer as tok_module
     from nano3.data.tokenizer import choose_encoder, first_difference
     from nano3.errors import UserError
 
-    def probe():
-        raise AssertionError("auto must not even read a probe for SentencePiece")
-
-    assert choose_encoder(spm_dir, "auto", probe) == ("reference", "sentencepiece (prep.encoder=auto)")
     docs = docs_from(sample_dir, "stdlib-code") + docs_from(sample_dir, "stdlib-docs")
-    where = first_difference(Encoder(spm_dir).encode_batch(docs), Encoder(spm_dir, "gigatoken").encode_batch(docs))
-    if where is None:
-        assert choose_encoder(spm_dir, "gigatoken", lambda: docs)[0] == "gigatoken"
-    else:
-        with pytest.raises(UserError, match=f"gives other ids than sentencepiece on probe document {where}"):
-            choose_encoder(spm_dir, "gigatoken", lambda: docs)
+    docs.append("def parse(s):\n    return s.startswith('<s>') and '</s>' in s  # markup <unk>\n")
+    reference, fast = Encoder(spm_dir), Encoder(spm_dir, "gigatoken", threads=2)
+    assert fast.encode_batch(docs) == reference.encode_batch(docs)
+    raw = fast._gt.encode_batch_list([docs[-1]], parallel=False)
+    assert raw != reference.encode_batch([docs[-1]])  # what the routing is for
+    assert choose_encoder(spm_dir, "auto", lambda: docs)[0] == "gigatoken"
+
+    init = tok_module.Encoder.__init__
+
+    def unrouted(self, *args, **kwargs):  # gigatoken without the routing of control-piece documents
+        init(self, *args, **kwargs)
+        self._literals = ()
+
+    monkeypatch.setattr(tok_module.Encoder, "__init__", unrouted)
+    where = first_difference(reference.encode_batch(docs), Encoder(spm_dir, "gigatoken").encode_batch(docs))
+    assert where is not None
+    name, why = choose_encoder(spm_dir, "auto", lambda: docs)
+    assert name == "reference" and why == f"sentencepiece (gigatoken differs on probe document {where})"
+    with pytest.raises(UserError, match=f"gives other ids than sentencepiece on probe document {where}"):
+        choose_encoder(spm_dir, "gigatoken", lambda: docs)
     with pytest.raises(UserError, match="prep.encoder='fast' must be one of auto, reference, gigatoken"):
-        choose_encoder(spm_dir, "fast", probe)
+        choose_encoder(spm_dir, "fast", lambda: docs)
+

@@ -252,7 +252,9 @@ def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: 
                 drain(q)
             return done
 
-        ctx = mp.get_context("fork")  # workers inherit the imported libraries; they load their own tokenizer
+        # spawn, not fork: the encoders run thread pools (gigatoken, tokenizers) that a forked child inherits
+        # without their threads and can deadlock on; a fresh worker costs 0.4 s of imports (no torch here)
+        ctx = mp.get_context("spawn")
         q = ctx.Queue()
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                     initargs=(job, q)) as pool:

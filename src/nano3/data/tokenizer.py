@@ -165,15 +165,20 @@ class Encoder:
         self.backend, self.threads = backend, max(1, threads)
         if self.info.kind not in ("sentencepiece", "huggingface"):
             raise UserError(f"{directory / INFO_FILE}: unknown tokenizer kind {self.info.kind!r}; rerun the tokenizer stage")
-        if backend == "gigatoken":
-            self._gt = load_gigatoken(directory, self.info)
-            self.encode_batch = self._encode_gigatoken
-        elif self.info.kind == "sentencepiece":
+        self._literals: tuple[str, ...] = ()  # texts holding these go to sentencepiece (see _encode_gigatoken_flat)
+        if self.info.kind == "sentencepiece":
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=str(directory / SPM_FILE))
             self.encode_batch = self._encode_sentencepiece
-        else:
+        if backend == "gigatoken":
+            self._gt = load_gigatoken(directory, self.info)
+            self.encode_batch = self._encode_gigatoken
+            if self.info.kind == "sentencepiece":
+                sp = self._sp
+                self._literals = tuple(sp.id_to_piece(i) for i in range(sp.get_piece_size())
+                                       if sp.is_control(i) or sp.is_unknown(i))
+        elif self.info.kind != "sentencepiece":
             # tokenizers' batch encoding runs on its own (rayon) thread pool when allowed; it reads these once
             os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.threads > 1 else "false"
             os.environ["RAYON_NUM_THREADS"] = str(self.threads)
@@ -189,14 +194,28 @@ class Encoder:
         return [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
 
     def _encode_gigatoken(self, texts: list[str]) -> list[list[int]]:
-        return self._gt.encode_batch_list(texts, parallel=self.threads > 1)
+        flat, lengths = self._encode_gigatoken_flat(texts)
+        return [ids.tolist() for ids in np.split(flat, np.cumsum(lengths)[:-1])] if len(texts) else []
 
     def _encode_gigatoken_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(all ids concatenated, each text's number of ids)."""
+        """(all ids concatenated, each text's number of ids).
+
+        gigatoken reads a SentencePiece model's control pieces (`<s>`, `</s>`, `<unk>`) when they are written in a
+        document; sentencepiece never does. Those documents (3 of the 1,710 of the sample corpus) go to
+        sentencepiece; the rest to gigatoken, whose ids are then sentencepiece's (tested on whole corpora)."""
         import awkward as ak
 
-        batch = self._gt.encode_batch(texts, parallel=self.threads > 1)
-        return ak.to_numpy(ak.flatten(batch)), ak.to_numpy(ak.num(batch))
+        routed = {i for i, t in enumerate(texts) if any(s in t for s in self._literals)} if self._literals else set()
+        fast = [t for i, t in enumerate(texts) if i not in routed] if routed else texts
+        batch = self._gt.encode_batch(fast, parallel=self.threads > 1)
+        flat, lengths = ak.to_numpy(ak.flatten(batch)), ak.to_numpy(ak.num(batch))
+        if not routed:
+            return flat, lengths
+        order = sorted(routed)
+        pieces = dict(zip(order, self._sp.encode([texts[i] for i in order], out_type=int)))
+        fast_docs = iter(np.split(flat, np.cumsum(lengths)[:-1]) if len(fast) else [])
+        docs = [np.asarray(pieces[i], flat.dtype) if i in pieces else next(fast_docs) for i in range(len(texts))]
+        return np.concatenate(docs), np.array([len(d) for d in docs], np.int64)
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text with EOD appended, in the on-disk dtype."""
@@ -246,16 +265,16 @@ def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
 def choose_encoder(directory: str | Path, requested: str, probe: Callable[[], list[str]]) -> tuple[str, str]:
     """The encoder data preparation uses, and why: the fastest one that gives the tokenizer's own ids.
 
-    "auto" takes gigatoken for Hugging Face (byte-level BPE) tokenizers when it encodes `probe()` (real documents
-    of the dataset) exactly as `tokenizers` does, else the reference. SentencePiece models keep sentencepiece:
-    gigatoken's SentencePiece backend gave other ids on 3 of the 1,710 documents of the sample corpus (tested).
-    "gigatoken" insists (an error where it differs); "reference" never uses it.
+    "auto" takes gigatoken when it encodes `probe()` (real documents of the dataset) exactly as the tokenizer's own
+    library does (tokenizers for HF byte-level BPE; sentencepiece, with documents that spell a control piece
+    routed to sentencepiece itself), else the reference. "gigatoken" insists (an error where it differs);
+    "reference" never uses it. Whole corpora: the tests, and `--verify`.
     """
     if requested not in ENCODERS:
         raise UserError(f"prep.encoder={requested!r} must be one of {', '.join(ENCODERS)}")
     info = read_info(directory)
     library = "sentencepiece" if info.kind == "sentencepiece" else "tokenizers"
-    if requested == "reference" or (requested == "auto" and info.kind == "sentencepiece"):
+    if requested == "reference":
         return "reference", f"{library} (prep.encoder={requested})"
     try:
         fast = Encoder(directory, "gigatoken")
