@@ -1,14 +1,14 @@
-"""Data-preparation throughput and memory against the raw tokenizer, measured in the same run.
+"""Data preparation, end to end, side by side with Megatron-LM's tools: ours vs `tools/preprocess_data.py`
+(and `tools/preprocess_data_fast.py`, gigatoken-based) on the same JSONL file, tokenizer and cores.
 
-    python bench/prep_throughput.py [--large-mb 200] [--workers 1,2]
+    python bench/prep_throughput.py --megatron-lm /path/to/Megatron-LM [--mb 200] [--workers 2] [--repeats 2]
 
-Corpora (real text, local): the sample corpus's `stdlib-code` (Parquet), and a larger one made of
-every `.py` file of this environment's site-packages (JSONL shards), cut to `--large-mb`.
-For each: the raw tokenizer alone (batched encode of documents already in memory, one thread, no
-I/O) gives the baseline docs/s and tokens/s; then the prep stage's own code (read, hash, split,
-tokenize, write bin/idx, checksums) with 1 and N worker processes. Printed: per-worker throughput
-as a ratio of the raw tokenizer's, the N-worker speed-up, and peak RSS per process for the corpus
-at 1/4 and full size (memory should not grow with the dataset).
+Each run is a whole process timed from start to exit (imports included), with its peak RSS (the largest of
+its processes); runs are interleaved and the median is printed, with ours as a ratio of each Megatron tool.
+Input: this environment's site-packages `.py` files as one JSONL file of `--mb` MB (real text). Tokenizers:
+the embedded SentencePiece BPE (`data/tokenizer`, built by `make smoke`) and, production-like, a byte-level
+BPE of 131,072 tokens trained with HF `tokenizers` on that file's first 64 MB (the Nemotron tokenizer's kind and size).
+Megatron's tools are skipped when no checkout is given. Results go to bench/results/prep_throughput.json.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -25,125 +25,141 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def build_large_corpus(dest: Path, limit_mb: int, shard_mb: int = 32) -> Path:
-    """site-packages source files as JSONL shards of about shard_mb each (deterministic order)."""
-    if (dest / "done").exists():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
-    site = Path(sysconfig.get_paths()["purelib"])
-    budget, shard, size, f = limit_mb << 20, 0, 0, None
-    for path in sorted(site.rglob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if not text.strip():
-            continue
-        if f is None or size >= shard_mb << 20:
-            if f:
-                f.close()
-            f = open(dest / f"part-{shard:05d}.jsonl", "w")
-            shard, size = shard + 1, 0
-        line = json.dumps({"text": text, "path": str(path.relative_to(site))}) + "\n"
-        f.write(line)
-        size += len(line)
-        budget -= len(line)
-        if budget <= 0:
-            break
-    f.close()
-    (dest / "done").write_text("")
-    return dest
+def jsonl_corpus(mb: int) -> Path:
+    """site-packages `.py` files, one JSON line each, sorted, cut at `mb` MB."""
+    out = RESULTS / f"site-packages-{mb}mb.jsonl"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    budget = mb << 20
+    with open(f"{out}.tmp", "w") as f:
+        for path in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py")):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            if text.strip():
+                line = json.dumps({"text": text}) + "\n"
+                f.write(line)
+                budget -= len(line)
+                if budget <= 0:
+                    break
+    os.replace(f"{out}.tmp", out)
+    return out
 
 
-def child_raw(source: str, tokenizer_dir: str) -> dict:
-    from nano3.data.sources import DatasetSpec, Source, iter_texts
-    from nano3.data.tokenizer import Encoder
+def bpe_131k(corpus: Path) -> Path:
+    """A byte-level BPE of 131,072 tokens trained with `tokenizers` on the corpus, as nano3's tokenizer stage
+    pins an HF tokenizer (tokenizer.json + info.json)."""
+    out = RESULTS / "bpe-131k"
+    if (out / "info.json").exists():
+        return out
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    texts = list(iter_texts(Source(DatasetSpec(name="b", source=source))))
-    enc = Encoder(tokenizer_dir)
-    t0 = time.perf_counter()
-    tokens = 0
-    for i in range(0, len(texts), 1000):
-        tokens += sum(len(ids) for ids in enc.encode_batch(texts[i:i + 1000]))
-    dt = time.perf_counter() - t0
-    return {"docs_per_s": len(texts) / dt, "tokens_per_s": tokens / dt, "docs": len(texts), "tokens": tokens}
+    from nano3.data.tokenizer import save_huggingface
 
+    def texts(limit: int = 64 << 20):  # the corpus's first 64 MB: enough for 131k merges, minutes not tens
+        with open(corpus) as f:
+            for line in f:
+                limit -= len(line)
+                if limit < 0:
+                    return
+                yield json.loads(line)["text"]
 
-def child_prep(source: str, tokenizer_dir: str, workers: int, rows: int | None) -> dict:
-    from nano3.config import Params
-    from nano3.data.prep import prepare_dataset
-
-    tmp = tempfile.mkdtemp(prefix="prepbench.")
-    params = Params({
-        "tokenizer": {"dir": tokenizer_dir},
-        "prep": {"out_dir": f"{tmp}/out", "work_dir": f"{tmp}/work", "workers": workers, "batch_size": 1000,
-                 "unit_mb": 8, "batch_mb": 8, "valid_fraction": 0.001, "test_fraction": 0.001},
-        "datasets": {"b": {"source": source}},
-    })
-    t0 = time.perf_counter()
-    m = prepare_dataset(params, "b", workers=workers, sample_rows=rows, show_progress=False)
-    dt = time.perf_counter() - t0
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    subprocess.run(["rm", "-rf", tmp])
-    return {"docs_per_s": m["documents"] / dt, "tokens_per_s": m["tokens"] / dt, "docs": m["documents"],
-            "tokens": m["tokens"], "seconds": dt, "peak_rss_mb_main": self_rss,
-            "peak_rss_mb_worker": child_rss if workers > 1 else self_rss}
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=131072, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts(), trainer)
+    src = Path(tempfile.mkdtemp(prefix="bpe131k."))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>").save_pretrained(src)
+    save_huggingface(str(src), out)
+    return out
 
 
-def measure(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def timed(cmd: list[str], env: dict, cwd: Path) -> dict:
+    """Wall seconds and peak RSS (MB, the largest process of the tree) of one whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {' '.join(map(str, cmd))} failed ({proc.returncode}):\n{output[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def ours(corpus: Path, tokenizer: Path, workers: int, work: Path) -> tuple[list[str], dict]:
+    params = work / "params.yaml"
+    params.write_text(json.dumps({
+        "tokenizer": {"dir": str(tokenizer)},
+        "prep": {"out_dir": str(work / "out"), "work_dir": str(work / "work"), "workers": workers,
+                 "valid_fraction": 0.001, "test_fraction": 0.001},
+        "datasets": {"bench": {"source": str(corpus)}}}))
+    return [sys.executable, str(ROOT / "stages" / "prep.py"), "bench", "--params", str(params), "--force"], {}
+
+
+def megatron(tool: str, checkout: Path, corpus: Path, tokenizer: Path, workers: int, work: Path):
+    info = json.loads((tokenizer / "info.json").read_text())
+    kind = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tokenizer / "tokenizer.model")] \
+        if info["kind"] == "sentencepiece" else ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                                                 str(tokenizer)]
+    cmd = [sys.executable, str(checkout / "tools" / tool), "--input", str(corpus), "--output-prefix",
+           str(work / "megatron"), "--append-eod", *kind]
+    if tool == "preprocess_data.py":
+        cmd += ["--workers", str(workers)]
+    else:  # the fast tool tokenizes whole files with gigatoken, on its own threads
+        cmd += ["--use-gigatoken"]
+    return cmd, {"PYTHONPATH": str(checkout)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokenizer", default=str(ROOT / "data" / "tokenizer"))
-    ap.add_argument("--large-mb", type=int, default=200)
-    ap.add_argument("--workers", default="1,2")
-    ap.add_argument("--child", nargs="*")
+    ap.add_argument("--megatron-lm", type=Path, help="a Megatron-LM checkout (its tools/); omitted: ours only")
+    ap.add_argument("--mb", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--tokenizers", default="sentencepiece,bpe-131k")
     args = ap.parse_args()
-    if args.child is not None:
-        kind, source = args.child[0], args.child[1]
-        if kind == "raw":
-            result = child_raw(source, args.tokenizer)
-        else:
-            rows = int(args.child[3]) if len(args.child) > 3 else None
-            result = child_prep(source, args.tokenizer, int(args.child[2]), rows)
-        print(json.dumps(result))
-        return
-
-    if not (Path(args.tokenizer) / "info.json").exists():
-        sys.exit(f"error: {args.tokenizer}/info.json missing; run `make data` first (the bench uses its tokenizer)")
-    corpora = {"sample stdlib-code (Parquet)": str(ROOT / "data" / "sample" / "stdlib-code"),
-               f"site-packages {args.large_mb} MB (JSONL)": str(build_large_corpus(
-                   ROOT / "bench" / "results" / f"site-packages-{args.large_mb}mb", args.large_mb))}
-    workers = [int(w) for w in args.workers.split(",")]
-    report = {"machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0], "corpora": {}}
-    for name, source in corpora.items():
-        raw = measure("raw", source)
-        runs = {w: measure("prep", source, str(w)) for w in workers}
-        quarter = measure("prep", source, str(workers[-1]), str(max(1, raw["docs"] // 4)))
-        report["corpora"][name] = {"raw": raw, "prep": runs, "quarter": quarter}
-        print(f"\n{name}: {raw['docs']:,} documents, {raw['tokens']:,} tokens")
-        print(f"  raw tokenizer (1 thread, in memory): {raw['docs_per_s']:8.0f} docs/s {raw['tokens_per_s']:11.0f} tokens/s")
-        for w, r in runs.items():
-            per_worker = r["tokens_per_s"] / w
-            print(f"  prep, {w} worker(s): {r['docs_per_s']:8.0f} docs/s {r['tokens_per_s']:11.0f} tokens/s = "
-                  f"{per_worker / raw['tokens_per_s']:.0%} of raw per worker; peak RSS main {r['peak_rss_mb_main']:.0f} MB, "
-                  f"worker {r['peak_rss_mb_worker']:.0f} MB")
-        if len(workers) > 1:
-            speedup = runs[workers[-1]]["tokens_per_s"] / runs[workers[0]]["tokens_per_s"]
-            print(f"  speed-up {workers[0]} -> {workers[-1]} workers: x{speedup:.2f}")
-        q, full = quarter, runs[workers[-1]]
-        print(f"  memory vs size: 1/4 of the data peak worker RSS {q['peak_rss_mb_worker']:.0f} MB, all of it "
-              f"{full['peak_rss_mb_worker']:.0f} MB")
-    out = ROOT / "bench" / "results" / "prep_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    corpus = jsonl_corpus(args.mb)
+    tokenizers = {"sentencepiece": ROOT / "data" / "tokenizer", "bpe-131k": None}
+    tools = ["ours"]
+    if args.megatron_lm:
+        for tool in ("preprocess_data.py", "preprocess_data_fast.py"):
+            if (args.megatron_lm / "tools" / tool).exists():
+                tools.append(tool)
+    report = {"machine": f"{os.cpu_count()} cores", "corpus": f"{corpus.name} ({corpus.stat().st_size / 2**20:.0f} MB)",
+              "workers": args.workers, "results": {}}
+    for name in args.tokenizers.split(","):
+        tokenizer = tokenizers[name] or bpe_131k(corpus)
+        if not (tokenizer / "info.json").exists():
+            raise SystemExit(f"error: {tokenizer}/info.json missing; run `make smoke` first (it builds the tokenizer)")
+        info = json.loads((tokenizer / "info.json").read_text())
+        # preprocess_data_fast.py tokenizes files only with HF tokenizers (NotImplementedError otherwise)
+        usable = [t for t in tools if not (t == "preprocess_data_fast.py" and info["kind"] != "huggingface")]
+        runs: dict[str, list[dict]] = {t: [] for t in usable}
+        for _ in range(args.repeats):
+            for tool in usable:  # interleaved, so drift of the machine hits every tool alike
+                with tempfile.TemporaryDirectory(prefix="prepbench.") as tmp:
+                    cmd, extra = (ours(corpus, tokenizer, args.workers, Path(tmp)) if tool == "ours" else
+                                  megatron(tool, args.megatron_lm, corpus, tokenizer, args.workers, Path(tmp)))
+                    runs[tool].append(timed(cmd, {**os.environ, **extra}, Path(tmp)))
+        medians = {t: {"seconds": statistics.median(r["seconds"] for r in rs),
+                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "runs": rs} for t, rs in runs.items()}
+        report["results"][name] = medians
+        print(f"\n{corpus.name}, tokenizer {name}, {args.workers} workers, median of {args.repeats}:")
+        for tool, m in medians.items():
+            ratio = "" if tool == "ours" else f"   ours is x{m['seconds'] / medians['ours']['seconds']:.2f} faster"
+            print(f"  {tool:26s} {m['seconds']:7.1f} s   peak RSS {m['peak_rss_mb']:6.0f} MB{ratio}")
+        RESULTS.mkdir(parents=True, exist_ok=True)  # after each tokenizer: a later failure keeps what ran
+        (RESULTS / "prep_throughput.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
