@@ -26,8 +26,7 @@ case "$tool" in
     enroot create -f -n nano3-build containers/nemo.sqsh
     enroot start --rw -m "$PWD:/opt/nano3-src" nano3-build bash -c \
       "mkdir -p /opt/nano3 && cp /opt/nano3-src/containers/requirements.txt /opt/nano3/ && \
-       pip freeze | grep -iE '^(torch|megatron|transformer.engine|mamba.ssm|causal.conv1d|numpy|triton)' > /opt/nano3/constraints.txt && \
-       pip install --no-cache-dir -c /opt/nano3/constraints.txt -r /opt/nano3/requirements.txt && \
+       bash /opt/nano3-src/containers/install_extras.sh /opt/nano3/requirements.txt /opt/nano3/constraints.txt && \
        cd /opt/nano3-src && bash containers/sanity.sh"
     enroot export -o containers/nano3.sqsh nano3-build
     enroot remove -f nano3-build ;;

@@ -13,9 +13,8 @@ if [ "${NANO3_IMAGE_EXTRAS:-installed}" = install ]; then
   if [ ! -f "$dir/.complete" ]; then
     work=$dir.tmp.${SLURM_NODEID:-0}.${SLURM_PROCID:-0}.$$
     mkdir -p "$work"
-    pip freeze | grep -iE '^(torch|megatron|transformer.engine|mamba.ssm|causal.conv1d|numpy|triton)' > "$work/constraints.txt" || true
     echo "nano3: installing containers/requirements.txt into $dir (image_extras = install)"
-    pip install --quiet --no-cache-dir --target "$work" -c "$work/constraints.txt" -r containers/requirements.txt
+    bash containers/install_extras.sh containers/requirements.txt "$work/constraints.txt" --quiet --target "$work"
     touch "$work/.complete"
     mv -T "$work" "$dir" 2>/dev/null || rm -rf "$work"  # another task won the rename: use its install
   fi

@@ -20,6 +20,9 @@ def test_every_container_recipe_installs_that_file_from_the_recipe_base_image():
     for recipe in ("Dockerfile", "apptainer.def", "build.sh"):
         text = (ROOT / "containers" / recipe).read_text()
         assert "nvcr.io/nvidia/nemo:25.11.nemotron_3_nano" in text and "requirements.txt" in text
+    # one script pins the image's training stack and installs: each recipe and the job-start install call it
+    for user in ("containers/Dockerfile", "containers/apptainer.def", "containers/build.sh", "stages/in_image.sh"):
+        assert "install_extras.sh" in (ROOT / user).read_text(), user
 
 
 def test_every_image_build_ends_with_the_sanity_step_on_the_sources_it_copies():
