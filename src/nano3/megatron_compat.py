@@ -56,7 +56,7 @@ def adapt_overrides(cfg, overrides: dict[str, Any]) -> tuple[dict[str, Any], lis
                 out["model.vocab_size"] = None
                 notes.append(f"{key}={value} -> model.vocab_size=None")
             else:
-                notes.append(f"{key}={value} dropped (model.vocab_size is set)")
+                notes.append(f"{key}={value} dropped (this Bridge has no such field; model.vocab_size decides)")
             continue
         if new != key:
             notes.append(f"{key} -> {new}")

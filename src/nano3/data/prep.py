@@ -3,8 +3,8 @@
 Design, and why:
 - The source is planned into units (sources.py) that depend only on the input; each unit is
   tokenized by one worker process into its own train/valid/test pieces (binidx.py writes megatron-core's
-  IndexedDataset bytes without importing it, so no process pays for torch). Output therefore does not depend on the worker count, and memory is
-  bounded by the batch and unit size, never by the dataset size.
+  IndexedDataset bytes without importing it, so no process pays for torch). Output therefore does not
+  depend on the worker count, and memory is bounded by the batch and unit size, never by the dataset size.
 - A document's split is chosen from a hash of its text: stable across reruns and worker counts,
   and duplicates never straddle train and test.
 - Each finished unit leaves a receipt in the work directory, written after its files are renamed
@@ -69,7 +69,6 @@ _worker: dict = {}
 
 
 def _init_worker(job: PrepJob, progress_queue) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     reference = Encoder(job.tokenizer_dir) if job.verify and job.encoder != "reference" else None
     _worker.update(job=job, encoder=Encoder(job.tokenizer_dir, job.encoder, job.threads), reference=reference,
                    source=Source(job.spec, job.hf_mirror), progress=progress_queue)
@@ -320,7 +319,9 @@ def prepare_dataset(params, name: str, *, workers: int | None = None, sample_row
     """The prep stage for one dataset: returns its manifest (also written to `<out>/manifest.json`).
 
     `verify` encodes every document with the tokenizer's own library too and fails on any difference (the
-    encoder actually used may be a faster one: tokenizer.choose_encoder). `step` splits the work for a Slurm job array: "plan" resets the work directory for this plan,
+    encoder actually used may be a faster one: tokenizer.choose_encoder).
+
+    `step` splits the work for a Slurm job array: "plan" resets the work directory for this plan,
     "units" tokenizes the units i, i+n, ... of `units_of=(i, n)` without assembling, "assemble"
     writes the dataset once every unit has its receipt. "all" does the three in one process.
     """

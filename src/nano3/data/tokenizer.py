@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -166,19 +167,12 @@ class Encoder:
         if self.info.kind not in ("sentencepiece", "huggingface"):
             raise UserError(f"{directory / INFO_FILE}: unknown tokenizer kind {self.info.kind!r}; rerun the tokenizer stage")
         self._literals: tuple[str, ...] = ()  # texts holding these go to sentencepiece (see _encode_gigatoken_flat)
-        if self.info.kind == "sentencepiece":
+        if self.info.kind == "sentencepiece":  # also gigatoken's, for the documents routed to it
             import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=str(directory / SPM_FILE))
             self.encode_batch = self._encode_sentencepiece
-        if backend == "gigatoken":
-            self._gt = load_gigatoken(directory, self.info)
-            self.encode_batch = self._encode_gigatoken
-            if self.info.kind == "sentencepiece":
-                sp = self._sp
-                self._literals = tuple(sp.id_to_piece(i) for i in range(sp.get_piece_size())
-                                       if sp.is_control(i) or sp.is_unknown(i))
-        elif self.info.kind != "sentencepiece":
+        elif backend == "reference":
             # tokenizers' batch encoding runs on its own (rayon) thread pool when allowed; it reads these once
             os.environ["TOKENIZERS_PARALLELISM"] = "true" if self.threads > 1 else "false"
             os.environ["RAYON_NUM_THREADS"] = str(self.threads)
@@ -186,6 +180,12 @@ class Encoder:
 
             self._hf = Tokenizer.from_file(str(directory / "tokenizer.json"))
             self.encode_batch = self._encode_huggingface
+        if backend == "gigatoken":
+            self._gt = load_gigatoken(directory, self.info)
+            self.encode_batch = self._encode_gigatoken
+            if self.info.kind == "sentencepiece":
+                self._literals = tuple(self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())
+                                       if self._sp.is_control(i) or self._sp.is_unknown(i))
 
     def _encode_sentencepiece(self, texts: list[str]) -> list[list[int]]:
         return self._sp.encode(texts, out_type=int, num_threads=self.threads)
@@ -219,22 +219,21 @@ class Encoder:
 
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text with EOD appended, in the on-disk dtype."""
-        dtype, eod = self.info.token_dtype, self.info.eod_id
         if self.backend == "gigatoken":  # one flat array from Rust, no Python list per document
-            return with_eod(*self._encode_gigatoken_flat(texts), dtype, eod)
-        out = []
-        for ids in self.encode_batch(texts):
-            arr = np.empty(len(ids) + 1, dtype=dtype)
-            arr[:-1] = ids
-            arr[-1] = eod
-            out.append(arr)
-        return out
+            flat, lengths = self._encode_gigatoken_flat(texts)
+        else:
+            batch = self.encode_batch(texts)
+            lengths = np.fromiter(map(len, batch), np.int64, len(batch))
+            flat = np.fromiter(itertools.chain.from_iterable(batch), np.int64, int(lengths.sum()))
+        return with_eod(flat, lengths, self.info.token_dtype, self.info.eod_id)
 
 
 def with_eod(flat: np.ndarray, lengths: np.ndarray, dtype, eod: int) -> list[np.ndarray]:
     """Documents given as concatenated ids and their lengths -> one array per document, EOD appended."""
+    if not len(lengths):
+        return []
     ends = np.cumsum(lengths.astype(np.int64) + 1)  # each document's end, its EOD included
-    out = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
+    out = np.empty(int(ends[-1]), dtype)
     keep = np.ones(len(out), bool)
     keep[ends - 1] = False
     out[keep] = flat

@@ -52,14 +52,13 @@ def bridge_capabilities() -> dict[str, object]:
     from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
     from megatron.bridge.training.pretrain import pretrain
 
-    from nano3.errors import UserError as Refused
     from nano3.megatron_compat import installed_stack, model_pattern, nemotron_h_classes, takes_callbacks
 
     cfg = nemotron_3_nano_pretrain_config()
     try:
         nemotron_h_classes()
         hf_export = True
-    except Refused:
+    except UserError:
         hf_export = False
     return {**installed_stack(),
             "layer pattern field": "hybrid_layer_pattern" if hasattr(cfg.model, "hybrid_layer_pattern")

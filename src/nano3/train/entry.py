@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=N -m nano3.train.entry --stage pretrain --phase phase1 --run-dir DIR [...]
 
 Builds Megatron-Bridge's Nemotron 3 Nano recipe config, applies mapping.bridge_overrides, and
-runs Bridge's `pretrain` (through megatron_compat, so the recipe image's older Bridge runs it too). Megatron-Bridge and Transformer Engine are imported only here.
+runs Bridge's `pretrain` (through megatron_compat, so the recipe image's older Bridge runs it too).
+Megatron-Bridge and Transformer Engine are imported only here.
 Import-safe on purpose: distributed checkpoint saving starts worker processes with spawn.
 """
 
