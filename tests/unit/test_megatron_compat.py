@@ -23,6 +23,7 @@ from nano3.megatron_compat import (
     model_pattern,
     nemotron_h_classes,
     run_pretrain,
+    save_hf_model,
     takes_callbacks,
 )
 
@@ -267,3 +268,64 @@ def test_nemotron_h_comes_from_transformers_or_the_export_says_what_to_install(m
     monkeypatch.setitem(sys.modules, "transformers", old)
     with pytest.raises(UserError, match="transformers 4.57.6 has no NemotronH model"):
         nemotron_h_classes()
+
+
+# ---- Hugging Face export ----------------------------------------------------------------------------------------
+
+class TodaysExportBridge:  # Bridge 0.6.x: a bridge made from a config alone saves
+    def __init__(self):
+        self.saved = []
+
+    def save_hf_pretrained(self, model, path, show_progress=True, strict=True):
+        self.saved.append(path)
+
+
+class OlderExportBridge:  # Bridge 0.3.x: the same call refuses a config-only bridge
+    def save_hf_pretrained(self, model, path, show_progress=True, strict=True):
+        raise ValueError("save_hf_pretrained requires a pretrained HuggingFace model. "
+                         "AutoBridge.from_hf_config() creates a config-only bridge")
+
+
+def tiny_hf_config():
+    from nano3.export.hf import nemotron_h_config
+    from nano3.train.presets import PRESETS
+
+    return nemotron_h_config(PRESETS["tiny"], vocab_size=512, eod_id=2, max_positions=256)
+
+
+def test_todays_bridge_exports_from_the_config_alone(tmp_path):
+    bridge = TodaysExportBridge()
+    save_hf_model(bridge, ["model"], tmp_path, tiny_hf_config(), load_bridge=lambda source: pytest.fail("no source"))
+    assert bridge.saved == [tmp_path]
+
+
+def test_the_older_bridge_exports_through_a_source_model_of_the_same_config(tmp_path):
+    """The source folder must hold a loadable model of exactly the exported config, in the checkpoint layout Bridge
+    0.3 orders its weights by (one tensor per expert, as the published checkpoints), and the source's missing
+    tokenizer must not be asked for."""
+    import re
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_hf_config()
+    seen = {}
+
+    def load_bridge(source):
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True)
+        seen["config"], seen["missing"] = model.config.to_dict(), info["missing_keys"]
+        with safe_open(f"{source}/model.safetensors", "pt") as f:
+            seen["keys"] = set(f.keys())
+        pretrained = SimpleNamespace(tokenizer="would be loaded from the source")
+
+        def save(model, path, show_progress=True, strict=True):
+            seen["tokenizer"], seen["path"] = pretrained.tokenizer, path
+        return SimpleNamespace(hf_pretrained=pretrained, save_hf_pretrained=save)
+
+    save_hf_model(OlderExportBridge(), ["model"], tmp_path, config, load_bridge=load_bridge)
+    assert not seen["missing"]
+    fields = ("hidden_size", "vocab_size", "layers_block_type", "n_routed_experts")
+    assert {k: seen["config"][k] for k in fields} == {k: config.to_dict()[k] for k in fields}
+    per_expert = [k for k in seen["keys"] if re.fullmatch(r"backbone\.layers\.\d+\.mixer\.experts\.\d+\.up_proj\.weight", k)]
+    assert len(per_expert) == config.layers_block_type.count("moe") * config.n_routed_experts
+    assert seen["tokenizer"] is None and seen["path"] == tmp_path

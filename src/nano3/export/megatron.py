@@ -28,6 +28,8 @@ def export_megatron(iter_dir: Path, config_for_vocab: Callable, out_dir: Path, v
 
     try:
         from megatron.bridge import AutoBridge
+
+        from nano3.megatron_compat import save_hf_model
         from megatron.bridge.training.model_load_save import (
             load_megatron_model,
             temporary_distributed_context,
@@ -44,8 +46,8 @@ def export_megatron(iter_dir: Path, config_for_vocab: Callable, out_dir: Path, v
         model = load_megatron_model(str(iter_dir), skip_temp_dist_context=True, use_cpu_init=not cuda)
         model = model if isinstance(model, list) else [model]
         vocab = unwrap(model[0]).embedding.word_embeddings.weight.shape[0]
-        bridge = AutoBridge.from_hf_config(config_for_vocab(vocab))
-        bridge.save_hf_pretrained(model, out_dir, show_progress=False, strict=True)
+        hf_config = config_for_vocab(vocab)
+        save_hf_model(AutoBridge.from_hf_config(hf_config), model, out_dir, hf_config)
         if verify_windows is None or not cuda:
             return {}
         return compare_logits(model[0], out_dir, verify_windows)
