@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from nano3.errors import UserError
+from nano3.megatron_compat import save_hf_model
 
 
 def unwrap(module):
@@ -28,8 +29,6 @@ def export_megatron(iter_dir: Path, config_for_vocab: Callable, out_dir: Path, v
 
     try:
         from megatron.bridge import AutoBridge
-
-        from nano3.megatron_compat import save_hf_model
         from megatron.bridge.training.model_load_save import (
             load_megatron_model,
             temporary_distributed_context,
