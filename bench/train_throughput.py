@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from nano3.launch.smoke import read_metric  # noqa: E402
+from nano3.train.metrics import read_metric  # noqa: E402
 
 # The recipe's optimizer (LR 1e-4 -> 1e-5) with a short warm-up: at LR 1e-3 from step 1 the router collapsed
 # onto 6 experts by step 2 (max/mean load = experts/top-k), which is not the natural routing to measure.

@@ -1,12 +1,13 @@
 """Stage `lc`: long-context extension from the final pretrain checkpoint (its own blend, longer sequences).
 
-    python stages/lc.py [--dry-run] [key=value ...]
+    python stages/lc.py [--dry-run] [key=value ...] [bridge.<section>.<field>=value ...]
 
-`key=value` overrides params.yaml; a Bridge field not in params.yaml (`model.recompute_granularity=full`,
-`train.manual_gc=false`) is passed to Megatron-Bridge as it is. `--dry-run` prints the plan and exits.
+`key=value` overrides params.yaml; `bridge.model.recompute_granularity=full` sets a Megatron-Bridge field as it is
+(a key params.yaml lacks is refused, never passed on). `--dry-run` prints the plan and exits.
 """
 
-from nano3.train.run import training_stage_main
+from nano3.cli import stage_main
+from nano3.train.run import add_options, run
 
 if __name__ == "__main__":
-    training_stage_main("lc", __doc__)
+    stage_main(run, __doc__, add_options, stage="lc")

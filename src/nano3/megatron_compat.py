@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from nano3.config import load_params
-from nano3.launch.smoke import read_metric
-from nano3.train.run import latest_iteration
-from nano3.train.schedule import build_schedule
+from nano3.schedule import build_schedule
+from nano3.train.metrics import read_metric
+from nano3.train.rundir import latest_iteration
 from tests.conftest import copy_repo
 
 pytestmark = pytest.mark.gpu
@@ -276,9 +276,7 @@ def test_effective_config_read_back_from_the_live_run_matches_params(smoke):
 
 def test_both_backends_agree_on_the_optimizer_and_model_settings(smoke, tmp_path):
     """The CPU reference backend's own objects, built for the same phase, read back the same settings."""
-    from nano3.train.conform import compare
-    from nano3.train.plan import build_plan
-    from nano3.train.reference import (
+    from nano3.train.backends.reference import (
         ExpertLoad,
         build_model,
         build_optimizer,
@@ -286,6 +284,8 @@ def test_both_backends_agree_on_the_optimizer_and_model_settings(smoke, tmp_path
         phase_datasets,
         phase_sizes,
     )
+    from nano3.train.conform import compare
+    from nano3.train.plan import build_plan
 
     repo, _ = smoke
     cwd = os.getcwd()
@@ -320,7 +320,7 @@ def test_a_bridge_override_that_contradicts_params_is_refused_in_one_line(smoke)
     """The recipe helper's weight decay forced back through Bridge: training refuses before its first step."""
     repo, _ = smoke
     cmd = [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/conform-test",
-           "scheduler.start_weight_decay=0.033", "scheduler.end_weight_decay=0.033"]
+           "bridge.scheduler.start_weight_decay=0.033", "bridge.scheduler.end_weight_decay=0.033"]
     out = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=900)
     last = out.stderr.strip().splitlines()[-1]
     print(last)
@@ -330,9 +330,9 @@ def test_a_bridge_override_that_contradicts_params_is_refused_in_one_line(smoke)
 
 def test_production_config_container_carries_the_recipe_optimizer(smoke, tmp_path):
     """configs/nano3.yaml through the mapping into Bridge's own ConfigContainer (no model is built)."""
+    from nano3.schedule import build_schedule as schedule_of
     from nano3.train.entry import build_config
     from nano3.train.mapping import bridge_overrides
-    from nano3.train.schedule import build_schedule as schedule_of
 
     repo, _ = smoke
     params = load_params(repo / "configs" / "nano3.yaml")

@@ -74,8 +74,8 @@ def test_every_stage_depends_on_the_code_it_imports():
 
 def test_import_closure_sees_lazy_imports(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text("def main():\n    from nano3.train.schedule import build_schedule\n")
-    assert SRC / "nano3" / "train" / "schedule.py" in import_closure(script)
+    script.write_text("def main():\n    from nano3.schedule import build_schedule\n")
+    assert SRC / "nano3" / "schedule.py" in import_closure(script)
     assert SRC / "nano3" / "errors.py" in import_closure(script)  # schedule.py imports it
 
 

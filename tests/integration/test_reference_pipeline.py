@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nano3.launch.smoke import read_metric
+from nano3.train.metrics import read_metric
 from tests.conftest import copy_repo
 from tests.integration.test_dvc_data import dvc, ran
 
@@ -135,22 +135,22 @@ def test_reference_runs_write_effective_configs_that_conform(smoke):
 
 
 def test_checkpoint_root_retention_and_the_stopped_phase(smoke, tmp_path):
-    """`checkpoint.save=/path` (the recipe's example) moves the checkpoint root and a rerun resumes there;
+    """`train.checkpoint_dir=/path` moves the checkpoint root and a rerun resumes there;
     train.keep_checkpoints keeps the newest N; a SIGTERM names the phase that was running."""
     repo, _ = smoke
     budget = ["train.reference.tokens=10240", "train.save_interval=2", "train.log_interval=1"]  # 10 steps, switch at 9
     root = tmp_path / "ck"
-    run(repo, sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={root}", "train.keep_checkpoints=2",
+    run(repo, sys.executable, "stages/pretrain.py", *budget, f"train.checkpoint_dir={root}", "train.keep_checkpoints=2",
         "train.live_dir=live_ck")
     manifest = json.loads((root / "pretrain.json").read_text())
     run_dir = Path(manifest["run_dir"])
     assert run_dir.parent == root / "pretrain" and manifest["iteration"] == 10
     assert sorted(p.name for p in run_dir.glob("iter_*")) == ["iter_0000009", "iter_0000010"]  # 9: phase 1's end
-    again = run(repo, sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={root}",
+    again = run(repo, sys.executable, "stages/pretrain.py", *budget, f"train.checkpoint_dir={root}",
                 "train.keep_checkpoints=2", "train.live_dir=live_ck")
     assert "pretrain phase1" not in again.stderr and json.loads((root / "pretrain.json").read_text())["iteration"] == 10
 
-    cmd = [sys.executable, "stages/pretrain.py", *budget, f"checkpoint.save={tmp_path / 'ck2'}", "train.live_dir=live2"]
+    cmd = [sys.executable, "stages/pretrain.py", *budget, f"train.checkpoint_dir={tmp_path / 'ck2'}", "train.live_dir=live2"]
     proc, tracker = start_until_checkpoint(repo, cmd, tmp_path / "ck2" / "pretrain", 2, log=tmp_path / "term.log")
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=300)

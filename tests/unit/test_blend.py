@@ -65,7 +65,7 @@ def test_megatron_builder_draws_samples_in_the_blend_proportions(prepared):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    from nano3.blend.validate import megatron_tokenizer
+    from nano3.data.megatron import megatron_tokenizer
     from nano3.data.tokenizer import read_info
 
     tok_dir = blend_params(prepared)["tokenizer"]["dir"]
@@ -97,7 +97,7 @@ def test_report_warns_about_over_repeated_datasets_and_plots(prepared):
 
 
 @pytest.mark.parametrize("phases,message", [
-    ({"phase1": {"code": "lots"}}, "'blend.phases.phase1.code' = 'lots' is not a number"),
+    ({"phase1": {"code": "lots"}}, "'blend.phases.phase1.code' must be a number, got 'lots'"),
     ({"phase1": {"code": -1}}, "'blend.phases.phase1.code' = -1 must be a finite weight >= 0"),
     ({"phase1": {"code": 0, "docs": 0}}, "'blend.phases.phase1' has no positive weight"),
     ({"phase1": {"web": 1.0}}, "the blend names 'web', which is not in `datasets`"),

@@ -13,6 +13,7 @@ import pytest
 
 from nano3.config import Params, load_params
 from nano3.errors import UserError
+from nano3.schedule import build_schedule
 from nano3.train.conform import (
     assert_run_conforms,
     check_recipe,
@@ -22,7 +23,6 @@ from nano3.train.conform import (
 )
 from nano3.train.effective import expected, flatten, summarize_groups
 from nano3.train.mapping import bridge_overrides
-from nano3.train.schedule import build_schedule
 from tests.conftest import ROOT
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from nano3.data.tokenizer import Encoder, read_info
-from nano3.export.hf import nemotron_h_config, save_hf_tokenizer
-from nano3.train.flops import param_counts
-from nano3.train.presets import PRESETS
+from nano3.export.hf import save_hf_tokenizer
+from nano3.model.flops import param_counts
+from nano3.model.hf import nemotron_h_config
+from nano3.model.presets import PRESETS
 from tests.unit.test_tokenizer import docs_from, hf_tokenizer_dir
 
 

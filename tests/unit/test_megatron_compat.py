@@ -27,7 +27,6 @@ from nano3.megatron_compat import (
     takes_callbacks,
 )
 
-
 # ---- config spellings -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -230,7 +229,7 @@ def test_the_dataset_provider_registry_is_found_or_refused(monkeypatch):
 
 def test_the_tokenizer_is_built_by_megatron_core_where_it_can(spm_dir):
     """This machine's megatron-core (0.19) has the builder: the real one runs."""
-    from nano3.blend.validate import bridge_tokenizer_fields
+    from nano3.data.megatron import bridge_tokenizer_fields
     from nano3.data.tokenizer import read_info
 
     info = read_info(spm_dir)
@@ -287,8 +286,8 @@ class OlderExportBridge:  # Bridge 0.3.x: the same call refuses a config-only br
 
 
 def tiny_hf_config():
-    from nano3.export.hf import nemotron_h_config
-    from nano3.train.presets import PRESETS
+    from nano3.model.hf import nemotron_h_config
+    from nano3.model.presets import PRESETS
 
     return nemotron_h_config(PRESETS["tiny"], vocab_size=512, eod_id=2, max_positions=256)
 

@@ -266,6 +266,6 @@ def test_auto_units_cut_one_large_file_for_every_worker_and_keep_the_output(tmp_
         assert manifest["source"]["units"] in range(60, 66), manifest["source"]["units"]
         digests.append(tree_digest(tmp_path / f"out{workers}" / "one"))
     assert digests[0] == digests[1]
-    with pytest.raises(UserError, match="prep.unit_mb='big' must be a positive number of MB or 'auto'"):
+    with pytest.raises(UserError, match="'prep.unit_mb' must be a number or auto, got 'big'"):
         prepare_dataset(params_factory({"one": {"source": str(path)}}, prep={"unit_mb": "big"}), "one",
                         show_progress=False)

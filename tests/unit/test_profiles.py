@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nano3.config import load_params
+from nano3.config.clusters import get_profile
 from nano3.errors import UserError
-from nano3.launch.profiles import get_profile
 from nano3.launch.slurm import build_request
 from tests.conftest import ROOT
 

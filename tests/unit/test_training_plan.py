@@ -8,12 +8,13 @@ import json
 import pytest
 
 from nano3.config import Params, load_params
+from nano3.config.overrides import split_cli_overrides
 from nano3.errors import UserError
-from nano3.train.flops import flops_per_token, param_counts
-from nano3.train.mapping import bridge_overrides, run_digest, split_cli_overrides
+from nano3.model.flops import flops_per_token, param_counts
+from nano3.model.presets import NANO3_PATTERN, PRESETS, model_preset
+from nano3.schedule import build_schedule
+from nano3.train.mapping import bridge_overrides, run_digest
 from nano3.train.plan import build_plan, estimate_memory, layout_errors, read_layout
-from nano3.train.presets import NANO3_PATTERN, PRESETS, model_preset
-from nano3.train.schedule import build_schedule
 from tests.conftest import ROOT
 
 
@@ -178,20 +179,33 @@ def test_mapping_emits_only_fields_bridge_has(params, tmp_path):
     assert p1["model.hybrid_layer_pattern"] == PRESETS["tiny"].hybrid_layer_pattern
 
 
-def test_cli_overrides_split_between_params_and_bridge(params):
-    ours, bridge = split_cli_overrides(params, ["train.lr=3e-4", "model.recompute_granularity=full",
-                                                "train.train_iters=50", "prep.workers=3", "train.manual_gc=false",
-                                                "model.vocab_size=131072"])
-    assert ours == ["train.lr=3e-4", f"train.tokens={50 * 16 * 1024}", "prep.workers=3", "model.vocab_size=131072"]
+def test_bridge_fields_are_explicit_on_the_command_line(params):
+    """`bridge.<section>.<field>` goes to Bridge; everything else is a params.yaml key, checked on load."""
+    ours, bridge = split_cli_overrides(["train.lr=3e-4", "bridge.model.recompute_granularity=full", "prep.workers=3",
+                                        "bridge.train.manual_gc=false", "model.vocab_size=131072"])
+    assert ours == ["train.lr=3e-4", "prep.workers=3", "model.vocab_size=131072"]
     assert bridge == ["model.recompute_granularity=full", "train.manual_gc=false"]
+    with pytest.raises(UserError, match=r"^override 'model.recompute_granularity': params.yaml has no such key; "
+                                        r"a Megatron-Bridge field is written bridge.model.recompute_granularity$"):
+        load_params(params.source, ["model.recompute_granularity=full"])
+    with pytest.raises(UserError, match=r"did you mean 'train.lr'\?"):
+        load_params(params.source, ["train.lrr=3e-4"])
+    with pytest.raises(UserError, match=r"^override 'train.train_iters=50': nano3 sizes a run in tokens; set train.tokens"):
+        split_cli_overrides(["train.train_iters=50"])
+    with pytest.raises(UserError, match=r"^override 'bridge.modle.x=1': Megatron-Bridge fields are bridge.<section>"):
+        split_cli_overrides(["bridge.modle.x=1"])
 
 
-def test_checkpoint_save_sets_the_checkpoint_root_and_stage_owned_fields_are_refused(params):
+def test_stage_owned_bridge_fields_are_refused_on_the_command_line_and_in_params(params):
     """The recipe document's `checkpoint.save=/path` must not send checkpoints where resume never looks."""
-    ours, bridge = split_cli_overrides(params, ["checkpoint.save=/lustre/ck", "checkpoint.save_interval=10"])
-    assert ours == ["train.checkpoint_dir=/lustre/ck"] and bridge == ["checkpoint.save_interval=10"]
-    with pytest.raises(UserError, match=r"^override 'checkpoint.load=/x': the stage resumes from its own run"):
-        split_cli_overrides(params, ["checkpoint.load=/x"])
+    ours, bridge = split_cli_overrides(["bridge.checkpoint.save_interval=10"])
+    assert ours == [] and bridge == ["checkpoint.save_interval=10"]
+    with pytest.raises(UserError, match=r"^override 'bridge.checkpoint.load=/x': the stage resumes from its own run"):
+        split_cli_overrides(["bridge.checkpoint.load=/x"])
+    with pytest.raises(UserError, match=r"^override 'bridge.checkpoint.save=/x': checkpoints go to train.checkpoint_dir"):
+        split_cli_overrides(["bridge.checkpoint.save=/x"])
+    with pytest.raises(UserError, match=r"^override 'checkpoint.save': params.yaml has no such key"):
+        load_params(params.source, ["checkpoint.save=/lustre/ck"])
     s = build_schedule(params)
     params["train"]["bridge_overrides"] = {"checkpoint.save": "/elsewhere"}
     with pytest.raises(UserError, match="train.bridge_overrides.checkpoint.save: checkpoints go to train.checkpoint_dir"):
@@ -200,7 +214,7 @@ def test_checkpoint_save_sets_the_checkpoint_root_and_stage_owned_fields_are_ref
 
 def test_each_phase_index_is_sized_to_what_the_phase_reads(params):
     """Phase 2 of the recipe reads 44,703 steps x 8,192 = 366M samples; its index was built for all 6.1B."""
-    from nano3.blend.validate import split_sizes
+    from nano3.data.megatron import split_sizes
     from nano3.train.entry import PhaseWindow
 
     s = build_schedule(load_params(ROOT / "configs" / "nano3.yaml"))
@@ -219,7 +233,7 @@ def test_checkpoint_retention_maps_to_bridge_and_production_keeps_four(params):
     params["train"]["keep_checkpoints"] = 3
     assert bridge_overrides(params, s, s.phase("phase1"), "run")["checkpoint.most_recent_k"] == 3
     params["train"]["keep_checkpoints"] = 0
-    with pytest.raises(UserError, match="train.keep_checkpoints=0 must be >= 1"):
+    with pytest.raises(UserError, match="'train.keep_checkpoints' must be > 0, got 0"):
         bridge_overrides(params, s, s.phase("phase1"), "run")
     assert load_params(ROOT / "configs" / "nano3.yaml")["train"]["keep_checkpoints"] == 4
 

@@ -7,21 +7,21 @@ from pathlib import Path
 
 from nano3.blend.report import write_report
 from nano3.blend.spec import PHASES, blend_rows, held_out_gaps, load_manifests, per_split_blend, phase_weights
-from nano3.blend.validate import build_phase, megatron_tokenizer, split_sizes
+from nano3.data.megatron import build_phase, megatron_tokenizer, split_sizes
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
 from nano3.files import atomic_write_json
-from nano3.train.schedule import build_schedule
+from nano3.schedule import build_schedule
 
 
 def build_blends(params, log=print) -> dict:
     """Write `<blend.out_dir>/{phase1,phase2,lc}.json`, report.{md,csv,png}; validate; return a summary."""
-    out_dir = Path(params.get_key("blend.out_dir", kind=str))
-    root = Path(params.get_key("prep.out_dir", kind=str))
+    out_dir = Path(params.settings.blend.out_dir)
+    root = Path(params.settings.prep.out_dir)
     plans = {p.name: p for p in build_schedule(params).phases}  # phase2 is absent when it has no iterations
     weights = {phase: phase_weights(params, phase) for phase in PHASES}
     manifests = load_manifests(params, {name for w in weights.values() for name in w})
-    tokenizer_dir = params.get_key("tokenizer.dir", kind=str)
+    tokenizer_dir = params.settings.tokenizer.dir
     info = read_info(tokenizer_dir)
     fingerprint = next(iter(manifests.values()))["tokenizer"]["fingerprint"]
     if fingerprint != info.fingerprint:
@@ -40,27 +40,36 @@ def build_blends(params, log=print) -> dict:
         gaps += held_out_gaps(manifests, weights[phase], phase)
         summary["phases"][phase] = {"datasets": weights[phase], "tokens": phase_tokens}
 
-    max_epochs = float(params.get_key("blend.max_epochs", kind=(int, float)))
-    report_dir = Path(params.get_key("blend.report_dir", kind=str))
+    max_epochs = float(params.settings.blend.max_epochs)
+    report_dir = Path(params.settings.blend.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     for warning in write_report(rows, max_epochs, report_dir, gaps):
         log(f"warning: {warning}")
 
     cache_dir = out_dir / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    prebuild = params.get_key("blend.prebuild_cache", False, kind=bool)
-    if params.get_key("blend.validate", True, kind=bool) or prebuild:
+    prebuild = params.settings.blend.prebuild_cache
+    if params.settings.blend.validate or prebuild:
         tokenizer = megatron_tokenizer(tokenizer_dir, info)
-        g = params.get_key
+        cfg = params.settings
         for phase in PHASES:
             plan = plans.get(phase)
             if plan is None:
                 continue
-            sizes = split_sizes(plan, g("train.eval_interval", kind=int), g("train.eval_iters", kind=int))
-            lengths = build_phase(out_dir / f"{phase}.json", seq_length=plan.seq_length, seed=g("train.seed", kind=int),
+            sizes = split_sizes(plan, cfg.train.eval_interval, cfg.train.eval_iters)
+            lengths = build_phase(out_dir / f"{phase}.json", seq_length=plan.seq_length, seed=cfg.train.seed,
                                   sizes=sizes, tokenizer=tokenizer, cache_dir=cache_dir if prebuild else None)
             summary["phases"][phase]["samples"] = dict(zip(("train", "valid", "test"), lengths))
             log(f"blend {phase}: megatron-core built train/valid/test = {lengths} samples of {plan.seq_length} tokens"
                 + (" (index cache written)" if prebuild else ""))
     atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def run(params, args) -> dict:
+    """Stage `blend`."""
+    summary = build_blends(params)
+    for phase, info in summary["phases"].items():
+        shares = ", ".join(f"{n} {w:.0%}" for n, w in info["datasets"].items())
+        print(f"blend {phase}: {info['tokens']:,} tokens from {shares}")
     return summary

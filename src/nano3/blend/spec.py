@@ -36,13 +36,12 @@ class BlendRow:
 def phase_weights(params, phase: str) -> dict[str, float]:
     """The phase's weights, normalised; names the key at fault when they do not parse."""
     key = f"blend.phases.{phase}"
-    raw = params.get_key(key, kind=dict)
+    raw = params.settings.blend.phases.get(phase)
+    if raw is None:
+        raise UserError(f"{params.source}: missing key '{key}'; add it (see README, 'Parameters')")
     weights = {}
     for name, value in raw.items():
-        try:
-            w = float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{params.source}: '{key}.{name}' = {value!r} is not a number; give a weight >= 0") from None
+        w = float(value)  # a number: the typed sections checked it
         if not math.isfinite(w) or w < 0:
             raise UserError(f"{params.source}: '{key}.{name}' = {value!r} must be a finite weight >= 0")
         if w > 0:
@@ -55,10 +54,10 @@ def phase_weights(params, phase: str) -> dict[str, float]:
 
 def load_manifests(params, names) -> dict[str, dict]:
     """Manifests of the named datasets; an unprepared one, or a tokenizer mismatch, is an error."""
-    prepared = Path(params.get_key("prep.out_dir", kind=str))
+    prepared = Path(params.settings.prep.out_dir)
     manifests = {}
     for name in sorted(names):
-        if name not in params.get_key("datasets", kind=dict):
+        if name not in params.settings.datasets:
             raise UserError(f"{params.source}: the blend names '{name}', which is not in `datasets`; add it or drop it")
         path = prepared / name / MANIFEST
         if not path.exists():

@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from nano3.config.sections import PrepConfig
 from nano3.data.binidx import BinIdxWriter
 from nano3.data.sources import DatasetSpec, Source, Unit
 from nano3.data.tokenizer import Encoder, choose_encoder, read_info
@@ -325,7 +326,9 @@ def prepare_dataset(params, name: str, *, workers: int | None = None, sample_row
     "units" tokenizes the units i, i+n, ... of `units_of=(i, n)` without assembling, "assemble"
     writes the dataset once every unit has its receipt. "all" does the three in one process.
     """
-    return _prepare_dataset(params, name, workers, sample_rows, force, show_progress, step, units_of, verify)
+    spec = DatasetSpec.from_params(params, name)
+    return prepare(spec, params.settings.prep, params.settings.tokenizer.dir, workers, sample_rows, force,
+                   show_progress, step, units_of, verify)
 
 
 AUTO_UNITS = 64  # `unit_mb: auto` cuts a dataset into about this many units: up to 64 workers stay busy
@@ -356,20 +359,18 @@ def _probe(source: Source, unit: Unit, batch_size: int) -> list[str]:
     return []
 
 
-def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | None, force: bool,
-                     show_progress: bool, step: str, units_of: tuple[int, int] | None,
-                     verify: bool = False) -> dict | None:
-    spec = DatasetSpec.from_params(params, name)
-    prep = params.get_key("prep", kind=dict)
-    out_dir = Path(params.get_key("prep.out_dir", kind=str)) / name
-    work_dir = Path(params.get_key("prep.work_dir", kind=str)) / name
-    tokenizer_dir = params.get_key("tokenizer.dir", kind=str)
+def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: int | None, sample_rows: int | None,
+            force: bool, show_progress: bool, step: str, units_of: tuple[int, int] | None,
+            verify: bool = False) -> dict | None:
+    name = spec.name
+    out_dir = Path(prep.out_dir) / name
+    work_dir = Path(prep.work_dir) / name
     tok = read_info(tokenizer_dir)
     if sample_rows is None:
-        sample_rows = prep.get("sample_rows")
-    workers = workers or int(prep.get("workers", 0)) or os.cpu_count() or 1  # 0 / None: all cores
-    source = Source(spec, prep.get("hf_mirror"))
-    units = source.plan(unit_bytes(prep.get("unit_mb", "auto"), source))
+        sample_rows = prep.sample_rows
+    workers = workers or prep.workers or os.cpu_count() or 1  # 0 / None: all cores
+    source = Source(spec, prep.hf_mirror)
+    units = source.plan(unit_bytes(prep.unit_mb, source))
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
 
     existing = out_dir / MANIFEST
@@ -400,18 +401,18 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
             print(f"prep {name}: resuming, {len(done)} of {len(units)} units already done")
         mine = units if units_of is None else [u for u in units if u.index % units_of[1] == units_of[0]]
         mine_done = {u.index: done[u.index] for u in mine if u.index in done}
-        batch_size = int(prep.get("batch_size", 1000))
-        encoder, why = choose_encoder(tokenizer_dir, str(prep.get("encoder", "auto")),
+        batch_size = prep.batch_size
+        encoder, why = choose_encoder(tokenizer_dir, prep.encoder,
                                       lambda: _probe(source, units[0], batch_size))
         if show_progress:
             print(f"prep {name}: encoder {why}")
         left = max(1, len(mine) - len(mine_done))
-        job = PrepJob(spec=spec, hf_mirror=prep.get("hf_mirror"), tokenizer_dir=tokenizer_dir,
-                      work_dir=str(work_dir), batch_size=batch_size, batch_chars=int(prep.get("batch_mb", 8)) << 20,
+        job = PrepJob(spec=spec, hf_mirror=prep.hf_mirror, tokenizer_dir=tokenizer_dir,
+                      work_dir=str(work_dir), batch_size=batch_size, batch_chars=int(prep.batch_mb) << 20,
                       encoder=encoder, threads=max(1, workers // left) if sample_rows is None else workers,
-                      verify=bool(verify or prep.get("verify_encoder", False)))
+                      verify=bool(verify or prep.verify_encoder))
         receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress,
-                              float(params.get_key("prep.log_interval_s", 60, kind=(int, float))))
+                              float(prep.log_interval_s))
         if step == "units":
             return None
 
@@ -441,3 +442,34 @@ def _prepare_dataset(params, name: str, workers: int | None, sample_rows: int | 
         }
 
     return _assemble(out_dir, work_dir, units, receipts, tok.token_dtype, describe)
+
+
+def add_options(parser) -> None:
+    parser.add_argument("--workers", type=int, default=None, help="processes (default prep.workers)")
+    parser.add_argument("--sample", type=int, default=None, metavar="N", help="only the first N rows per dataset")
+    parser.add_argument("--force", action="store_true", help="ignore finished work and redo the dataset")
+    parser.add_argument("--verify", action="store_true",
+                        help="also encode every document with the tokenizer's own library; fail on any difference")
+    parser.add_argument("--plan-only", action="store_true", help="(job arrays) reset the work directory for this plan")
+    parser.add_argument("--units", metavar="I/N", help="(job arrays) tokenize units I, I+N, ... and stop")
+    parser.add_argument("--assemble", action="store_true", help="(job arrays) write the dataset from the units")
+
+
+def run(params, args) -> dict:
+    """Stage `prep@<dataset>`: the datasets named on the command line; returns their manifests by name."""
+    if not args.names:
+        raise UserError("prep: name at least one dataset (a key of `datasets` in params.yaml)")
+    step = "plan" if args.plan_only else "assemble" if args.assemble else "units" if args.units else "all"
+    units_of = tuple(int(x) for x in args.units.split("/")) if args.units else None
+    manifests = {}
+    for name in args.names:
+        m = prepare_dataset(params, name, workers=args.workers, sample_rows=args.sample, force=args.force,
+                            step=step, units_of=units_of, verify=args.verify)
+        manifests[name] = m
+        if m is None:
+            print(f"prep {name}: {step} step done")
+            continue
+        split = ", ".join(f"{s} {d['documents']:,} docs/{d['tokens']:,} tokens" for s, d in m["splits"].items())
+        skipped = sum(m["skipped"].values())
+        print(f"prep {name}: {split}; skipped {skipped:,} ({m['skipped']}); dtype {m['dtype']}")
+    return manifests

@@ -112,3 +112,12 @@ def build_sample_corpus(out_dir: str | Path, code_shards: int, docs_shards: int,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def run(params, args) -> dict:
+    """Stage `sample`."""
+    cfg = params.settings.sample
+    manifest = build_sample_corpus(cfg.out_dir, cfg.code_shards, cfg.docs_shards, list(cfg.exclude_dirs))
+    for name, d in manifest["datasets"].items():
+        print(f"sample {name}: {d['documents']:,} documents, {d['chars']:,} characters (Python {manifest['python']})")
+    return manifest

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from nano3.config.schema import nearest
+from nano3.config.sections import DatasetSource, PrepConfig
 from nano3.errors import UserError, brief
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
@@ -53,23 +55,21 @@ class DatasetSpec:
 
     @classmethod
     def from_params(cls, params, name: str) -> "DatasetSpec":
-        key = f"datasets.{name}"
-        if not name or any(c in name for c in "./ "):
-            raise UserError(f"{params.source}: dataset name {name!r} must not contain '.', '/' or spaces "
-                            f"(it is a params key and a directory name)")
-        cfg = params.get_key(key, kind=dict)
-        if "source" not in cfg:
-            raise UserError(f"{params.source}: '{key}.source' is missing; give a path, glob or hf://org/name")
-        spec = cls(
-            name=name, source=str(cfg["source"]), text_field=str(cfg.get("text_field", "text")),
-            split=str(cfg.get("split", "train")), revision=cfg.get("revision"),
-            valid_fraction=float(cfg.get("valid_fraction", params.get_key("prep.valid_fraction", 0.0))),
-            test_fraction=float(cfg.get("test_fraction", params.get_key("prep.test_fraction", 0.0))),
-        )
-        if not (0 <= spec.valid_fraction < 1 and 0 <= spec.test_fraction < 1
-                and spec.valid_fraction + spec.test_fraction < 1):
-            raise UserError(f"{params.source}: '{key}' valid_fraction + test_fraction must lie in [0, 1)")
-        return spec
+        """The dataset `name` of params.yaml's `datasets`, its held-out shares defaulting to prep's."""
+        cfg = params.settings.datasets.get(name)
+        if cfg is None:
+            raise UserError(f"{params.source}: no dataset '{name}' in `datasets`"
+                            f"{nearest(name, list(params.settings.datasets), 'datasets')}")
+        return cls.of(name, cfg, params.settings.prep)
+
+    @classmethod
+    def of(cls, name: str, cfg: DatasetSource, prep: PrepConfig) -> "DatasetSpec":
+        valid = cfg.valid_fraction if cfg.valid_fraction is not None else prep.valid_fraction
+        test = cfg.test_fraction if cfg.test_fraction is not None else prep.test_fraction
+        if valid + test >= 1:
+            raise UserError(f"'datasets.{name}' valid_fraction + test_fraction must lie in [0, 1)")
+        return cls(name=name, source=cfg.source, text_field=cfg.text_field, split=cfg.split, revision=cfg.revision,
+                   valid_fraction=float(valid), test_fraction=float(test))
 
 
 def _is_save_to_disk(path: Path) -> bool:

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from nano3.config.sections import TokenizerConfig
 from nano3.errors import UserError, brief
 from nano3.files import atomic_dir, atomic_write_json, read_json
 
@@ -291,17 +292,11 @@ def choose_encoder(directory: str | Path, requested: str, probe: Callable[[], li
     return "reference", f"{library} (gigatoken differs on probe document {where})"
 
 
-def build_tokenizer(params, sample_texts: Iterator[str] | None) -> TokenizerInfo:
-    """The tokenizer stage: train or pin the tokenizer named in params into `tokenizer.dir`."""
-    name = params.get_key("tokenizer.name", kind=str)
-    out_dir = params.get_key("tokenizer.dir", kind=str)
-    if name == "train":
+def build_tokenizer(cfg: TokenizerConfig, sample_texts: Iterator[str] | None) -> TokenizerInfo:
+    """Train or pin the tokenizer `cfg` names into `cfg.dir`."""
+    if cfg.name == "train":
         if sample_texts is None:
             raise UserError("tokenizer.name=train needs tokenizer.train_datasets to name prepared sources")
-        return train_sentencepiece(
-            sample_texts, out_dir,
-            vocab_size=params.get_key("tokenizer.vocab_size", kind=int),
-            max_sentences=params.get_key("tokenizer.max_sentences", kind=int),
-            seed=params.get_key("tokenizer.seed", 1234, kind=int),
-        )
-    return save_huggingface(name, out_dir)
+        return train_sentencepiece(sample_texts, cfg.dir, vocab_size=cfg.vocab_size, max_sentences=cfg.max_sentences,
+                                   seed=cfg.seed)
+    return save_huggingface(cfg.name, cfg.dir)

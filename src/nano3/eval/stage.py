@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.errors import UserError, brief
-from nano3.eval.data import blend_datasets, split_stream, windows
-from nano3.export.hf import use_cpu_mamba_chunks
 from nano3.files import atomic_write_json, atomic_write_text, read_json
+from nano3.model.hf import use_cpu_mamba_chunks
 
 
 def load_exported(model_dir: Path):
@@ -63,19 +63,19 @@ def continue_prompt(model, tokenizer, prompt: str, new_tokens: int) -> str:
 
 
 def eval_stage(params, log=print) -> dict:
-    g = params.get_key
-    model_dir = Path(g("export.out_dir", kind=str))
+    cfg = params.settings
+    model_dir = Path(cfg.export.out_dir)
     model, tokenizer = load_exported(model_dir)
     lineage = read_json(model_dir / "nano3_export.json", "export record (rerun the export stage)")
-    seq, max_tokens, batch = g("eval.seq_length", kind=int), g("eval.max_tokens", kind=int), g("eval.batch_size", kind=int)
+    seq, max_tokens, batch = cfg.eval.seq_length, cfg.eval.max_tokens, cfg.eval.batch_size
     results = {}
     for name in blend_datasets(params):
         loss, count = perplexity(model, windows(split_stream(params, name, "test", max_tokens + 1), seq), batch)
         results[name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
         log(f"eval: {name}: perplexity {math.exp(loss):.2f} (loss {loss:.4f}) on {count:,} test tokens")
-    samples = [{"prompt": p, "continuation": continue_prompt(model, tokenizer, p, g("eval.max_new_tokens", kind=int))}
-               for p in g("eval.prompts", kind=list)]
-    out = Path(g("eval.out_dir", kind=str))
+    samples = [{"prompt": p, "continuation": continue_prompt(model, tokenizer, p, cfg.eval.max_new_tokens)}
+               for p in cfg.eval.prompts]
+    out = Path(cfg.eval.out_dir)
     metrics = {"model": {"source": lineage["source"], "iteration": lineage["iteration"], "format": lineage["format"]},
                "test": results}
     atomic_write_json(out / "continuations.json", samples)
@@ -93,3 +93,11 @@ def report(metrics: dict, samples: list[dict]) -> str:
     for s in samples:
         lines += [f"**Prompt:** `{s['prompt']!r}`", "", "```", s["prompt"] + s["continuation"], "```", ""]
     return "\n".join(lines)
+
+
+def run(params, args) -> dict:
+    """Stage `eval`."""
+    metrics = eval_stage(params)
+    out = params.settings.eval.out_dir
+    print(f"eval: report {out}/report.md, metrics {out}/metrics.json")
+    return metrics

@@ -13,33 +13,34 @@ from pathlib import Path
 
 import numpy as np
 
+from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
-from nano3.eval.data import blend_datasets, split_stream, windows
-from nano3.export.hf import nemotron_h_config, save_hf_tokenizer
+from nano3.export.hf import save_hf_tokenizer
 from nano3.files import atomic_dir, atomic_write_json, read_json
-from nano3.train.presets import model_preset
-from nano3.train.run import checkpoint_dir, manifest_path
+from nano3.model.hf import nemotron_h_config
+from nano3.model.presets import model_preset
+from nano3.train.rundir import iteration_dir, manifest_path
 
 HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 def verify_windows(params) -> np.ndarray | None:
     """Held-out tokens of the first blend dataset, as windows of the pretraining sequence length."""
-    tokens = params.get_key("export.verify_tokens", 0, kind=int)
+    tokens = params.settings.export.verify_tokens
     if tokens <= 0:
         return None
-    seq = min(params.get_key("train.seq_length", kind=int), tokens)
+    seq = min(params.settings.train.seq_length, tokens)
     return windows(split_stream(params, blend_datasets(params)[0], "test", tokens + 1), seq)
 
 
 def source_checkpoint(params) -> tuple[dict, Path, Path]:
-    source = params.get_key("export.source", kind=str)
+    source = params.settings.export.source
     if source not in ("pretrain", "lc"):
         raise UserError(f"{params.source}: export.source={source!r}; use 'lc' or 'pretrain'")
-    manifest_file = manifest_path(params, source)
+    manifest_file = manifest_path(params.settings.train, source)
     manifest = read_json(manifest_file, f"{source} manifest (run make {source})")
-    ckpt = checkpoint_dir(manifest["checkpoint"], manifest["iteration"])
+    ckpt = iteration_dir(manifest["checkpoint"], manifest["iteration"])
     if not ckpt.is_dir():
         raise UserError(f"{manifest_file}: its checkpoint {ckpt} is missing; rerun the {source} stage "
                         f"(dvc repro -f {source}) or restore the checkpoint directory")
@@ -48,8 +49,8 @@ def source_checkpoint(params) -> tuple[dict, Path, Path]:
 
 def export_stage(params) -> dict:
     manifest, manifest_file, ckpt = source_checkpoint(params)
-    out_dir = Path(params.get_key("export.out_dir", kind=str))
-    tokenizer_dir = params.get_key("tokenizer.dir", kind=str)
+    out_dir = Path(params.settings.export.out_dir)
+    tokenizer_dir = params.settings.tokenizer.dir
     info = read_info(tokenizer_dir)
     fmt = manifest.get("format", "megatron")
     with atomic_dir(out_dir) as tmp:
@@ -57,7 +58,7 @@ def export_stage(params) -> dict:
             from nano3.export.megatron import export_megatron
 
             preset = model_preset(params)
-            positions = max(params.get_key("train.seq_length", kind=int), params.get_key("lc.seq_length", kind=int))
+            positions = max(params.settings.train.seq_length, params.settings.lc.seq_length)
             check = export_megatron(ckpt, lambda vocab: nemotron_h_config(preset, vocab, info.eod_id, positions),
                                     tmp, verify_windows(params))
         elif fmt == "hf":
@@ -72,9 +73,19 @@ def export_stage(params) -> dict:
         record = {"source": manifest["stage"], "checkpoint": str(ckpt), "iteration": manifest["iteration"],
                   "run_digest": manifest["digest"], "format": fmt, "logits_check": check}
         atomic_write_json(tmp / "nano3_export.json", record)
-    limit = params.get_key("export.max_rel_l2", 0.02, kind=float)
+    limit = params.settings.export.max_rel_l2
     if check and not check["rel_l2"] <= limit:
         raise UserError(f"{out_dir}: transformers' logits differ from Megatron's by {check['rel_l2']:.4f} (relative L2) "
                         f"> export.max_rel_l2={limit}; the HF config does not match the trained model")
-    atomic_write_json(Path(params.get_key("export.report", kind=str)), record)
+    atomic_write_json(Path(params.settings.export.report), record)
+    return record
+
+
+def run(params, args) -> dict:
+    """Stage `export`."""
+    record = export_stage(params)
+    check = record["logits_check"]
+    print(f"export: {record['source']} iteration {record['iteration']} -> {params.settings.export.out_dir}"
+          + (f" (logits vs Megatron: relative L2 {check['rel_l2']:.2e}, max |diff| {check['max_abs_diff']:.3f}, "
+             f"argmax agrees {check['top1_agreement']:.2%} of {check['tokens']} tokens)" if check else ""))
     return record

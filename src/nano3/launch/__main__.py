@@ -18,8 +18,8 @@ from pathlib import Path
 
 import nano3  # noqa: F401
 from nano3.config import load_params
+from nano3.config.clusters import PROFILES_FILE, get_profile
 from nano3.errors import UserError
-from nano3.launch.profiles import PROFILES_FILE, get_profile
 from nano3.launch.slurm import (
     CPU_STAGES,
     GPU_STAGES,
@@ -31,6 +31,7 @@ from nano3.launch.slurm import (
     test_only,
     wait_for,
 )
+from nano3.train import rundir
 
 PIPELINE = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc", "export", "eval")
 
@@ -40,7 +41,7 @@ def params_file() -> str:
 
 
 def datasets(params) -> list[str]:
-    return list(params.get_key("datasets", kind=dict))
+    return list(params.settings.datasets)
 
 
 def requests_for(stage: str, params, profile, stage_args: list[str]) -> list[JobRequest]:
@@ -57,7 +58,7 @@ def after(job: str | None) -> list[str]:
 
 def submit_prep(request: JobRequest, params, wait: bool, dependency: str | None = None) -> tuple[str, int | None]:
     """A dataset's prep: one job, or a job array plus an assembling job after it (prep.array_tasks)."""
-    tasks = int(params.get_key("prep.array_tasks", 1))
+    tasks = int(params.settings.prep.array_tasks)
     dep = after(dependency)
     if tasks <= 1:
         if wait:
@@ -169,14 +170,12 @@ def cmd_status(_args) -> int:
     for job in jobs:
         print(f"  {job[0]:>10}  {job[1]:28s} {job[2]:10s} {job[3]:>10}  {job[4]}")
     params = load_params(params_file())
-    root = Path(params.get_key("train.checkpoint_dir", "checkpoints"))
-    live = Path(params.get_key("train.live_dir", "dvclive"))
+    train = params.settings.train
     for stage in GPU_STAGES:
-        for run_dir in sorted((root / stage).glob("*")):
-            tracker = run_dir / "latest_checkpointed_iteration.txt"
-            if tracker.exists():
-                print(f"{stage}: run {run_dir.name}: last checkpoint at iteration {tracker.read_text().strip()}")
-        metrics = live / stage / "metrics.json"
+        for run_dir in rundir.runs(train, stage):
+            if rundir.latest_iteration(run_dir):
+                print(f"{stage}: run {run_dir.name}: last checkpoint at iteration {rundir.latest_iteration(run_dir)}")
+        metrics = rundir.live_dir(train, stage) / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())
             loss = m.get("train", {}).get("loss")

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nano3.config.clusters import ClusterProfile
 from nano3.errors import UserError
-from nano3.launch.profiles import ClusterProfile
 
 CPU_STAGES = ("sample", "tokenizer", "prep", "blend")
 GPU_STAGES = {"pretrain": "train", "lc": "lc"}  # stage -> params section

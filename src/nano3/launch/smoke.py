@@ -8,7 +8,6 @@ which. Ends with what ran: losses per phase, perplexities, and where the plots a
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 
 from nano3.config import load_params
+from nano3.train.metrics import read_metric
 
 
 def dvc(*args: str) -> None:
@@ -25,17 +25,9 @@ def dvc(*args: str) -> None:
         sys.exit(rc)
 
 
-def read_metric(live_dir: Path, name: str) -> list[tuple[int, float]]:
-    path = live_dir / "plots" / "metrics" / f"{name}.tsv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in csv.DictReader(f, delimiter="\t")]
-
-
 def summarize(params) -> None:
-    from nano3.train.reference import for_backend
-    from nano3.train.schedule import build_schedule
+    from nano3.schedule import build_schedule
+    from nano3.train.backends import for_backend
 
     manifests = {s: json.loads(p.read_text()) for s in ("pretrain", "lc")
                  if (p := Path("checkpoints") / f"{s}.json").exists()}
@@ -52,14 +44,14 @@ def summarize(params) -> None:
               + (f", {p2[0]:.3f} -> {p2[-1]:.3f} in phase 2" if p2 else ""))
     lc = read_metric(Path("dvclive/lc"), "train/loss")
     if lc:
-        print(f"lc: loss {lc[0][1]:.3f} -> {lc[-1][1]:.3f} at sequence length {effective.get_key('lc.seq_length')}")
+        print(f"lc: loss {lc[0][1]:.3f} -> {lc[-1][1]:.3f} at sequence length {effective.settings.lc.seq_length}")
     for stage, m in manifests.items():
         print(f"{stage}: checkpoint {m['checkpoint']} at iteration {m['iteration']}")
-    metrics = Path(params.get_key("eval.out_dir", kind=str)) / "metrics.json"
+    metrics = Path(params.settings.eval.out_dir) / "metrics.json"
     if metrics.exists():
         for name, r in json.loads(metrics.read_text())["test"].items():
             print(f"eval: {name} test perplexity {r['perplexity']:.2f}")
-    print(f"model: {params.get_key('export.out_dir')} (transformers' AutoModelForCausalLM / AutoTokenizer)")
+    print(f"model: {params.settings.export.out_dir} (transformers' AutoModelForCausalLM / AutoTokenizer)")
     print("plots: dvc plots show (loss, LR, throughput, MoE load) and reports/blend/report.png")
 
 

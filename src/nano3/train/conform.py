@@ -125,11 +125,11 @@ def assert_run_conforms(effective_doc: dict, params, phase, where: str) -> list[
 
 def recipe_view(params) -> dict[str, Any]:
     """A params file in the recipe table's terms."""
+    from nano3.model.presets import model_preset
+    from nano3.schedule import build_schedule
     from nano3.train.plan import read_layout
-    from nano3.train.presets import model_preset
-    from nano3.train.schedule import build_schedule
 
-    g = params.get_key
+    cfg = params.settings
     schedule = build_schedule(params)
     pre = schedule.phases[0]
     lc = schedule.phase("lc")
@@ -141,12 +141,12 @@ def recipe_view(params) -> dict[str, Any]:
         "pretrain.seq_length": pre.seq_length, "pretrain.global_batch_size": pre.global_batch_size,
         "pretrain.lr": schedule.pretrain_lr.lr, "pretrain.min_lr": schedule.pretrain_lr.min_lr,
         "pretrain.lr_style": schedule.pretrain_lr.style,
-        "pretrain.warmup_fraction": float(g("train.warmup_fraction")),
-        "pretrain.decay_start": float(g("train.decay_start")), "pretrain.phase2_start": float(g("train.phase2_start")),
-        "pretrain.adam_beta1": float(g("train.adam_beta1")), "pretrain.adam_beta2": float(g("train.adam_beta2")),
-        "pretrain.weight_decay": float(g("train.weight_decay")),
+        "pretrain.warmup_fraction": float(cfg.train.warmup_fraction),
+        "pretrain.decay_start": float(cfg.train.decay_start), "pretrain.phase2_start": float(cfg.train.phase2_start),
+        "pretrain.adam_beta1": float(cfg.train.adam_beta1), "pretrain.adam_beta2": float(cfg.train.adam_beta2),
+        "pretrain.weight_decay": float(cfg.train.weight_decay),
         "pretrain.moe_balancing": "aux-loss-free" if aux_free else preset.moe_router_load_balancing_type,
-        "model.preset": g("model.preset"),
+        "model.preset": cfg.model.preset,
         "lc.tokens": schedule.lc_iters * lc.global_batch_size * lc.seq_length, "lc.global_batch_size": lc.global_batch_size,
         "lc.lr": schedule.lc_lr.lr, "lc.lr_style": schedule.lc_lr.style, "lc.seq_length": lc.seq_length,
         "lc.tp": lc_layout.tp, "lc.cp": lc_layout.cp, "lc.ep": lc_layout.ep, "lc.pp": lc_layout.pp,
@@ -155,7 +155,7 @@ def recipe_view(params) -> dict[str, Any]:
 
 def check_recipe(params, deviations: dict | None = None) -> list[Difference]:
     """Differences between a params file and the recipe; reasons listed per model preset."""
-    listed = ((deviations or load_deviations()).get("recipe") or {}).get(params.get_key("model.preset")) or {}
+    listed = ((deviations or load_deviations()).get("recipe") or {}).get(params.settings.model.preset) or {}
     ours = recipe_view(params)
     out = []
     for key, value in RECIPE.items():
@@ -168,7 +168,7 @@ def check_recipe(params, deviations: dict | None = None) -> list[Difference]:
 
 def stale_listings(params, deviations: dict) -> list[str]:
     """Listed recipe deviations that are no longer deviations (the list must not hide future changes)."""
-    listed = (deviations.get("recipe") or {}).get(params.get_key("model.preset")) or {}
+    listed = (deviations.get("recipe") or {}).get(params.settings.model.preset) or {}
     differing = {d.key for d in check_recipe(params, deviations)}
     return sorted(set(listed) - differing)
 
@@ -177,11 +177,11 @@ def stale_listings(params, deviations: dict) -> list[str]:
 
 def run_files(params) -> list[tuple[str, Path]]:
     """(phase, effective file) of the runs the stage manifests point at."""
-    from nano3.train.run import manifest_path
+    from nano3.train.rundir import manifest_path
 
     out = []
     for stage in ("pretrain", "lc"):
-        path = manifest_path(params, stage)
+        path = manifest_path(params.settings.train, stage)
         if not path.exists():
             continue
         manifest = read_json(path, f"{stage} manifest")
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    from nano3.train.reference import for_backend
-    from nano3.train.schedule import build_schedule
+    from nano3.schedule import build_schedule
+    from nano3.train.backends import for_backend
 
     ap = argparse.ArgumentParser(prog="python -m nano3.train.conform", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,19 +209,19 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(name)
         diffs = check_recipe(params, deviations)
         listed = sum(d.reason is not None for d in diffs)
-        print(f"recipe vs {name} (preset {params.get_key('model.preset')}): "
+        print(f"recipe vs {name} (preset {params.settings.model.preset}): "
               f"{len(diffs) - listed} unlisted, {listed} intended deviations")
         for d in diffs:
             print(f"  {'ok ' if d.reason else 'ERR'} {d.line('ours', 'recipe')}")
         for key in stale_listings(params, deviations):
-            errors.append(f"{DEVIATIONS_FILE.name}: recipe.{params.get_key('model.preset')}.{key} is listed but "
+            errors.append(f"{DEVIATIONS_FILE.name}: recipe.{params.settings.model.preset}.{key} is listed but "
                           f"{name} matches the recipe there; remove the listing")
         errors += [f"{name}: {d.line('ours', 'recipe')}" for d in diffs if d.reason is None]
 
     params = load_params(args.params)
     found = [] if args.recipe_only else run_files(params)
     if not found and not args.recipe_only:
-        print(f"runs: no training manifest under {params.get_key('train.checkpoint_dir')} yet (make pretrain)")
+        print(f"runs: no training manifest under {params.settings.train.checkpoint_dir} yet (make pretrain)")
     for phase_name, path in found:
         if not path.exists():
             errors.append(f"{path}: missing; the run predates effective-config files, rerun its stage")

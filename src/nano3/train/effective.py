@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nano3.config.sections import phase_section
 from nano3.files import atomic_write_json, read_json
 
 FILE = "effective_config.{phase}.json"
@@ -77,38 +78,38 @@ def read_groups(param_groups) -> list[dict]:
 
 def expected(params, phase, backend: str) -> dict:
     """What params.yaml says this phase must run with, in the effective file's shape."""
-    from nano3.blend.validate import prefixes_and_weights
+    from nano3.data.megatron import prefixes_and_weights
     from nano3.data.tokenizer import read_info
-    from nano3.train.flops import padded_vocab
+    from nano3.model.flops import padded_vocab
+    from nano3.model.presets import model_preset
+    from nano3.schedule import build_schedule
     from nano3.train.plan import model_vocab, read_layout
-    from nano3.train.presets import model_preset
-    from nano3.train.schedule import build_schedule
 
-    g = params.get_key
-    section = "lc" if phase.name == "lc" else "train"
+    cfg = params.settings
+    section = phase_section(phase.name)
     layout = read_layout(params, section)
     preset = model_preset(params)
     schedule = build_schedule(params)
     lr = schedule.lc_lr if phase.name == "lc" else schedule.pretrain_lr
-    wd = float(g("train.weight_decay"))
-    blend = read_json(Path(g("blend.out_dir", kind=str)) / f"{phase.blend}.json", f"{phase.blend} blend")
+    wd = float(cfg.train.weight_decay)
+    blend = read_json(Path(cfg.blend.out_dir) / f"{phase.blend}.json", f"{phase.blend} blend")
     return {
         "backend": backend,
-        "optimizer": {"weight_decay": wd, "no_decay_weight_decay": 0.0, "adam_beta1": float(g("train.adam_beta1")),
-                      "adam_beta2": float(g("train.adam_beta2")), "adam_eps": float(g("train.adam_eps")),
-                      "clip_grad": float(g("train.clip_grad"))},
+        "optimizer": {"weight_decay": wd, "no_decay_weight_decay": 0.0, "adam_beta1": float(cfg.train.adam_beta1),
+                      "adam_beta2": float(cfg.train.adam_beta2), "adam_eps": float(cfg.train.adam_eps),
+                      "clip_grad": float(cfg.train.clip_grad)},
         "weight_decay_applied": {"first_step": wd, "last_step": wd},
         "scheduler": {"max_lr": lr.lr, "min_lr": lr.min_lr, "lr_warmup_init": lr.warmup_init, "warmup_iters": lr.warmup_iters,
                       "decay_iters": lr.decay_iters, "decay_style": lr.style,
                       **({"wsd_decay_style": lr.wsd_decay_style, "wsd_decay_iters": lr.decay_iters - lr.decay_start_iter}
                          if lr.style == "WSD" else {}),
                       "start_weight_decay": wd, "end_weight_decay": wd, "weight_decay_incr_style": "constant"},
-        "precision": g("train.precision", "bf16", kind=str),
+        "precision": cfg.train.precision,
         "parallel": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "etp": layout.etp,
                      "dp": layout.dp, "world": layout.world, "sequence_parallel": layout.sequence_parallel},
         "batch": {"seq_length": phase.seq_length, "global_batch_size": phase.global_batch_size,
                   "micro_batch_size": layout.micro_batch_size, "train_iters": phase.train_iters},
-        "vocab": {"tokenizer": read_info(g("tokenizer.dir", kind=str)).vocab_size,
+        "vocab": {"tokenizer": read_info(cfg.tokenizer.dir).vocab_size,
                   "model": padded_vocab(model_vocab(params), preset, layout.tp)},
         "moe": {"num_experts": preset.num_moe_experts, "topk": preset.moe_router_topk,
                 "score_function": preset.moe_router_score_function,
@@ -117,7 +118,7 @@ def expected(params, phase, backend: str) -> dict:
                 "bias_update_rate": preset.moe_router_bias_update_rate,
                 "aux_loss_type": preset.moe_router_load_balancing_type, "aux_loss_coeff": preset.moe_aux_loss_coeff},
         "init_std": preset.init_method_std,
-        "data": {"seed": g("train.seed", kind=int),
+        "data": {"seed": cfg.train.seed,
                  "blend": blend_shares([prefixes_and_weights(blend.get(split)) for split in ("train", "valid")]),
                  "train_samples": phase.samples, "sample_offset": phase.sample_offset},
     }

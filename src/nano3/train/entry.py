@@ -18,9 +18,11 @@ from typing import Any
 
 import nano3  # noqa: F401  (quiet imports)
 from nano3.config import load_params, parse_override
+from nano3.config.sections import phase_section
 from nano3.errors import UserError
 from nano3.files import atomic_write_json
 from nano3.megatron_compat import adapt_overrides, dataset_providers, installed_stack, run_pretrain
+from nano3.train.rundir import failure_path
 
 
 def set_field(cfg, dotted: str, value: Any) -> None:
@@ -32,11 +34,6 @@ def set_field(cfg, dotted: str, value: Any) -> None:
     if not hasattr(node, name):
         raise UserError(f"Megatron-Bridge config has no field '{dotted}'; check the override's spelling")
     setattr(node, name, value)
-
-
-def failure_path(run_dir: str | Path, phase: str) -> Path:
-    """Where rank 0 leaves a one-line reason for refusing to train (read by the stage, then removed)."""
-    return Path(run_dir) / f"refused.{phase}.txt"
 
 
 class PhaseWindow:
@@ -101,13 +98,13 @@ def build_config(overrides: dict[str, Any]) -> tuple[Any, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     from megatron.bridge.training.gpt_step import forward_step
 
+    from nano3.model.flops import flops_per_token, padded_vocab
+    from nano3.model.presets import model_preset
+    from nano3.schedule import build_schedule
     from nano3.train.effective import EffectiveConfigCallback
-    from nano3.train.flops import flops_per_token, padded_vocab
     from nano3.train.mapping import bridge_overrides
     from nano3.train.metrics import DvcliveCallback
     from nano3.train.plan import model_vocab, read_layout
-    from nano3.train.presets import model_preset
-    from nano3.train.schedule import build_schedule
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--params", required=True)
@@ -133,13 +130,13 @@ def main(argv: list[str] | None = None) -> None:
                           {"installed": installed_stack(), "spelled_for_this_bridge": spelled})
 
     preset = model_preset(params)
-    layout = read_layout(params, "lc" if args.phase == "lc" else "train")
+    layout = read_layout(params, phase_section(args.phase))
     vocab = padded_vocab(model_vocab(params), preset, layout.tp)
     callback = DvcliveCallback(
         live_dir=args.live_dir, stage_label=args.phase, tokens_per_iter=phase.global_batch_size * phase.seq_length,
         flops_true=flops_per_token(preset, phase.seq_length, vocab, "true"),
         flops_bridge=flops_per_token(preset, phase.seq_length, vocab, "bridge"),
-        log_interval=params.get_key("train.log_interval", kind=int),
+        log_interval=params.settings.train.log_interval,
         extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
     )
     requested: dict = {}

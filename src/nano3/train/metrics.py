@@ -186,3 +186,11 @@ class DvcliveCallback:
         if self.live is not None:
             self.live.make_summary()
             self.live.end()
+
+
+def read_metric(live_dir: Path, name: str) -> list[tuple[int, float]]:
+    path = live_dir / "plots" / "metrics" / f"{name}.tsv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in csv.DictReader(f, delimiter="\t")]

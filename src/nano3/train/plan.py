@@ -12,9 +12,9 @@ import os
 from dataclasses import asdict, dataclass, replace
 
 from nano3.errors import UserError
-from nano3.train.flops import flops_per_token, padded_vocab, param_counts
-from nano3.train.presets import ModelPreset, model_preset
-from nano3.train.schedule import TrainingSchedule, build_schedule
+from nano3.model.flops import flops_per_token, padded_vocab, param_counts
+from nano3.model.presets import ModelPreset, model_preset
+from nano3.schedule import TrainingSchedule, build_schedule
 
 GIB = 1024**3
 DEFAULT_GPU_MEMORY_GIB = 79.6  # an H100 80GB as CUDA reports it (81,559 MiB): the card a plan assumes by default
@@ -83,25 +83,21 @@ def resources(params, stage: str, cluster_shape: tuple[int, int] | None = None) 
         default = (int(os.environ["SLURM_JOB_NUM_NODES"]), int(os.environ.get("SLURM_GPUS_ON_NODE", "1") or 1))
     else:
         default = None
-    nodes = params.get_key(f"{stage}.nodes", None, kind=int)
-    gpus = params.get_key(f"{stage}.gpus_per_node", None, kind=int)
+    section = getattr(params.settings, stage)
+    nodes, gpus = section.nodes, section.gpus_per_node
     if default is None and (nodes is None or gpus is None):
         default = (1, max(1, local_gpus()))
     return (nodes if nodes is not None else default[0], gpus if gpus is not None else default[1])
 
 
 def read_layout(params, stage: str, cluster_shape: tuple[int, int] | None = None) -> Layout:
-    g = params.get_key
-    par = g(f"{stage}.parallel", kind=dict)
-    for key in ("tp", "pp", "cp", "ep"):
-        if not isinstance(par.get(key), int) or par[key] < 1:
-            raise UserError(f"{params.source}: '{stage}.parallel.{key}' must be an integer >= 1, got {par.get(key)!r}")
+    section = getattr(params.settings, stage)
+    par = section.parallel
     nodes, gpus = resources(params, stage, cluster_shape)
-    return Layout(stage=stage, nodes=nodes, gpus_per_node=gpus,
-                  tp=par["tp"], pp=par["pp"], cp=par["cp"], ep=par["ep"], etp=int(par.get("etp", 1)),
-                  sequence_parallel=bool(par.get("sequence_parallel", par["tp"] > 1)),
-                  micro_batch_size=g(f"{stage}.micro_batch_size", kind=int),
-                  global_batch_size=g(f"{stage}.global_batch_size", kind=int), seq_length=g(f"{stage}.seq_length", kind=int))
+    sequence_parallel = par.sequence_parallel if par.sequence_parallel is not None else par.tp > 1
+    return Layout(stage=stage, nodes=nodes, gpus_per_node=gpus, tp=par.tp, pp=par.pp, cp=par.cp, ep=par.ep,
+                  etp=par.etp, sequence_parallel=sequence_parallel, micro_batch_size=section.micro_batch_size,
+                  global_batch_size=section.global_batch_size, seq_length=section.seq_length)
 
 
 def layout_errors(layout: Layout, preset: ModelPreset) -> list[str]:
@@ -249,14 +245,14 @@ def model_vocab(params) -> int:
 
     from nano3.data.tokenizer import read_info
 
-    info_file = Path(params.get_key("tokenizer.dir", kind=str)) / "info.json"
+    info_file = Path(params.settings.tokenizer.dir) / "info.json"
     if info_file.exists():
         tokenizer = read_info(info_file.parent).vocab_size
-    elif params.get_key("tokenizer.name", None) == "train":  # not trained yet, but its size is set
-        tokenizer = params.get_key("tokenizer.vocab_size", kind=int)
+    elif params.settings.tokenizer.name == "train":  # not trained yet, but its size is set
+        tokenizer = params.settings.tokenizer.vocab_size
     else:
         tokenizer = None
-    model = params.get_key("model.vocab_size", None, kind=int)
+    model = params.settings.model.vocab_size
     if model is not None and tokenizer is not None and model < tokenizer:
         raise UserError(f"{params.source}: model.vocab_size={model} is smaller than the tokenizer's {tokenizer} ids "
                         f"({info_file}); raise it or set it to null to use the tokenizer's")
@@ -315,8 +311,8 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
     preset = model_preset(params)
     schedule = build_schedule(params)
     raw_vocab = model_vocab(params)
-    measured = float(params.get_key("train.measured_tflops_per_gpu", kind=(int, float)))
-    recompute_moe = "moe" in (params.get_key("train.recompute_modules", [], kind=list) or [])
+    measured = float(params.settings.train.measured_tflops_per_gpu)
+    recompute_moe = "moe" in (params.settings.train.recompute_modules or [])
     out = {}
     for stage in stages:
         layout = read_layout(params, stage, cluster_shape)
@@ -333,4 +329,4 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
             check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory)
     vocab = padded_vocab(raw_vocab, preset)
     counts = param_counts(preset, vocab)
-    return Plan(params.get_key("model.preset"), preset, vocab, counts.total, counts.active, schedule, out)
+    return Plan(params.settings.model.preset, preset, vocab, counts.total, counts.active, schedule, out)

@@ -13,7 +13,7 @@ from nano3.files import read_json
 def blend_datasets(params) -> list[str]:
     """Every dataset any blend phase draws from, in first-seen order."""
     names: list[str] = []
-    for weights in (params.get_key("blend.phases", kind=dict) or {}).values():
+    for weights in (params.settings.blend.phases or {}).values():
         names += [n for n in weights if n not in names]
     return names
 
@@ -22,7 +22,7 @@ def split_stream(params, dataset: str, split: str, max_tokens: int) -> np.ndarra
     """The first `max_tokens` tokens of a dataset's split, documents (each ending in EOD) in order."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    root = Path(params.get_key("prep.out_dir", kind=str)) / dataset
+    root = Path(params.settings.prep.out_dir) / dataset
     manifest = read_json(root / "manifest.json", f"prepared dataset '{dataset}' (run make prep)")
     shards = manifest.get("splits", {}).get(split, {}).get("shards", [])
     pieces, have = [], 0

@@ -1,7 +1,8 @@
-"""params.yaml plus `key=value` overrides: the one place every knob is read from.
+"""params.yaml plus `key=value` overrides, read once and checked against the typed sections.
 
-Stages receive the whole parameter tree and pick what they need through `get`, which names the
-missing or mistyped key in its error so a typo in params.yaml is a one-line fix.
+`load_params` returns `Params`: the raw tree as DVC sees it (run digests and lineage hash it) with its typed view
+`params.settings` (nano3.config.sections), which every stage reads. An unknown or mistyped key stops the load in
+one line that names it and the nearest valid key.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from nano3.config.overrides import unknown_key_hint
+from nano3.config.schema import parse
+from nano3.config.sections import PHASE_NAMES, Settings
 from nano3.errors import UserError
 
 PARAMS_FILE = "params.yaml"
@@ -36,9 +40,20 @@ def yaml_load(text: str):
 
 
 class Params(dict):
-    """The parsed parameter tree; remembers the file it came from for error messages."""
+    """The parameter tree as written (what DVC and the run digests see); `settings` is its typed, checked view.
+    Remembers the file it came from for error messages."""
 
     source: str = PARAMS_FILE
+
+    @property
+    def settings(self) -> Settings:
+        """The typed view, parsed from the tree as it is now (a copy such as the reference budget's parses anew)."""
+        key = repr(self)
+        cached = self.__dict__.get("_settings")
+        if cached is None or cached[0] != key:
+            cached = (key, parse_settings(self, self.source))
+            self.__dict__["_settings"] = cached
+        return cached[1]
 
     def has_key(self, dotted: str) -> bool:
         node: Any = self
@@ -60,6 +75,23 @@ class Params(dict):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise UserError(f"{self.source}: '{dotted}' must be {names}, got {node!r}")
         return node
+
+
+def parse_settings(tree: dict, source: str) -> Settings:
+    """The typed sections of `tree`; also checks what crosses fields (dataset names, phase names)."""
+    settings = parse(Settings, tree, "", source)
+    for name in settings.datasets:
+        if not name or any(c in name for c in "./ "):
+            raise UserError(f"{source}: dataset name {name!r} must not contain '.', '/' or spaces "
+                            f"(it is a params key and a directory name)")
+    for name, spec in settings.datasets.items():
+        shares = (spec.valid_fraction or 0) + (spec.test_fraction or 0)
+        if shares >= 1:
+            raise UserError(f"{source}: 'datasets.{name}' valid_fraction + test_fraction must lie in [0, 1)")
+    for phase in settings.blend.phases:
+        if phase not in PHASE_NAMES:
+            raise UserError(f"{source}: unknown blend phase 'blend.phases.{phase}'; phases are {', '.join(PHASE_NAMES)}")
+    return settings
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -95,7 +127,17 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: Iterable[str] = ()) -
         raise UserError(f"{path}: top level must be a mapping of sections")
     params = Params(copy.deepcopy(tree))
     params.source = str(path)
+    keys = []
     for text in overrides:
         key, value = parse_override(text)
         set_key(params, key, value)
+        keys.append(key)
+    try:
+        params.settings  # noqa: B018 - checks every key now, before any stage work
+    except UserError as e:
+        found = re.search(r"unknown key '([^']+)'", str(e))
+        unknown = next((k for k in keys if found and (k == found[1] or k.startswith(found[1] + "."))), None)
+        if unknown is None:
+            raise
+        raise UserError(f"override '{unknown}': params.yaml has no such key; {unknown_key_hint(unknown)}") from None
     return params

@@ -106,27 +106,27 @@ def _iterations(tokens: float, gbs: int, seq: int, key: str) -> int:
 
 
 def build_schedule(params) -> TrainingSchedule:
-    g = params.get_key
-    seq, gbs = g("train.seq_length", kind=int), g("train.global_batch_size", kind=int)
-    iters = _iterations(g("train.tokens", kind=(int, float)), gbs, seq, "train.tokens")
-    phase2_start = float(g("train.phase2_start", kind=(int, float)))
+    cfg = params.settings
+    seq, gbs = cfg.train.seq_length, cfg.train.global_batch_size
+    iters = _iterations(cfg.train.tokens, gbs, seq, "train.tokens")
+    phase2_start = float(cfg.train.phase2_start)
     if not 0 < phase2_start <= 1:
         raise UserError(f"{params.source}: train.phase2_start must be in (0, 1], got {phase2_start}")
     switch = min(iters, max(1, round(iters * phase2_start)))
-    decay_start_fraction = float(g("train.decay_start", kind=(int, float)))
+    decay_start_fraction = float(cfg.train.decay_start)
     if not 0 <= decay_start_fraction <= 1:
         raise UserError(f"{params.source}: train.decay_start must be in [0, 1], got {decay_start_fraction}")
-    warmup = round(iters * float(g("train.warmup_fraction", kind=(int, float))))
-    style = g("train.decay_style", kind=str)
+    warmup = round(iters * float(cfg.train.warmup_fraction))
+    style = cfg.train.decay_style
     if style not in WSD_DECAY_STYLES:
         raise UserError(f"{params.source}: train.decay_style must be one of {WSD_DECAY_STYLES}, got {style!r}")
-    pretrain_lr = LRSchedule(lr=float(g("train.lr")), min_lr=float(g("train.min_lr")), warmup_iters=warmup,
+    pretrain_lr = LRSchedule(lr=float(cfg.train.lr), min_lr=float(cfg.train.min_lr), warmup_iters=warmup,
                              decay_start_iter=max(warmup, round(iters * decay_start_fraction)), decay_iters=iters,
                              style="WSD", wsd_decay_style=style)
 
-    lc_seq, lc_gbs = g("lc.seq_length", kind=int), g("lc.global_batch_size", kind=int)
-    lc_iters = _iterations(g("lc.tokens", kind=(int, float)), lc_gbs, lc_seq, "lc.tokens")
-    lc_lr = LRSchedule(lr=float(g("lc.lr")), min_lr=float(g("lc.lr")), warmup_iters=0, decay_start_iter=lc_iters,
+    lc_seq, lc_gbs = cfg.lc.seq_length, cfg.lc.global_batch_size
+    lc_iters = _iterations(cfg.lc.tokens, lc_gbs, lc_seq, "lc.tokens")
+    lc_lr = LRSchedule(lr=float(cfg.lc.lr), min_lr=float(cfg.lc.lr), warmup_iters=0, decay_start_iter=lc_iters,
                        decay_iters=lc_iters, style="constant")
     phases = [PhasePlan("phase1", "phase1", 0, switch, iters, seq, gbs)]
     if switch < iters:

@@ -76,10 +76,10 @@ PRESETS = {
 
 def model_preset(params) -> ModelPreset:
     """The preset named by `model.preset`, with `model.overrides` applied and checked."""
-    name = params.get_key("model.preset", kind=str)
+    name = params.settings.model.preset
     if name not in PRESETS:
         raise UserError(f"{params.source}: model.preset={name!r} is not one of {sorted(PRESETS)}")
-    overrides = dict(params.get_key("model.overrides", {}, kind=dict) or {})
+    overrides = dict(params.settings.model.overrides or {})
     known = {f.name for f in fields(ModelPreset)}
     preset_overrides = {k: v for k, v in overrides.items() if k in known}
     try:
@@ -95,4 +95,4 @@ def model_preset(params) -> ModelPreset:
 def bridge_model_extras(params) -> dict:
     """`model.overrides` keys that are not preset fields: passed to Bridge's provider as they are."""
     known = {f.name for f in fields(ModelPreset)} | {"num_layers"}
-    return {k: v for k, v in (params.get_key("model.overrides", {}, kind=dict) or {}).items() if k not in known}
+    return {k: v for k, v in (params.settings.model.overrides or {}).items() if k not in known}

@@ -14,48 +14,19 @@ aux-loss-free expert-bias balancing is kept). Its token budget is `train.referen
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import time
 from pathlib import Path
 
+from nano3.config import section_name
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
-from nano3.files import atomic_dir, atomic_write_text
-from nano3.train.schedule import PhasePlan
+from nano3.files import atomic_dir
+from nano3.schedule import PhasePlan
+from nano3.train import rundir
 
 MAX_PARAMS = 100e6  # the reference trains tiny presets; anything larger belongs on GPUs
-
-
-def resolve_backend(params) -> str:
-    """`auto` means Megatron wherever this machine has a CUDA GPU, the CPU reference elsewhere."""
-    from nano3.train.plan import local_gpus
-
-    backend = params.get_key("train.backend", "auto", kind=str)
-    if backend not in ("auto", "megatron", "reference"):
-        raise UserError(f"{params.source}: train.backend={backend!r}; use auto, megatron or reference")
-    if backend == "auto":
-        return "megatron" if local_gpus() > 0 else "reference"
-    return backend
-
-
-def for_backend(params, backend: str):
-    """Params as the backend runs them: the reference replaces train.* / lc.* with their `reference`
-    budgets and runs on one device."""
-    if backend != "reference":
-        return params
-    out = copy.deepcopy(params)
-    out.source = params.source
-    for section in ("train", "lc"):
-        budget = params.get_key(f"{section}.reference", {}, kind=dict) or {}
-        unknown = set(budget) - {"tokens", "seq_length", "global_batch_size", "micro_batch_size"}
-        if unknown:
-            raise UserError(f"{params.source}: {section}.reference has unknown keys {sorted(unknown)}")
-        out[section].update(budget)
-        out[section].update({"nodes": 1, "gpus_per_node": 1,
-                             "parallel": {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1, "sequence_parallel": False}})
-    return out
 
 
 class ExpertLoad:
@@ -106,7 +77,7 @@ def build_model(params, plan, init_from: Path | None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nano3.export.hf import nemotron_h_config, use_cpu_mamba_chunks
+    from nano3.model.hf import nemotron_h_config, use_cpu_mamba_chunks
 
     if plan.params_total > MAX_PARAMS:
         raise UserError(f"{params.source}: model.preset={plan.preset_name} has {plan.params_total / 1e9:.1f}B "
@@ -115,9 +86,9 @@ def build_model(params, plan, init_from: Path | None):
     if init_from is not None:
         model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     else:
-        torch.manual_seed(params.get_key("train.seed", kind=int))
-        info = read_info(params.get_key("tokenizer.dir", kind=str))
-        positions = max(params.get_key("train.seq_length", kind=int), params.get_key("lc.seq_length", kind=int))
+        torch.manual_seed(params.settings.train.seed)
+        info = read_info(params.settings.tokenizer.dir)
+        positions = max(params.settings.train.seq_length, params.settings.lc.seq_length)
         config = nemotron_h_config(plan.preset, plan.vocab, info.eod_id, positions, dtype="float32")
         model = AutoModelForCausalLM.from_config(config)
     use_cpu_mamba_chunks(model)
@@ -130,11 +101,11 @@ def build_optimizer(model, params, lr: float):
 
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
-    g = params.get_key
-    return torch.optim.AdamW([{"params": decay, "weight_decay": float(g("train.weight_decay"))},
+    cfg = params.settings
+    return torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg.train.weight_decay)},
                               {"params": rest, "weight_decay": 0.0}], lr=lr,
-                             betas=(float(g("train.adam_beta1")), float(g("train.adam_beta2"))),
-                             eps=float(g("train.adam_eps")))
+                             betas=(float(cfg.train.adam_beta1), float(cfg.train.adam_beta2)),
+                             eps=float(cfg.train.adam_eps))
 
 
 def dataset_blend(dataset):
@@ -151,12 +122,12 @@ def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load:
     """The effective configuration (effective.py) from the reference backend's own objects."""
     from nano3.train.effective import applied_weight_decay, blend_shares, read_groups, summarize_groups
 
-    g = params.get_key
+    cfg = params.settings
     groups = read_groups(optimizer.param_groups)
     config = model.config
     return {
         "backend": "reference", "phase": phase.name, "source": "live objects at start-up (CPU reference backend)",
-        "optimizer": {**summarize_groups(groups), "clip_grad": float(g("train.clip_grad")), "groups": groups},
+        "optimizer": {**summarize_groups(groups), "clip_grad": float(cfg.train.clip_grad), "groups": groups},
         "weight_decay_applied": {"first_step": applied_weight_decay(optimizer.param_groups)},
         "scheduler": {"max_lr": schedule.lr, "min_lr": schedule.min_lr, "lr_warmup_init": schedule.warmup_init,
                       "warmup_iters": schedule.warmup_iters, "decay_iters": schedule.decay_iters,
@@ -171,9 +142,9 @@ def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load:
         "precision": str(next(model.parameters()).dtype).replace("torch.", ""),
         "parallel": {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1, "dp": 1, "world": 1, "sequence_parallel": False},
         "batch": {"seq_length": len(train_set[0]["tokens"]), "global_batch_size": phase.global_batch_size,
-                  "micro_batch_size": g(f"{'lc' if phase.name == 'lc' else 'train'}.micro_batch_size", kind=int),
+                  "micro_batch_size": (cfg.lc if phase.name == "lc" else cfg.train).micro_batch_size,
                   "train_iters": phase.train_iters},
-        "vocab": {"tokenizer": read_info(g("tokenizer.dir", kind=str)).vocab_size,
+        "vocab": {"tokenizer": read_info(cfg.tokenizer.dir).vocab_size,
                   "model": int(model.get_input_embeddings().weight.shape[0])},
         "moe": {"num_experts": config.n_routed_experts, "topk": config.num_experts_per_tok,
                 "score_function": "sigmoid",  # transformers' NemotronH router
@@ -181,7 +152,7 @@ def effective_config(params, phase: PhasePlan, model, optimizer, schedule, load:
                 "expert_bias": bool(load.layers) and all(hasattr(m.gate, "e_score_correction_bias") for m in load.layers),
                 "bias_update_rate": load.rate, "aux_loss_type": "none", "aux_loss_coeff": 0.0},
         "init_std": config.initializer_range,
-        "data": {"seed": g("train.seed", kind=int),
+        "data": {"seed": cfg.train.seed,
                  "blend": blend_shares([dataset_blend(train_set), dataset_blend(valid_set)]),
                  "train_samples": sizes[0], "valid_samples": sizes[1] if valid_set is not None else 0,
                  "sample_offset": phase.sample_offset},
@@ -194,30 +165,30 @@ def save_checkpoint(run_dir: Path, iteration: int, model, optimizer, keep: int =
 
     import torch
 
-    with atomic_dir(run_dir / f"iter_{iteration:07d}") as tmp:
+    with atomic_dir(rundir.iteration_dir(run_dir, iteration)) as tmp:
         model.save_pretrained(tmp)
         torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-    atomic_write_text(run_dir / "latest_checkpointed_iteration.txt", f"{iteration}\n")
+    rundir.mark_latest(run_dir, iteration)
     if keep > 0:
-        for old in sorted(run_dir.glob("iter_[0-9]*"))[:-keep]:
+        for old in rundir.iteration_dirs(run_dir)[:-keep]:
             shutil.rmtree(old)
 
 
 def phase_sizes(params, phase: PhasePlan) -> list[int]:
     """Train/valid/test samples the phase reads, as Megatron-Bridge requests them for the same phase."""
-    from nano3.blend.validate import split_sizes
+    from nano3.data.megatron import split_sizes
 
-    g = params.get_key
-    return split_sizes(phase, g("train.eval_interval", kind=int), g("train.eval_iters", kind=int))
+    cfg = params.settings
+    return split_sizes(phase, cfg.train.eval_interval, cfg.train.eval_iters)
 
 
 def phase_datasets(params, phase: PhasePlan, cache_dir: Path, sizes: list[int]):
-    from nano3.blend.validate import build_phase_datasets, megatron_tokenizer
+    from nano3.data.megatron import build_phase_datasets, megatron_tokenizer
 
-    g = params.get_key
-    tokenizer_dir = g("tokenizer.dir", kind=str)
-    blend = Path(g("blend.out_dir", kind=str)) / f"{phase.blend}.json"
-    return build_phase_datasets(blend, seq_length=phase.seq_length, seed=g("train.seed", kind=int), sizes=sizes,
+    cfg = params.settings
+    tokenizer_dir = cfg.tokenizer.dir
+    blend = Path(cfg.blend.out_dir) / f"{phase.blend}.json"
+    return build_phase_datasets(blend, seq_length=phase.seq_length, seed=cfg.train.seed, sizes=sizes,
                                 tokenizer=megatron_tokenizer(tokenizer_dir, read_info(tokenizer_dir)),
                                 cache_dir=cache_dir)
 
@@ -246,19 +217,19 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     from nano3.train.conform import assert_run_conforms
     from nano3.train.mapping import keep_checkpoints
     from nano3.train.metrics import log_train_step, truncate_metrics
-    from nano3.train.run import checkpoint_dir, latest_iteration
+    from nano3.train.rundir import iteration_dir, latest_iteration
 
     torch.set_num_threads(os.cpu_count() or 1)
-    section = "train" if stage == "pretrain" else "lc"
+    section = section_name(stage)
     schedule = plan.schedule.pretrain_lr if stage == "pretrain" else plan.schedule.lc_lr
-    g = params.get_key
+    cfg = params.settings
     done = latest_iteration(run_dir)
-    init = checkpoint_dir(run_dir, done) if done else (checkpoint_dir(pretrained, latest_iteration(pretrained))
+    init = iteration_dir(run_dir, done) if done else (iteration_dir(pretrained, latest_iteration(pretrained))
                                                       if pretrained else None)
     model = build_model(params, plan, init)
     optimizer = build_optimizer(model, params, schedule.lr_at(max(done, 1)))
     if done:
-        state = torch.load(checkpoint_dir(run_dir, done) / "optimizer.pt", weights_only=False)
+        state = torch.load(iteration_dir(run_dir, done) / "optimizer.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
     load = ExpertLoad(model, plan.preset.moe_router_bias_update_rate)
@@ -267,9 +238,9 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     live.log_param("backend", "reference")
     stop = {"now": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    mbs, clip = g(f"{section}.micro_batch_size", kind=int), float(g("train.clip_grad"))
-    log_interval, eval_interval = g("train.log_interval", kind=int), g("train.eval_interval", kind=int)
-    save_interval = g("train.save_interval", kind=int)
+    mbs, clip = cfg.training(stage).micro_batch_size, float(cfg.train.clip_grad)
+    log_interval, eval_interval = cfg.train.log_interval, cfg.train.eval_interval
+    save_interval = cfg.train.save_interval
     flops = {"true": plan.stages[section].flops_per_token_true, "bridge": plan.stages[section].flops_per_token_bridge}
     try:
         for phase in phases:
@@ -316,7 +287,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                     live.step = it
                     live.log_metric("optim/weight_decay", weight_decay)
                 if valid_set is not None and (it % eval_interval == 0 or it == phase.end_iter):
-                    live.log_metric("valid/loss", validate(model, valid_set, g("train.eval_iters", kind=int) * gbs, mbs))
+                    live.log_metric("valid/loss", validate(model, valid_set, cfg.train.eval_iters * gbs, mbs))
                     live.make_summary()
                 if it % save_interval == 0 or it == phase.end_iter or stop["now"]:
                     save_checkpoint(run_dir, it, model, optimizer, keep_checkpoints(params))
@@ -339,3 +310,8 @@ def validate(model, valid_set, samples: int, mbs: int) -> float:
         losses = [batch_loss(model, [valid_set[j] for j in range(i, min(i + mbs, n))]).item() * (min(i + mbs, n) - i)
                   for i in range(0, n, mbs)]
     return sum(losses) / max(n, 1)
+
+
+def train(run, log=print) -> None:
+    """The reference backend behind nano3.train.backends.train_on."""
+    train_reference(run.params, run.plan, run.stage, run.phases, run.run_dir, run.live_dir, run.pretrained, log)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nano3.train.presets import ModelPreset
+from nano3.model.presets import ModelPreset
 
 
 def padded_vocab(vocab_size: int, preset: ModelPreset, tp: int = 1) -> int:

@@ -1,0 +1,80 @@
+"""The Megatron backend: each phase of a stage is one torchrun of nano3.train.entry (Megatron-Bridge's pretrain)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from nano3.config import section_name
+from nano3.errors import UserError
+from nano3.train.backends import TrainingRun
+from nano3.train.rundir import exit_if_stopped, failure_path, latest_iteration
+
+
+def train(run: TrainingRun, log=print) -> None:
+    """Run each phase not yet done; a rank's one-line refusal (failure_path) becomes this stage's UserError."""
+    layout = run.plan.stages[section_name(run.stage)].layout
+    for phase in run.phases:
+        done = latest_iteration(run.run_dir)
+        if done >= phase.end_iter:
+            log(f"{run.stage}: {phase.name} already done (checkpoint at iteration {done})")
+            continue
+        log(f"{run.stage}: {phase.name} iterations {max(done, phase.start_iter) + 1}..{phase.end_iter} "
+            f"(blend {phase.blend}, seq {phase.seq_length}, run {run.run_dir.name})")
+        cmd = torchrun_command(layout.gpus_per_node) + [
+            "--params", run.params_file, "--phase", phase.name, "--run-dir", str(run.run_dir),
+            "--live-dir", str(run.live_dir)]
+        cmd += [f"--override={o}" for o in run.overrides] + [f"--bridge={b}" for b in run.bridge]
+        if run.pretrained:
+            cmd += ["--pretrained", run.pretrained]
+        rc = run_forwarding_sigterm(cmd)
+        refused = failure_path(run.run_dir, phase.name)
+        if rc != 0 and refused.exists():
+            reason = refused.read_text().strip()
+            refused.unlink()
+            raise UserError(reason)
+        if rc != 0:
+            raise SystemExit(rc)
+        exit_if_stopped(run.run_dir, run.stage, [phase], log)
+        if phase.exit_interval:
+            log(f"{run.stage}: {phase.name} stopped at iteration {phase.end_iter} as planned (Bridge reports its "
+                f"exit_interval stop as 'SystemExit: 0' with a traceback; not an error)")
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """torchrun for this node: standalone here, or one node of a Slurm allocation (rendezvous on node 0)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    nnodes = int(os.environ.get("SLURM_NNODES", "1"))
+    if nnodes > 1:
+        master = os.environ.get("MASTER_ADDR")
+        if not master:
+            raise UserError("multi-node run without MASTER_ADDR; launch through stages/<stage>.sbatch")
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={os.environ['SLURM_NODEID']}",
+                f"--master_addr={master}", f"--master_port={os.environ.get('MASTER_PORT', '29500')}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "nano3.train.entry"]
+
+
+def run_forwarding_sigterm(cmd: list[str]) -> int:
+    """Run torchrun in its own session; SIGTERM (Slurm's pre-time-limit signal, passed on by the
+    sbatch script) or Ctrl-C goes straight to the training ranks as SIGTERM, and Bridge's handler
+    saves a checkpoint and exits cleanly. torchrun itself is spared: its own SIGTERM handling kills
+    the ranks after a grace period that a large checkpoint can outlast."""
+    import signal
+
+    import psutil
+
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum, _frame):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,86 @@
+"""The package's layers point one way: a module imports only its own package and the layers below it.
+
+    errors  <  files, megatron_compat  <  config  <  cli  <  data  <  model, schedule  <  blend  <  train
+    <  export  <  eval  <  launch
+
+Lazy imports inside functions count: a layer that reaches up, even lazily, is how cycles and the "export imports
+eval imports export" tangles start. Within train, the backends never import the stage driver (train.run).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "src" / "nano3"
+LAYER = {"__init__": 0, "errors": 0, "files": 1, "megatron_compat": 1, "config": 2, "cli": 3, "data": 4, "model": 5,
+         "schedule": 5, "blend": 6, "train": 7, "export": 8, "eval": 9, "launch": 10}
+
+
+def top(module: str) -> str:
+    """`nano3.train.backends.reference` -> `train`; `nano3` itself -> `__init__`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nano3":
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "nano3")
+    return found
+
+
+def modules() -> list[tuple[str, Path]]:
+    return [(".".join(("nano3", *p.relative_to(PACKAGE).with_suffix("").parts)), p) for p in PACKAGE.rglob("*.py")]
+
+
+def test_every_top_level_module_and_package_has_a_layer():
+    assert {top(m) for m, _ in modules()} <= set(LAYER), "a new package: give it a layer in LAYER (and in README)"
+
+
+@pytest.mark.parametrize("module,path", modules(), ids=lambda v: v if isinstance(v, str) else "")
+def test_imports_point_down(module, path):
+    mine = LAYER[top(module)]
+    upward = sorted(i for i in imports(path) if top(i) in LAYER and top(i) != top(module) and LAYER[top(i)] >= mine
+                    and top(i) != "__init__")
+    assert not upward, f"{module} imports {upward}: a layer may import only layers below it"
+
+
+def test_training_backends_and_entry_never_import_the_stage_driver():
+    for module, path in modules():
+        if module.startswith(("nano3.train.backends", "nano3.train.entry", "nano3.train.rundir")):
+            assert not {i for i in imports(path) if i.startswith("nano3.train.run") and
+                        not i.startswith("nano3.train.rundir")}, module
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from nano3.eval.stage import run\n")
+    assert "nano3.eval.stage" in imports(bad)
+    assert LAYER[top("nano3.eval.stage")] > LAYER["export"]
+
+
+STAGES = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc", "export", "eval")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_entry_is_stage_main_of_a_run(stage):
+    """One stage convention: stages/<stage>.py hands `run(params, args) -> summary` to nano3.cli.stage_main."""
+    import importlib
+    import inspect
+
+    tree = ast.parse((ROOT / "stages" / f"{stage}.py").read_text())
+    imported = {a.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "stage_main"]
+    assert imported.get("stage_main") == "nano3.cli" and len(calls) == 1 and calls[0].args[0].id == "run"
+    run = getattr(importlib.import_module(imported["run"]), "run")
+    assert list(inspect.signature(run).parameters) == ["params", "args"]
+    assert len([n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]) == 0, "logic belongs in run"
