@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from nano3.config.sections import Settings
 from nano3.errors import UserError
 
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -105,21 +106,14 @@ def _iterations(tokens: float, gbs: int, seq: int, key: str) -> int:
     return iters
 
 
-def build_schedule(params) -> TrainingSchedule:
-    cfg = params.settings
+def build_schedule(cfg: Settings) -> TrainingSchedule:
+    """Both training stages' iterations, phases and LR from `cfg.train` and `cfg.lc` (ranges: the typed sections)."""
     seq, gbs = cfg.train.seq_length, cfg.train.global_batch_size
     iters = _iterations(cfg.train.tokens, gbs, seq, "train.tokens")
-    phase2_start = float(cfg.train.phase2_start)
-    if not 0 < phase2_start <= 1:
-        raise UserError(f"{params.source}: train.phase2_start must be in (0, 1], got {phase2_start}")
-    switch = min(iters, max(1, round(iters * phase2_start)))
+    switch = min(iters, max(1, round(iters * float(cfg.train.phase2_start))))
     decay_start_fraction = float(cfg.train.decay_start)
-    if not 0 <= decay_start_fraction <= 1:
-        raise UserError(f"{params.source}: train.decay_start must be in [0, 1], got {decay_start_fraction}")
     warmup = round(iters * float(cfg.train.warmup_fraction))
     style = cfg.train.decay_style
-    if style not in WSD_DECAY_STYLES:
-        raise UserError(f"{params.source}: train.decay_style must be one of {WSD_DECAY_STYLES}, got {style!r}")
     pretrain_lr = LRSchedule(lr=float(cfg.train.lr), min_lr=float(cfg.train.min_lr), warmup_iters=warmup,
                              decay_start_iter=max(warmup, round(iters * decay_start_fraction)), decay_iters=iters,
                              style="WSD", wsd_decay_style=style)

@@ -89,7 +89,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_loss_falls_in_both_phases(smoke):
     repo, _ = smoke
-    sched = build_schedule(load_params(repo / "params.yaml"))
+    sched = build_schedule(load_params(repo / "params.yaml").settings)
     loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
     phase1 = [v for s, v in loss if s <= sched.switch_iter]
     phase2 = [v for s, v in loss if s > sched.switch_iter]
@@ -101,7 +101,7 @@ def test_smoke_loss_falls_in_both_phases(smoke):
 def test_blend_switches_at_the_planned_iteration(smoke):
     repo, log = smoke
     params = load_params(repo / "params.yaml")
-    sched = build_schedule(params)
+    sched = build_schedule(params.settings)
     manifest = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
     run_dir = repo / manifest["run_dir"]
     p1 = json.loads((run_dir / "bridge_overrides.phase1.json").read_text())
@@ -115,7 +115,7 @@ def test_blend_switches_at_the_planned_iteration(smoke):
 
 def test_lr_curve_matches_the_plan(smoke):
     repo, _ = smoke
-    sched = build_schedule(load_params(repo / "params.yaml"))
+    sched = build_schedule(load_params(repo / "params.yaml").settings)
     lr = read_metric(repo / "dvclive" / "pretrain", "train/lr")
     assert len(lr) >= sched.pretrain_iters // 10
     for step, value in lr:
@@ -142,7 +142,7 @@ def test_lc_starts_from_the_pretrain_checkpoint_at_a_longer_sequence(smoke):
 def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
     repo, _ = smoke
     params = load_params(repo / "params.yaml")
-    sched = build_schedule(params)
+    sched = build_schedule(params.settings)
     cmd = [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/resume-test", "train.save_interval=25"]
     proc = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -260,13 +260,13 @@ def test_effective_config_read_back_from_the_live_run_matches_params(smoke):
         assert {g["weight_decay"] for g in groups} == {wd, 0.0}
         assert doc["optimizer"]["params_decayed"] > 0 and doc["optimizer"]["params_not_decayed"] > 0
         assert doc["init_std"] == 0.0173 and doc["moe"]["expert_bias"] is True
-    sched = build_schedule(params)
+    sched = build_schedule(params.settings)
     for name in ("phase1", "phase2", "lc"):  # each phase's index holds the samples it reads, at Megatron's numbering
         phase, data = sched.phase(name), docs[name]["data"]
         assert (data["train_samples"], data["sample_offset"]) == (phase.samples, phase.sample_offset), data
         assert data["consumed_train_samples_at_start"] == phase.sample_offset
     wd_metric = read_metric(repo / "dvclive" / "pretrain", "optim/weight_decay")
-    assert wd_metric[0][0] == 1 and wd_metric[-1][0] == build_schedule(params).pretrain_iters
+    assert wd_metric[0][0] == 1 and wd_metric[-1][0] == build_schedule(params.settings).pretrain_iters
     assert {v for _, v in wd_metric} == {wd}
     out = subprocess.run([sys.executable, "-m", "nano3.train.conform"], cwd=repo, env=env(), capture_output=True,
                          text=True)
@@ -398,7 +398,7 @@ def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smok
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     out = subprocess.run(cmd, cwd=repo, env={**env(), **one_rank}, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    phase = build_schedule(load_params(repo / "params.yaml", overrides)).phase("phase1")
+    phase = build_schedule(load_params(repo / "params.yaml", overrides).settings).phase("phase1")
     loss = read_metric(live_dir, "train/loss")
     valid = read_metric(live_dir, "valid/loss")
     wd = read_metric(live_dir, "optim/weight_decay")

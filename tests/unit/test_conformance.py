@@ -44,7 +44,7 @@ def params(tmp_path, spm_dir) -> Params:
 def test_bridge_scheduler_applies_the_params_weight_decay(params):
     """megatron-core's scheduler writes start/end_weight_decay into every group at every step; Bridge's recipe
     helper leaves them at 0.033. The mapping must set them from train.weight_decay (the GPU run read back 0.1)."""
-    s = build_schedule(params)
+    s = build_schedule(params.settings)
     for phase in s.phases:
         o = bridge_overrides(params, s, phase, "run", pretrained="x" if phase.name == "lc" else None)
         assert o["scheduler.start_weight_decay"] == o["scheduler.end_weight_decay"] == o["optimizer.weight_decay"] == 0.1
@@ -56,7 +56,7 @@ def test_bridge_scheduler_applies_the_params_weight_decay(params):
 
 def effective_like(params, phase_name="phase1", backend="megatron") -> tuple[dict, object]:
     """An effective file as a conforming run writes it: what params.yaml expects, plus the raw groups."""
-    phase = build_schedule(params).phase(phase_name)
+    phase = build_schedule(params.settings).phase(phase_name)
     doc = copy.deepcopy(expected(params, phase, backend))
     doc["optimizer"]["groups"] = [{"lr": 0.0, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "params": 900},
                                   {"lr": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "params": 10}]

@@ -32,7 +32,7 @@ def test_reference_budget_replaces_the_section_and_keeps_the_curriculum_shape():
     params = load_params(ROOT / "params.yaml")
     ref = for_backend(params, "reference")
     assert for_backend(params, "megatron") is params
-    sched, ref_sched = build_schedule(params), build_schedule(ref)
+    sched, ref_sched = build_schedule(params.settings), build_schedule(ref.settings)
     assert (ref.get_key("train.seq_length"), ref.get_key("train.global_batch_size")) == (256, 4)
     assert ref_sched.pretrain_iters == 48 and ref_sched.switch_iter == round(48 * 0.94)
     assert ref_sched.pretrain_lr.lr == sched.pretrain_lr.lr and ref_sched.pretrain_lr.decay_start_iter == round(48 * 0.8)

@@ -61,7 +61,7 @@ def test_flops_true_vs_bridge_mamba_width():
 
 
 def test_schedule_phase_switch_and_wsd_lr(params):
-    s = build_schedule(production(params))
+    s = build_schedule(production(params).settings)
     assert s.pretrain_iters == round(25e12 / (8192 * 4096))
     assert s.switch_iter == round(s.pretrain_iters * 0.94)
     p1, p2 = s.phase("phase1"), s.phase("phase2")
@@ -99,10 +99,10 @@ def test_impossible_layouts_fail_before_any_job(params, change, message):
 
 def test_recipe_layouts_are_valid(params):
     p = production(params)
-    assert layout_errors(read_layout(p, "train"), model_preset(p)) == []
+    assert layout_errors(read_layout(p, "train"), model_preset(p.settings.model)) == []
     p["lc"].update(nodes=32, gpus_per_node=8, seq_length=524288, global_batch_size=48, micro_batch_size=1,
                    parallel={"tp": 8, "pp": 4, "cp": 8, "ep": 8, "sequence_parallel": True})
-    assert layout_errors(read_layout(p, "lc"), model_preset(p)) == []  # the recipe's CP/TP/EP 8, PP 4
+    assert layout_errors(read_layout(p, "lc"), model_preset(p.settings.model)) == []  # the recipe's CP/TP/EP 8, PP 4
 
 
 def test_memory_estimate_matches_the_h100_measurement(params):
@@ -113,7 +113,7 @@ def test_memory_estimate_matches_the_h100_measurement(params):
     p = production(params, nodes=1, gpus_per_node=1, global_batch_size=16,
                    parallel={"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1})
     p["model"]["overrides"] = {"hybrid_layer_pattern": "MEM*E", "num_moe_experts": 64}
-    preset, layout = model_preset(p), read_layout(p, "train")
+    preset, layout = model_preset(p.settings.model), read_layout(p, "train")
     mbs2 = estimate_memory(dataclasses.replace(layout, micro_batch_size=2), preset, 131072, recompute_moe=False)
     mbs4 = estimate_memory(dataclasses.replace(layout, micro_batch_size=4), preset, 131072, recompute_moe=False)
     assert mbs4.activations_gib - mbs2.activations_gib == pytest.approx(59.4 - 46.0, rel=0.1)
@@ -122,7 +122,7 @@ def test_memory_estimate_matches_the_h100_measurement(params):
 
 def test_memory_estimate_shrinks_with_expert_parallelism(params):
     p = production(params)
-    preset, layout = model_preset(p), read_layout(p, "train")
+    preset, layout = model_preset(p.settings.model), read_layout(p, "train")
     ep8 = estimate_memory(layout, preset, 131072, recompute_moe=True)
     ep1 = estimate_memory(dataclasses.replace(layout, ep=1), preset, 131072, recompute_moe=True)
     assert ep1.weights_gib > 50 > ep8.weights_gib  # 31.6B bf16 weights do not fit one 80 GB GPU without EP
@@ -157,7 +157,7 @@ def test_mapping_emits_only_fields_bridge_has(params, tmp_path):
         "dataset": names(GPTDatasetConfig) | {"seq_length", "num_workers", "per_split_data_args_path"},
     }
     params["wandb"]["enabled"] = True
-    s = build_schedule(params)
+    s = build_schedule(params.settings)
     for phase in s.phases:
         o = bridge_overrides(params, s, phase, str(tmp_path / "run"), pretrained="x" if phase.name == "lc" else None)
         for key in o:
@@ -206,7 +206,7 @@ def test_stage_owned_bridge_fields_are_refused_on_the_command_line_and_in_params
         split_cli_overrides(["bridge.checkpoint.save=/x"])
     with pytest.raises(UserError, match=r"^override 'checkpoint.save': params.yaml has no such key"):
         load_params(params.source, ["checkpoint.save=/lustre/ck"])
-    s = build_schedule(params)
+    s = build_schedule(params.settings)
     params["train"]["bridge_overrides"] = {"checkpoint.save": "/elsewhere"}
     with pytest.raises(UserError, match="train.bridge_overrides.checkpoint.save: checkpoints go to train.checkpoint_dir"):
         bridge_overrides(params, s, s.phase("phase1"), "run")
@@ -217,7 +217,7 @@ def test_each_phase_index_is_sized_to_what_the_phase_reads(params):
     from nano3.data.megatron import split_sizes
     from nano3.train.entry import PhaseWindow
 
-    s = build_schedule(load_params(ROOT / "configs" / "nano3.yaml"))
+    s = build_schedule(load_params(ROOT / "configs" / "nano3.yaml").settings)
     p1, p2 = s.phase("phase1"), s.phase("phase2")
     assert split_sizes(p2, 1000, 10)[0] == p2.samples == (745_058 - 700_355) * 8192 == 366_206_976
     assert split_sizes(p1, 1000, 10)[0] == 700_355 * 8192 and p2.sample_offset == 700_355 * 8192
@@ -228,7 +228,7 @@ def test_each_phase_index_is_sized_to_what_the_phase_reads(params):
 
 
 def test_checkpoint_retention_maps_to_bridge_and_production_keeps_four(params):
-    s = build_schedule(params)
+    s = build_schedule(params.settings)
     assert bridge_overrides(params, s, s.phase("phase1"), "run")["checkpoint.most_recent_k"] == -1  # null: all
     params["train"]["keep_checkpoints"] = 3
     assert bridge_overrides(params, s, s.phase("phase1"), "run")["checkpoint.most_recent_k"] == 3

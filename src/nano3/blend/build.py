@@ -18,7 +18,7 @@ def build_blends(params, log=print) -> dict:
     """Write `<blend.out_dir>/{phase1,phase2,lc}.json`, report.{md,csv,png}; validate; return a summary."""
     out_dir = Path(params.settings.blend.out_dir)
     root = Path(params.settings.prep.out_dir)
-    plans = {p.name: p for p in build_schedule(params).phases}  # phase2 is absent when it has no iterations
+    plans = {p.name: p for p in build_schedule(params.settings).phases}  # phase2 is absent when it has no iterations
     weights = {phase: phase_weights(params, phase) for phase in PHASES}
     manifests = load_manifests(params, {name for w in weights.values() for name in w})
     tokenizer_dir = params.settings.tokenizer.dir

@@ -133,7 +133,8 @@ class TrainConfig:
     lr: float = knob(1.0e-3, "peak LR (recipe: 1e-4)", positive)
     min_lr: float = knob(1.0e-4, "final LR (recipe: 1e-5)", non_negative)
     warmup_fraction: float = knob(0.05, "linear warm-up over this fraction of iterations", fraction)
-    decay_start: float = knob(0.8, "Warmup-Stable-Decay: hold the peak LR until this fraction of training ...", open_unit)
+    decay_start: float = knob(0.8, "Warmup-Stable-Decay: hold the peak LR until this fraction of training ...",
+                              (lambda v: 0 <= v <= 1, "in [0, 1]"))
     decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = knob("linear", "... then decay to `min_lr`: `linear`, `cosine`, `exponential`, `minus_sqrt`")
     weight_decay: float = knob(0.1, "AdamW weight decay (also Bridge's scheduler start/end weight decay, which megatron-core applies)", non_negative)
     adam_beta1: float = knob(0.9, "AdamW beta1", fraction)

@@ -57,7 +57,7 @@ def export_stage(params) -> dict:
         if fmt == "megatron":
             from nano3.export.megatron import export_megatron
 
-            preset = model_preset(params)
+            preset = model_preset(params.settings.model)
             positions = max(params.settings.train.seq_length, params.settings.lc.seq_length)
             check = export_megatron(ckpt, lambda vocab: nemotron_h_config(preset, vocab, info.eod_id, positions),
                                     tmp, verify_windows(params))

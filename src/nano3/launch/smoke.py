@@ -33,7 +33,7 @@ def summarize(params) -> None:
                  if (p := Path("checkpoints") / f"{s}.json").exists()}
     backend = manifests.get("pretrain", {}).get("backend", "megatron")
     effective = for_backend(params, backend)
-    sched = build_schedule(effective)
+    sched = build_schedule(effective.settings)
     print(f"\nsmoke: trained with the {backend} backend"
           + (" (CPU: transformers' NemotronH, the train.reference / lc.reference budgets)" if backend == "reference" else ""))
     loss = read_metric(Path("dvclive/pretrain"), "train/loss")

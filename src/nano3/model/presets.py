@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from nano3.config.sections import ModelConfig
 from nano3.errors import UserError
 
 NANO3_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
@@ -74,25 +75,25 @@ PRESETS = {
 }
 
 
-def model_preset(params) -> ModelPreset:
+def model_preset(model: ModelConfig) -> ModelPreset:
     """The preset named by `model.preset`, with `model.overrides` applied and checked."""
-    name = params.settings.model.preset
+    name = model.preset
     if name not in PRESETS:
-        raise UserError(f"{params.source}: model.preset={name!r} is not one of {sorted(PRESETS)}")
-    overrides = dict(params.settings.model.overrides or {})
+        raise UserError(f"model.preset={name!r} is not one of {sorted(PRESETS)}")
+    overrides = dict(model.overrides or {})
     known = {f.name for f in fields(ModelPreset)}
     preset_overrides = {k: v for k, v in overrides.items() if k in known}
     try:
         preset = replace(PRESETS[name], **preset_overrides)
     except TypeError as e:
-        raise UserError(f"{params.source}: model.overrides: {e}") from None
+        raise UserError(f"model.overrides: {e}") from None
     bad = set(preset.hybrid_layer_pattern) - set("ME*-")
     if bad:
-        raise UserError(f"{params.source}: hybrid_layer_pattern has unknown layer symbols {sorted(bad)}; use M, E, *, -")
+        raise UserError(f"model: hybrid_layer_pattern has unknown layer symbols {sorted(bad)}; use M, E, *, -")
     return preset
 
 
-def bridge_model_extras(params) -> dict:
+def bridge_model_extras(model: ModelConfig) -> dict:
     """`model.overrides` keys that are not preset fields: passed to Bridge's provider as they are."""
     known = {f.name for f in fields(ModelPreset)} | {"num_layers"}
-    return {k: v for k, v in (params.settings.model.overrides or {}).items() if k not in known}
+    return {k: v for k, v in (model.overrides or {}).items() if k not in known}

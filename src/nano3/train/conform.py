@@ -130,11 +130,11 @@ def recipe_view(params) -> dict[str, Any]:
     from nano3.train.plan import read_layout
 
     cfg = params.settings
-    schedule = build_schedule(params)
+    schedule = build_schedule(params.settings)
     pre = schedule.phases[0]
     lc = schedule.phase("lc")
     lc_layout = read_layout(params, "lc")
-    preset = model_preset(params)
+    preset = model_preset(params.settings.model)
     aux_free = preset.moe_router_score_function == "sigmoid" and preset.moe_router_enable_expert_bias
     return {
         "pretrain.tokens": schedule.pretrain_iters * pre.global_batch_size * pre.seq_length,
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         doc = json.loads(path.read_text())
         effective_params = for_backend(params, doc.get("backend", "megatron"))
-        phase = build_schedule(effective_params).phase(phase_name)
+        phase = build_schedule(effective_params.settings).phase(phase_name)
         diffs = check_run(doc, effective_params, phase, deviations)
         listed = [d for d in diffs if d.reason]
         print(f"run {path}: {len(diffs) - len(listed)} unlisted differences from params, {len(listed)} intended")

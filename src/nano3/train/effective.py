@@ -88,8 +88,8 @@ def expected(params, phase, backend: str) -> dict:
     cfg = params.settings
     section = phase_section(phase.name)
     layout = read_layout(params, section)
-    preset = model_preset(params)
-    schedule = build_schedule(params)
+    preset = model_preset(params.settings.model)
+    schedule = build_schedule(params.settings)
     lr = schedule.lc_lr if phase.name == "lc" else schedule.pretrain_lr
     wd = float(cfg.train.weight_decay)
     blend = read_json(Path(cfg.blend.out_dir) / f"{phase.blend}.json", f"{phase.blend} blend")

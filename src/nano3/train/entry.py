@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     params = load_params(args.params, args.override)
-    schedule = build_schedule(params)
+    schedule = build_schedule(params.settings)
     phase = schedule.phase(args.phase)
     overrides = bridge_overrides(params, schedule, phase, args.run_dir, args.pretrained)
     overrides.update(dict(parse_override(text) for text in args.bridge))
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_json(Path(args.run_dir) / f"stack.{args.phase}.json",
                           {"installed": installed_stack(), "spelled_for_this_bridge": spelled})
 
-    preset = model_preset(params)
+    preset = model_preset(params.settings.model)
     layout = read_layout(params, phase_section(args.phase))
     vocab = padded_vocab(model_vocab(params), preset, layout.tp)
     callback = DvcliveCallback(

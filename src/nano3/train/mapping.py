@@ -18,7 +18,7 @@ from typing import Any
 
 from nano3.config import section_name
 from nano3.config.overrides import STAGE_OWNED
-from nano3.config.sections import Kernels, phase_section
+from nano3.config.sections import Kernels, TrainConfig, phase_section
 from nano3.data.megatron import bridge_tokenizer_fields
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
@@ -75,12 +75,12 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
     cfg = params.settings
     section = phase_section(phase.name)
     layout = read_layout(params, section)
-    preset = model_preset(params)
+    preset = model_preset(params.settings.model)
     lr = schedule.lc_lr if phase.name == "lc" else schedule.pretrain_lr
     tok_dir = cfg.tokenizer.dir
     recompute = cfg.train.recompute_modules or []
     o: dict[str, Any] = {f"model.{k}": v for k, v in preset.bridge_fields().items()}
-    o.update({f"model.{k}": v for k, v in bridge_model_extras(params).items()})
+    o.update({f"model.{k}": v for k, v in bridge_model_extras(params.settings.model).items()})
     if cfg.model.vocab_size is not None:
         o["model.vocab_size"] = model_vocab(params)  # checked against the tokenizer
     o.update({
@@ -130,7 +130,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "checkpoint.save": run_dir,
         "checkpoint.load": run_dir,
         "checkpoint.save_interval": cfg.train.save_interval,
-        "checkpoint.most_recent_k": keep_checkpoints(params),
+        "checkpoint.most_recent_k": keep_checkpoints(params.settings.train),
         "checkpoint.pretrained_checkpoint": pretrained,
         "checkpoint.ckpt_format": "torch_dist",
         "checkpoint.async_save": False,
@@ -152,9 +152,9 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
     return o
 
 
-def keep_checkpoints(params) -> int:
+def keep_checkpoints(train: TrainConfig) -> int:
     """`train.keep_checkpoints` as Bridge's most_recent_k: null keeps every checkpoint (-1)."""
-    keep = params.settings.train.keep_checkpoints  # >= 1 or null: the typed sections checked it
+    keep = train.keep_checkpoints  # >= 1 or null: the typed sections checked it
     return -1 if keep is None else keep
 
 

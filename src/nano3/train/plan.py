@@ -308,8 +308,8 @@ def check_memory(stage: StagePlan, preset: ModelPreset, vocab: int, recompute_mo
 def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None,
                gpu_memory: tuple[float, str] | None = None) -> Plan:
     """The plan of each stage; with `gpu_memory` (GiB, where the number comes from) every stage must fit it."""
-    preset = model_preset(params)
-    schedule = build_schedule(params)
+    preset = model_preset(params.settings.model)
+    schedule = build_schedule(params.settings)
     raw_vocab = model_vocab(params)
     measured = float(params.settings.train.measured_tflops_per_gpu)
     recompute_moe = "moe" in (params.settings.train.recompute_modules or [])

@@ -290,7 +290,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                     live.log_metric("valid/loss", validate(model, valid_set, cfg.train.eval_iters * gbs, mbs))
                     live.make_summary()
                 if it % save_interval == 0 or it == phase.end_iter or stop["now"]:
-                    save_checkpoint(run_dir, it, model, optimizer, keep_checkpoints(params))
+                    save_checkpoint(run_dir, it, model, optimizer, keep_checkpoints(params.settings.train))
                     done = it
                 if stop["now"]:
                     log(f"{stage}: stopped by SIGTERM at iteration {it} (checkpoint saved)")
