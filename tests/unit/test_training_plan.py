@@ -322,3 +322,25 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
     with pytest.raises(UserError, match=r"lc: the plan estimates 81.5 GiB .* nearest layouts that fit: lc\.parallel"):
         build_plan(lc, stages=("lc",), gpu_memory=h100)
     assert build_plan(load_params(ROOT / "configs" / "nano3.yaml"), gpu_memory=h100)  # the production config fits
+
+
+def test_lc_run_identity_follows_pretrains_checkpoint_not_its_throughput(params, tmp_path):
+    """pretrain.json carries wall-clock throughput; a pretrain rerun to the same run and iteration (same weights)
+    must leave lc in the same run directory, a different pretrain iteration must not."""
+    from nano3.train.run import upstream_digests
+
+    (tmp_path / "blend").mkdir()
+    (tmp_path / "blend" / "lc.json").write_text("{}")
+    params["train"]["checkpoint_dir"] = str(tmp_path / "ck")
+    (tmp_path / "ck").mkdir()
+    manifest = tmp_path / "ck" / "pretrain.json"
+
+    def lc_identity(**fields) -> dict:
+        doc = {"digest": "4b983e74a537", "iteration": 48, "backend": "reference",
+               "metrics": {"perf": {"tokens_per_s_per_gpu": 120.4}}} | fields
+        manifest.write_text(json.dumps(doc))
+        return run_digest(params, "lc", upstream_digests(params, "lc"))
+
+    first = lc_identity()
+    assert lc_identity(metrics={"perf": {"tokens_per_s_per_gpu": 145.4}}) == first
+    assert lc_identity(iteration=40) != first and lc_identity(digest="0123456789ab") != first

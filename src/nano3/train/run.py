@@ -8,6 +8,7 @@ pointing at the checkpoint, never the checkpoint tree itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,7 +31,15 @@ def upstream_digests(params, stage: str) -> dict[str, str]:
         return {"phase1": file_digest(blend_dir / "phase1.json"), "phase2": file_digest(blend_dir / "phase2.json"),
                 "tokenizer": file_digest(tok)}
     return {"lc": file_digest(blend_dir / "lc.json"), "tokenizer": file_digest(tok),
-            "pretrain": file_digest(manifest_path(params.settings.train, "pretrain"))}
+            "pretrain": pretrained_identity(manifest_path(params.settings.train, "pretrain"))}
+
+
+def pretrained_identity(manifest: Path) -> str:
+    """The checkpoint lc starts from: pretrain's run, iteration and backend. Not the manifest file's bytes, which
+    carry wall-clock throughput: a pretrain rerun to the same weights must not start a new lc run."""
+    pre = read_json(manifest, "pretrain manifest (run make pretrain)")
+    doc = {k: pre.get(k) for k in ("digest", "iteration", "backend")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def print_plan(plan: Plan, stage: str, backend: str, memory: tuple[float, str] | None) -> None:
