@@ -55,15 +55,8 @@ class Params(dict):
             self.__dict__["_settings"] = cached
         return cached[1]
 
-    def has_key(self, dotted: str) -> bool:
-        node: Any = self
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        return True
-
     def get_key(self, dotted: str, default: Any = _MISSING, kind: type | tuple[type, ...] | None = None):
+        """A raw value by dotted key, for tests and tools; the stages read `settings`."""
         node: Any = self
         for part in dotted.split("."):
             if not isinstance(node, dict) or part not in node:
