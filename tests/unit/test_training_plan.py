@@ -344,3 +344,16 @@ def test_lc_run_identity_follows_pretrains_checkpoint_not_its_throughput(params,
     first = lc_identity()
     assert lc_identity(metrics={"perf": {"tokens_per_s_per_gpu": 145.4}}) == first
     assert lc_identity(iteration=40) != first and lc_identity(digest="0123456789ab") != first
+
+
+def test_production_lc_layouts_say_which_fit_and_what_would(tmp_path):
+    """The recipe's LC layout (TP 8 PP 4 CP 8 EP 8) at 512k on 256 GPUs and 1M on 512: the planner's estimate,
+    whether it fits the card, and alternatives that the same estimate says fit."""
+    from nano3.train.plan import production_lc_layouts
+
+    params = load_params(ROOT / "configs" / "nano3.yaml", [f"tokenizer.dir={tmp_path}"])
+    h100 = {r["seq_length"]: r for r in production_lc_layouts(params, 79.6)}
+    assert h100[524288]["fits"] and h100[524288]["gpus"] == 256 and not h100[524288]["alternatives"]
+    assert not h100[1048576]["fits"] and h100[1048576]["gib"] > 79.6
+    assert h100[1048576]["alternatives"] and all(gib <= 79.6 for _, gib in h100[1048576]["alternatives"])
+    assert all(r["fits"] for r in production_lc_layouts(params, 139.8))  # an H200 holds both

@@ -330,3 +330,60 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
     vocab = padded_vocab(raw_vocab, preset)
     counts = param_counts(preset, vocab)
     return Plan(params.settings.model.preset, preset, vocab, counts.total, counts.active, schedule, out)
+
+
+# The recipe's long-context lengths and the GPU counts it names for them (tech report: 512k mixed with 4k; the
+# recipe document: up to 1M), on its layout TP 8, PP 4, CP 8, EP 8.
+PRODUCTION_LC = ((524288, 256), (1048576, 512))
+
+
+def production_lc_layouts(params, gpu_gib: float = DEFAULT_GPU_MEMORY_GIB) -> list[dict]:
+    """Per-GPU memory of the recipe's LC layout at each production length, whether it fits `gpu_gib`, and the
+    nearest layouts that do. Estimates of this plan (train.plan.estimate_memory), not measurements."""
+    preset = model_preset(params.settings.model)
+    recompute_moe = "moe" in (params.settings.train.recompute_modules or [])
+    base = read_layout(params, "lc", cluster_shape=(1, 8))
+    rows = []
+    for seq, gpus in PRODUCTION_LC:
+        layout = replace(base, nodes=gpus // 8, gpus_per_node=8, tp=8, pp=4, cp=8, ep=8, sequence_parallel=True,
+                         seq_length=seq)
+        vocab = padded_vocab(model_vocab(params), preset, layout.tp)
+        gib = estimate_memory(layout, preset, vocab, recompute_moe).total_gib
+        fits = gib <= gpu_gib
+        rows.append({"seq_length": seq, "gpus": gpus, "layout": "TP 8 PP 4 CP 8 EP 8", "gib": gib, "fits": fits,
+                     "alternatives": [] if fits else fitting_layouts(layout, preset, vocab, recompute_moe, gpu_gib)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m nano3.train.plan --lc-layouts [--params configs/nano3.yaml] [--gpu-memory GIB]`."""
+    import argparse
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from nano3.config import load_params
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--lc-layouts", action="store_true", help="the recipe's long-context layouts at 512k and 1M")
+    ap.add_argument("--params", default="configs/nano3.yaml")
+    ap.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_MEMORY_GIB, metavar="GIB")
+    args = ap.parse_args(argv)
+    try:
+        rows = production_lc_layouts(load_params(args.params), args.gpu_memory)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    table = Table(title=f"Production long-context layouts ({args.params}, {args.gpu_memory:.1f} GiB GPUs; estimates)")
+    for column in ("sequence", "GPUs", "layout", "GiB/GPU", "fits", "nearest layouts that fit"):
+        table.add_column(column)
+    for r in rows:
+        alternatives = "; ".join(f"{keys} ({gib:.1f} GiB)" for keys, gib in r["alternatives"])
+        table.add_row(f"{r['seq_length']:,}", str(r["gpus"]), r["layout"], f"{r['gib']:.1f}",
+                      "yes" if r["fits"] else "no", alternatives or "-")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
