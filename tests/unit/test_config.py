@@ -56,6 +56,9 @@ def test_every_key_of_both_params_files_is_known_and_parses():
     (lambda t: t["datasets"]["stdlib-code"].pop("source"), r"missing key 'datasets.stdlib-code.source'"),
     (lambda t: t["datasets"].update({"a.b": {"source": "x"}}), r"dataset name 'a.b' must not contain"),
     (lambda t: t["blend"]["phases"].update(phase3={"stdlib-code": 1.0}), r"unknown blend phase 'blend.phases.phase3'"),
+    (lambda t: t["datasets"]["stdlib-code"].update(valid_fraction=0.6, test_fraction=None) or
+     t["prep"].update(test_fraction=0.5),  # null takes prep's share: 0.6 + 0.5
+     r"'datasets.stdlib-code' valid_fraction \+ test_fraction must lie in \[0, 1\)"),
 ])
 def test_a_bad_key_or_value_is_one_line_naming_it(tmp_path, edit, message):
     path = write_params(tmp_path, edit)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from nano3.config.overrides import unknown_key_hint
-from nano3.config.schema import parse
+from nano3.config.schema import UnknownKey, parse
 from nano3.config.sections import PHASE_NAMES, Settings
 from nano3.errors import UserError
 
@@ -73,13 +73,14 @@ class Params(dict):
 def parse_settings(tree: dict, source: str) -> Settings:
     """The typed sections of `tree`; also checks what crosses fields (dataset names, phase names)."""
     settings = parse(Settings, tree, "", source)
-    for name in settings.datasets:
+    prep = settings.prep
+    for name, spec in settings.datasets.items():
         if not name or any(c in name for c in "./ "):
             raise UserError(f"{source}: dataset name {name!r} must not contain '.', '/' or spaces "
                             f"(it is a params key and a directory name)")
-    for name, spec in settings.datasets.items():
-        shares = (spec.valid_fraction or 0) + (spec.test_fraction or 0)
-        if shares >= 1:
+        valid = spec.valid_fraction if spec.valid_fraction is not None else prep.valid_fraction
+        test = spec.test_fraction if spec.test_fraction is not None else prep.test_fraction
+        if valid + test >= 1:
             raise UserError(f"{source}: 'datasets.{name}' valid_fraction + test_fraction must lie in [0, 1)")
     for phase in settings.blend.phases:
         if phase not in PHASE_NAMES:
@@ -127,9 +128,8 @@ def load_params(path: str | Path = PARAMS_FILE, overrides: Iterable[str] = ()) -
         keys.append(key)
     try:
         params.settings  # noqa: B018 - checks every key now, before any stage work
-    except UserError as e:
-        found = re.search(r"unknown key '([^']+)'", str(e))
-        unknown = next((k for k in keys if found and (k == found[1] or k.startswith(found[1] + "."))), None)
+    except UnknownKey as e:
+        unknown = next((k for k in keys if k == e.key or k.startswith(e.key + ".")), None)
         if unknown is None:
             raise
         raise UserError(f"override '{unknown}': params.yaml has no such key; {unknown_key_hint(unknown)}") from None

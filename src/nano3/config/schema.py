@@ -17,6 +17,14 @@ from typing import Any, Callable
 from nano3.errors import UserError
 
 
+class UnknownKey(UserError):
+    """A key no section has; `key` is its dotted name (the loader adds command-line hints for overrides)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 def knob(default: Any = dataclasses.MISSING, doc: str = "", check: tuple[Callable[[Any], bool], str] | None = None,
          factory: Callable[[], Any] | None = None):
     """A section field: its default, one line of documentation and an optional (predicate, expectation)."""
@@ -54,13 +62,14 @@ def _coerce(value: Any, kind, where: str, source: str):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        errors = []
         for option in options:
             try:
                 return _coerce(value, option, where, source)
-            except UserError:
-                pass
-        if len(options) == 1:
-            return _coerce(value, options[0], where, source)  # its own message
+            except UserError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]  # its own message
         raise UserError(f"{source}: '{where}' must be {' or '.join(map(_expected, options))}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
@@ -103,7 +112,8 @@ def parse(cls, raw: dict, prefix: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in raw:
         if key not in fields:
-            raise UserError(f"{source}: unknown key '{dotted(prefix, key)}'{nearest(str(key), list(fields), prefix)}")
+            raise UnknownKey(f"{source}: unknown key '{dotted(prefix, key)}'{nearest(str(key), list(fields), prefix)}",
+                             dotted(prefix, key))
     values = {}
     for name, f in fields.items():
         where = dotted(prefix, name)
@@ -148,7 +158,7 @@ def _default(f):
 
 
 def _show(value) -> str:
-    if isinstance(value, str) and value != "(required)":
+    if isinstance(value, str):
         return value
     if value is None:
         return "null"
@@ -156,6 +166,6 @@ def _show(value) -> str:
         return str(value).lower()
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(map(str, value)) + "]"
-    if isinstance(value, (dict, types.MappingProxyType)):
+    if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
     return str(value)

@@ -222,7 +222,7 @@ class Settings:
 
     def training(self, stage: str) -> TrainConfig | LCConfig:
         """The section a training stage reads its size and parallel layout from: `train` for pretrain, `lc` for lc."""
-        return self.train if stage == "pretrain" else self.lc
+        return getattr(self, section_name(stage))
 
 
 def phase_section(phase: str) -> str:

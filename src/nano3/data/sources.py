@@ -64,10 +64,9 @@ class DatasetSpec:
 
     @classmethod
     def of(cls, name: str, cfg: DatasetSource, prep: PrepConfig) -> "DatasetSpec":
+        """Shares left null take prep's; their sum was checked when params loaded (config.loader)."""
         valid = cfg.valid_fraction if cfg.valid_fraction is not None else prep.valid_fraction
         test = cfg.test_fraction if cfg.test_fraction is not None else prep.test_fraction
-        if valid + test >= 1:
-            raise UserError(f"'datasets.{name}' valid_fraction + test_fraction must lie in [0, 1)")
         return cls(name=name, source=cfg.source, text_field=cfg.text_field, split=cfg.split, revision=cfg.revision,
                    valid_fraction=float(valid), test_fraction=float(test))
 

@@ -137,7 +137,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "logger.log_interval": cfg.train.log_interval,
         "logger.tensorboard_dir": str(Path(run_dir) / "tensorboard"),
         "rng.seed": cfg.train.seed,
-        "mixed_precision": PRECISIONS[_precision(params)],
+        "mixed_precision": PRECISIONS[cfg.train.precision],  # a key of PRECISIONS: the typed sections checked it
     })
     if layout.tp == 1:
         o["comm_overlap"] = None  # the recipe's TP communication overlap needs TP > 1
@@ -157,6 +157,3 @@ def keep_checkpoints(train: TrainConfig) -> int:
     keep = train.keep_checkpoints  # >= 1 or null: the typed sections checked it
     return -1 if keep is None else keep
 
-
-def _precision(params) -> str:
-    return params.settings.train.precision  # one of PRECISIONS: the typed sections checked it

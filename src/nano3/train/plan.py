@@ -305,6 +305,11 @@ def check_memory(stage: StagePlan, preset: ModelPreset, vocab: int, recompute_mo
                     f"nearest layouts that fit: {hint}")
 
 
+def recomputes_moe(train) -> bool:
+    """Whether selective recompute drops the MoE activations (train.recompute_modules), as the memory estimate counts."""
+    return "moe" in (train.recompute_modules or [])
+
+
 def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None,
                gpu_memory: tuple[float, str] | None = None) -> Plan:
     """The plan of each stage; with `gpu_memory` (GiB, where the number comes from) every stage must fit it."""
@@ -312,7 +317,7 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
     schedule = build_schedule(params.settings)
     raw_vocab = model_vocab(params)
     measured = float(params.settings.train.measured_tflops_per_gpu)
-    recompute_moe = "moe" in (params.settings.train.recompute_modules or [])
+    recompute_moe = recomputes_moe(params.settings.train)
     out = {}
     for stage in stages:
         layout = read_layout(params, stage, cluster_shape)
@@ -341,13 +346,13 @@ def production_lc_layouts(params, gpu_gib: float = DEFAULT_GPU_MEMORY_GIB) -> li
     """Per-GPU memory of the recipe's LC layout at each production length, whether it fits `gpu_gib`, and the
     nearest layouts that do. Estimates of this plan (train.plan.estimate_memory), not measurements."""
     preset = model_preset(params.settings.model)
-    recompute_moe = "moe" in (params.settings.train.recompute_modules or [])
+    recompute_moe = recomputes_moe(params.settings.train)
     base = read_layout(params, "lc", cluster_shape=(1, 8))
+    vocab = padded_vocab(model_vocab(params), preset, 8)  # the layout's TP 8
     rows = []
     for seq, gpus in PRODUCTION_LC:
         layout = replace(base, nodes=gpus // 8, gpus_per_node=8, tp=8, pp=4, cp=8, ep=8, sequence_parallel=True,
                          seq_length=seq)
-        vocab = padded_vocab(model_vocab(params), preset, layout.tp)
         gib = estimate_memory(layout, preset, vocab, recompute_moe).total_gib
         fits = gib <= gpu_gib
         rows.append({"seq_length": seq, "gpus": gpus, "layout": "TP 8 PP 4 CP 8 EP 8", "gib": gib, "fits": fits,
@@ -370,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="configs/nano3.yaml")
     ap.add_argument("--gpu-memory", type=float, default=DEFAULT_GPU_MEMORY_GIB, metavar="GIB")
     args = ap.parse_args(argv)
+    if not args.lc_layouts:
+        ap.error("nothing to print; pass --lc-layouts")
     try:
         rows = production_lc_layouts(load_params(args.params), args.gpu_memory)
     except UserError as e:
