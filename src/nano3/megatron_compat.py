@@ -230,8 +230,10 @@ def installed_stack() -> dict[str, str | None]:
 
 
 def refuses_config_only_export(bridge) -> bool:
-    """Bridge 0.3's `save_hf_pretrained` refuses a bridge made from a config alone (0.6 accepts one)."""
-    return "requires a pretrained HuggingFace model" in inspect.getsource(type(bridge).save_hf_pretrained)
+    """Bridge 0.3's `save_hf_pretrained` refuses a bridge made from a config alone: its gate admits only a loaded
+    model. 0.6's gate also admits a `PretrainedConfig` ("requires a pretrained HuggingFace model or config")."""
+    source = inspect.getsource(type(bridge).save_hf_pretrained)
+    return "requires a pretrained HuggingFace model" in source and "PretrainedConfig" not in source
 
 
 def save_hf_model(bridge, model, out_dir, hf_config, load_bridge=None) -> None:

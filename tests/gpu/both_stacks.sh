@@ -4,8 +4,9 @@
 #   bash tests/gpu/both_stacks.sh start ['pytest -k expression']     then     bash tests/gpu/both_stacks.sh status
 # Lane "current": ../shared/gpu's stack on GPU 0. Lane "older": tests/gpu/older_stack.sh's on GPU 1.
 # Each lane keeps its smoke copy in /root/smoke-<lane> (NANO3_GPU_SMOKE_DIR) and logs to /root/lane-<lane>.log.
-# LANES="older" starts only the lanes named. SMOKE_EDIT="dotted.key=yaml-value ..." edits each new smoke copy's params.yaml first, e.g.
-# LANES="older" starts only the lanes named. SMOKE_EDIT="train.kernels.fused_mamba=false" where causal-conv1d is not built.
+# LANES="older" starts only the lanes named; K_CURRENT / K_OLDER give one lane its own -k expression.
+# SMOKE_EDIT="dotted.key=yaml-value ..." edits each new smoke copy's params.yaml first, e.g.
+# SMOKE_EDIT="train.kernels.fused_mamba=false" where causal-conv1d is not built.
 set -uo pipefail
 ROOT=$(pwd)
 K=${2:-"loss_falls or blend_switch or lr_curve or lc_starts or exported or effective_config or production_config or without_callbacks"}
@@ -33,8 +34,9 @@ PY
         [ $? = 0 ] || { echo "error: could not make the smoke copy $dir (is ../shared/gpu's stack installed?)" >&2; exit 1; }
         touch "$dir.ready"
       fi
+      own="K_${lane^^}"
       CUDA_VISIBLE_DEVICES=$gpu NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=$dir PYTHONPATH=$(lane_path $lane) \
-        PYTHONUNBUFFERED=1 setsid nohup python3 -m pytest -m gpu tests/gpu -v -s -k "$K" > /root/lane-$lane.log 2>&1 &
+        PYTHONUNBUFFERED=1 setsid nohup python3 -m pytest -m gpu tests/gpu -v -s -k "${!own:-$K}" > /root/lane-$lane.log 2>&1 &
       echo $! > /root/lane-$lane.pid
       gpu=$((gpu + 1))
     done

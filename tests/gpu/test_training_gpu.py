@@ -20,71 +20,9 @@ from nano3.config import load_params
 from nano3.schedule import build_schedule
 from nano3.train.metrics import read_metric
 from nano3.train.rundir import latest_iteration
-from tests.conftest import copy_repo
+from tests.gpu.conftest import edit_params, env, gpus, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
-
-
-def gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
-def env() -> dict:
-    return {**os.environ, "NANO3_SYSTEM_PYTHON": "1", "PYTHONUNBUFFERED": "1",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-def edit_params(repo: Path, values: dict) -> None:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    path = repo / "params.yaml"
-    tree = yaml.load(path.read_text())
-    for dotted, value in values.items():
-        *parents, last = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    with open(path, "w") as f:
-        yaml.dump(tree, f)
-
-
-def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
-    out = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout)
-    log = out.stdout + out.stderr
-    (repo / "logs").mkdir(exist_ok=True)
-    with open(repo / "logs" / "gpu-tests.log", "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n{log}")
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-6000:]}"
-    return log
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """`make smoke` in a fresh copy of the repository: sample -> ... -> pretrain (2 phases) -> lc.
-
-    NANO3_GPU_SMOKE_DIR keeps the copy so a later pytest call on the same machine reuses the run.
-    """
-    keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
-    repo = Path(keep) if keep else tmp_path_factory.mktemp("gpu") / "repo"
-    log_file = repo / "logs" / "smoke.log"
-    if (repo / "checkpoints" / "lc.json").exists() and log_file.exists():
-        return repo, log_file.read_text()
-    if not (repo / "dvc.yaml").exists():  # a kept copy that was interrupted is resumed, never deleted
-        copy_repo(repo)
-        if gpus() >= 2:  # the same smoke on two GPUs: pretrain with EP=2, lc with CP=2
-            edit_params(repo, {"train.gpus_per_node": 2, "train.parallel.ep": 2, "lc.gpus_per_node": 2,
-                               "lc.parallel.cp": 2})
-    log = run(repo, ["make", "smoke"], timeout=1800)
-    log_file.parent.mkdir(exist_ok=True)
-    with open(log_file, "a") as f:  # an interrupted first attempt's lines come first
-        f.write(log)
-    log = log_file.read_text()
-    print(log[-3000:])
-    return repo, log
 
 
 def test_smoke_loss_falls_in_both_phases(smoke):

@@ -131,3 +131,20 @@ def test_a_dataset_left_without_validation_documents_is_reported(tmp_path, sampl
           "raise datasets.docs.valid_fraction"
     assert f"warning: {gap}" in logged
     assert f"- {gap}" in (tmp_path / "reports" / "report.md").read_text()
+
+
+def test_long_samples_come_without_a_quadratic_attention_mask(prepared):
+    """At 64k tokens megatron-core's default mask is a 16 GiB float32 tensor per sample, built in every data-loader
+    worker; it killed issue 13's ranks. Our datasets (and training's, mapping.py) leave it out; the GPU makes its own."""
+    from nano3.data.megatron import build_phase_datasets, megatron_tokenizer
+    from nano3.data.tokenizer import read_info
+
+    tmp, params = prepared
+    build_blends(blend_params(prepared, validate=False, prebuild_cache=False), log=lambda *_: None)
+    tok_dir = params["tokenizer"]["dir"]
+    train, _, _ = build_phase_datasets(tmp / "blend" / "lc.json", seq_length=8192, seed=1, sizes=[2, 0, 0],
+                                       tokenizer=megatron_tokenizer(tok_dir, read_info(tok_dir)), cache_dir=None)
+    sample = train[0]
+    assert "attention_mask" not in sample
+    assert sample["tokens"].shape == (8192,)  # (short enough that a regression fails here instead of exhausting memory)
+    assert sum(t.numel() * t.element_size() for t in sample.values() if hasattr(t, "numel")) == 8192 * 28

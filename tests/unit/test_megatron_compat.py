@@ -271,18 +271,29 @@ def test_nemotron_h_comes_from_transformers_or_the_export_says_what_to_install(m
 
 # ---- Hugging Face export ----------------------------------------------------------------------------------------
 
-class TodaysExportBridge:  # Bridge 0.6.x: a bridge made from a config alone saves
+class PreTrainedCausalLM:  # stands in for Bridge's wrapper of a loaded Hugging Face model
+    pass
+
+
+class PretrainedConfig:  # ... and for transformers' config class
+    pass
+
+
+class TodaysExportBridge:  # Bridge 0.6.x: its gate admits a loaded model or a config, and says so when it refuses
     def __init__(self):
-        self.saved = []
+        self.saved, self.hf_pretrained = [], PretrainedConfig()
 
     def save_hf_pretrained(self, model, path, show_progress=True, strict=True):
+        if not isinstance(self.hf_pretrained, (PreTrainedCausalLM, PretrainedConfig)):
+            raise ValueError("save_hf_pretrained requires a pretrained HuggingFace model or config.")
         self.saved.append(path)
 
 
 class OlderExportBridge:  # Bridge 0.3.x: the same call refuses a config-only bridge
     def save_hf_pretrained(self, model, path, show_progress=True, strict=True):
-        raise ValueError("save_hf_pretrained requires a pretrained HuggingFace model. "
-                         "AutoBridge.from_hf_config() creates a config-only bridge")
+        if not isinstance(getattr(self, "hf_pretrained", None), PreTrainedCausalLM):
+            raise ValueError("save_hf_pretrained requires a pretrained HuggingFace model. "
+                             "AutoBridge.from_hf_config() creates a config-only bridge")
 
 
 def tiny_hf_config():

@@ -94,3 +94,30 @@ def test_training_log_row_writes_memory_only_where_measured(tmp_path):
     assert read_metric(tmp_path / "cpu", "perf/max_memory_gib") == []
     assert read_metric(tmp_path / "cpu", "perf/max_memory_reserved_gib") == []
     assert read_metric(tmp_path / "cpu", "train/loss") == [(1, 2.5)]
+
+
+def test_host_memory_counts_the_rank_and_its_workers(tmp_path):
+    """perf/host_rss_gib: the rank's peak plus its live data-loader workers; a worker holding 256 MiB shows."""
+    import multiprocessing
+
+    from nano3.train.metrics import host_memory_gib
+
+    before = host_memory_gib()["perf/host_rss_gib"]
+    ready, done = multiprocessing.Event(), multiprocessing.Event()
+    worker = multiprocessing.get_context("fork").Process(target=_hold_memory, args=(256, ready, done))
+    worker.start()
+    try:
+        assert ready.wait(60)
+        during = host_memory_gib()
+    finally:
+        done.set()
+        worker.join()
+    assert during["perf/host_rss_gib"] - before > 0.2
+    assert 0 < during["perf/host_used_gib"]
+
+
+def _hold_memory(mib, ready, done):
+    block = bytearray(mib * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+    ready.set()
+    done.wait(60)

@@ -120,6 +120,26 @@ def test_memory_estimate_matches_the_h100_measurement(params):
     assert mbs4.total_gib == pytest.approx(68.2, rel=0.05)
 
 
+def test_host_memory_per_rank_grows_linearly_with_the_sequence(params):
+    """Issue 13: host memory must not grow as seq^2 (the attention mask mapping.py turns off); a rank holds its
+    process, its data-loader workers' batches and, while saving, its checkpoint shard."""
+    from nano3.train.plan import HOST_RANK_GIB, estimate_host_memory
+
+    p = production(params)
+    preset, layout = model_preset(p.settings.model), read_layout(p, "train")
+    memory = estimate_memory(layout, preset, 131072, recompute_moe=True)
+    at = {seq: estimate_host_memory(dataclasses.replace(layout, seq_length=seq), memory, workers=2)
+          for seq in (4096, 65536, 131072)}
+    growth = [at[65536].loader_gib - at[4096].loader_gib, at[131072].loader_gib - at[65536].loader_gib]
+    assert growth[1] == pytest.approx(2 * growth[0] * (131072 - 65536) / (2 * (65536 - 4096)), rel=1e-9)
+    assert at[131072].loader_gib < 1.1  # 2 workers x 2 batches x 128k x 28 bytes + the workers' own pages
+    assert at[4096].checkpoint_gib == pytest.approx(memory.weights_gib + memory.optimizer_gib)
+    assert at[4096].total_gib > HOST_RANK_GIB + at[4096].checkpoint_gib
+    plan = build_plan(p, stages=("train",))
+    assert plan.as_dict()["stages"]["train"]["host_memory_gib"]["total_gib"] == pytest.approx(
+        estimate_host_memory(layout, plan.stages["train"].memory, p.settings.train.num_workers).total_gib)
+
+
 def test_memory_estimate_shrinks_with_expert_parallelism(params):
     p = production(params)
     preset, layout = model_preset(p.settings.model), read_layout(p, "train")

@@ -71,6 +71,7 @@ def build_phase_datasets(blend_file: Path, *, seq_length: int, seed: int, sizes:
         random_seed=seed, sequence_length=seq_length, blend_per_split=blend_per_split, tokenizer=tokenizer,
         path_to_cache=str(cache_dir) if cache_dir else None, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, mmap_bin_files=True,
+        create_attention_mask=False,  # as training (train/mapping.py): a seq x seq mask per sample, never read
     )
     # megatron-core logs every index it builds at INFO; keep the stage's output to its summary.
     logging.getLogger("megatron.core").setLevel(logging.WARNING)

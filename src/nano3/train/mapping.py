@@ -125,6 +125,10 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "dataset.path_to_cache": str(Path(cfg.blend.out_dir) / "cache"),
         "dataset.num_workers": int(cfg.train.num_workers),
         "dataset.mmap_bin_files": True,
+        # megatron-core's default builds a seq x seq causal mask in every data-loader worker (a float32 tensor of
+        # 16 GiB at 64k, 64 GiB at 128k) that the recipe then never sends to the GPU (its attention makes its own
+        # mask): at long context the workers exhaust host memory and are killed (issue 13).
+        "dataset.create_attention_mask": False,
         **{f"tokenizer.{k}": v for k, v in bridge_tokenizer_fields(tok_dir, read_info(tok_dir)).items()},
         "tokenizer.use_tokenizer_vocab_size": cfg.model.vocab_size is None,
         "checkpoint.save": run_dir,

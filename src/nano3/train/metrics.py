@@ -52,9 +52,28 @@ def load_stats(counts: list) -> dict[str, float]:
             "moe/min_over_mean_load": sum(mins) / len(mins)}
 
 
+def host_memory_gib() -> dict[str, float]:
+    """Host memory of this rank: its peak resident set so far (a checkpoint save stages the rank's shard in host
+    memory between two log steps) plus the pages only its data-loader workers hold (USS: a forked worker shares
+    the rank's pages, which its RSS or PSS would count again); and the whole node's used memory. Issue 13's ranks
+    killed at long context were these growing."""
+    import resource
+
+    import psutil
+
+    total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += child.memory_full_info().uss
+        except psutil.Error:  # a worker that just exited, or one we may not read
+            pass
+    return {"perf/host_rss_gib": total / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
+
+
 def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: float | None,
                    tokens_per_s: float | None, world: int, flops: dict, memory_gib: float | None, load: dict,
-                   label: str, reserved_gib: float | None = None, weight_decay: float | None = None) -> None:
+                   label: str, reserved_gib: float | None = None, weight_decay: float | None = None,
+                   host: dict[str, float] | None = None) -> None:
     """One training log row, the same keys whichever backend trained (so plots and tests compare them)."""
     live.step = it
     if loss is not None:
@@ -70,7 +89,7 @@ def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: f
         live.log_metric("perf/max_memory_gib", memory_gib)  # peak of live tensors (what the plan estimates)
     if reserved_gib is not None:  # peak the caching allocator held: what must fit on the card, with CUDA's context
         live.log_metric("perf/max_memory_reserved_gib", reserved_gib)
-    for name, value in load.items():
+    for name, value in {**load, **(host or {})}.items():
         live.log_metric(name, value)
     if weight_decay is not None:  # as the optimizer applied it in this step (effective.applied_weight_decay)
         live.log_metric("optim/weight_decay", weight_decay)
@@ -171,7 +190,8 @@ class DvcliveCallback:
                        tokens_per_s=elapsed_iters * self.tokens_per_iter / seconds if seconds > 0 else None,
                        world=world, flops=self.flops, memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                        load=self.tracker.read(), label=self.stage_label,
-                       reserved_gib=torch.cuda.max_memory_reserved() / 2**30, weight_decay=self.weight_decay)
+                       reserved_gib=torch.cuda.max_memory_reserved() / 2**30, weight_decay=self.weight_decay,
+                       host=host_memory_gib())
 
     def on_eval_end(self, context) -> None:
         if self.live is None or not context.total_loss_dict:

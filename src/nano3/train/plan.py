@@ -197,10 +197,39 @@ def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
     return MemoryEstimate(weights / GIB, grads / GIB, optimizer / GIB, activations / GIB, overhead / GIB)
 
 
+# One rank's host process (torch, CUDA/NCCL host state, Megatron's Python): 7.5 GiB peak measured for the tiny
+# model's lc at 128k, CP 2, no workers (H200, Bridge 0.6.2); one forked data-loader worker's own pages: 0.2 GiB
+# measured on the CPU at 8k-128k (docs/benchmarks.md, "Host memory at long context").
+HOST_RANK_GIB = 8.0
+HOST_WORKER_GIB = 0.5
+LOADER_PREFETCH = 2  # batches each worker keeps ready (torch's DataLoader default)
+
+
+@dataclass(frozen=True)
+class HostEstimate:
+    rank_gib: float
+    loader_gib: float
+    checkpoint_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.rank_gib + self.loader_gib + self.checkpoint_gib
+
+
+def estimate_host_memory(layout: Layout, memory: MemoryEstimate, workers: int) -> HostEstimate:
+    """Peak host memory of one rank. Linear in the sequence length: the data loader's batches hold tokens, labels
+    and position ids (int64) and the loss mask (fp32) of each sample, and no seq x seq attention mask (mapping.py
+    turns megatron-core's off). A torch_dist save stages the rank's weights and optimizer shard in host memory."""
+    batch = layout.micro_batch_size * layout.seq_length * (3 * 8 + 4)
+    loader = workers * (HOST_WORKER_GIB * GIB + LOADER_PREFETCH * batch)
+    return HostEstimate(HOST_RANK_GIB, loader / GIB, memory.weights_gib + memory.optimizer_gib)
+
+
 @dataclass(frozen=True)
 class StagePlan:
     layout: Layout
     memory: MemoryEstimate
+    host: HostEstimate
     iterations: int
     tokens: int
     flops_per_token_true: float
@@ -227,6 +256,7 @@ class Plan:
             "stages": {name: {"layout": asdict(s.layout) | {"world": s.layout.world, "dp": s.layout.dp,
                                                             "microbatches": s.layout.microbatches},
                               "memory_gib": asdict(s.memory) | {"total_gib": s.memory.total_gib},
+                              "host_memory_gib": asdict(s.host) | {"total_gib": s.host.total_gib},
                               "iterations": s.iterations, "tokens": s.tokens,
                               "gflops_per_token": {"true": s.flops_per_token_true / 1e9,
                                                    "bridge": s.flops_per_token_bridge / 1e9},
@@ -328,8 +358,9 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         true_f = flops_per_token(preset, layout.seq_length, vocab, "true")
         bridge_f = flops_per_token(preset, layout.seq_length, vocab, "bridge")
         hours = tokens * bridge_f / (measured * 1e12) / 3600
-        out[stage] = StagePlan(layout, estimate_memory(layout, preset, vocab, recompute_moe), iterations, tokens,
-                               true_f, bridge_f, hours)
+        memory = estimate_memory(layout, preset, vocab, recompute_moe)
+        host = estimate_host_memory(layout, memory, params.settings.train.num_workers)
+        out[stage] = StagePlan(layout, memory, host, iterations, tokens, true_f, bridge_f, hours)
         if gpu_memory is not None:
             check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory)
     vocab = padded_vocab(raw_vocab, preset)

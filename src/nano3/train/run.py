@@ -71,6 +71,9 @@ def print_plan(plan: Plan, stage: str, backend: str, memory: tuple[float, str] |
                                        f"{mem.grads_gib:.1f} + optimizer {mem.optimizer_gib:.1f} + activations "
                                        f"{mem.activations_gib:.1f} + overhead {mem.overhead_gib:.1f}"
                                        + (f"; fits {memory[1]}: {memory[0]:.1f} GiB" if memory else ""))
+    host = s.host
+    table.add_row("host memory/rank (est.)", f"{host.total_gib:.1f} GiB = process {host.rank_gib:.1f} + data loader "
+                                             f"{host.loader_gib:.1f} + checkpoint staging {host.checkpoint_gib:.1f}")
     table.add_row("GFLOP/token", f"{s.flops_per_token_true / 1e9:.2f} (true Mamba width), "
                                  f"{s.flops_per_token_bridge / 1e9:.2f} (Bridge's formula)")
     table.add_row("GPU-hours", f"{s.gpu_hours:,.1f} at the measured throughput (train.measured_tflops_per_gpu)")

@@ -216,7 +216,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     from nano3.train import effective
     from nano3.train.conform import assert_run_conforms
     from nano3.train.mapping import keep_checkpoints
-    from nano3.train.metrics import log_train_step, truncate_metrics
+    from nano3.train.metrics import host_memory_gib, log_train_step, truncate_metrics
     from nano3.train.rundir import iteration_dir, latest_iteration
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -281,7 +281,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                     log_train_step(live, it, loss=total, lr=schedule.lr_at(it), grad_norm=grad_norm,
                                    tokens_per_s=(it - last[0]) * gbs * phase.seq_length / seconds, world=1,
                                    flops=flops, memory_gib=None, load=load.read(), label=phase.name,
-                                   weight_decay=weight_decay)
+                                   weight_decay=weight_decay, host=host_memory_gib())
                     last = (it, time.time())
                 elif it == first:
                     live.step = it

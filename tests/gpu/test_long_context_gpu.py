@@ -1,0 +1,93 @@
+"""lc at long context on GPUs (issue 13): from the smoke's pretrain checkpoint at 64k and 128k tokens with CP 2
+(CP 1 where the machine has one GPU), killed after its first checkpoint, resumed, run to its last iteration; the
+host memory of a rank stays within the plan's estimate (megatron-core's seq x seq mask once killed these ranks).
+
+    NANO3_SYSTEM_PYTHON=1 python -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nano3.config import load_params
+from nano3.train.metrics import read_metric
+from nano3.train.plan import build_plan
+from nano3.train.rundir import latest_iteration
+from tests.gpu.conftest import env, gpus, run
+
+pytestmark = pytest.mark.gpu
+
+ITERATIONS, GLOBAL_BATCH, SAVE_EVERY = 12, 2, 2
+
+
+def lc_copy(repo: Path, work: Path) -> Path:
+    """The smoke copy's code, data and pretrain checkpoint (linked), with no lc run of its own."""
+    shutil.copytree(repo, work, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", ".dvc", "logs", "checkpoints", "dvclive", "models", "reports"))
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "pretrain").symlink_to(repo / "checkpoints" / "pretrain")
+    shutil.copy(repo / "checkpoints" / "pretrain.json", work / "checkpoints" / "pretrain.json")
+    return work
+
+
+@pytest.mark.parametrize("seq", [65536, 131072], ids=["64k", "128k"])
+def test_lc_at_long_context_runs_to_completion_after_a_kill(smoke, tmp_path, seq):
+    repo, _ = smoke
+    work = lc_copy(repo, tmp_path / "repo")
+    cp = min(2, gpus())
+    overrides = [f"lc.seq_length={seq}", f"lc.tokens={ITERATIONS * GLOBAL_BATCH * seq}",
+                 f"lc.global_batch_size={GLOBAL_BATCH}", "lc.micro_batch_size=1", f"lc.gpus_per_node={cp}",
+                 f"lc.parallel.cp={cp}", f"train.save_interval={SAVE_EVERY}", "train.log_interval=1",
+                 "train.eval_interval=3", "train.eval_iters=1"]
+    cmd = [sys.executable, "stages/lc.py", *overrides]
+    (work / "logs").mkdir()
+    first_log_file = work / "logs" / "first-attempt.log"
+    with open(first_log_file, "w") as out:  # a file, not a pipe: Bridge's output would fill a pipe and stall it
+        proc = subprocess.Popen(cmd, cwd=work, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    runs = work / "checkpoints" / "lc"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        trackers = list(runs.glob("*/latest_checkpointed_iteration.txt"))
+        if trackers and latest_iteration(trackers[0].parent) >= SAVE_EVERY:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun tree, as a node failure would
+    proc.wait()
+    first_log = first_log_file.read_text()
+    killed_at = latest_iteration(next(runs.glob("*")))
+    assert SAVE_EVERY <= killed_at < ITERATIONS, first_log[-4000:]
+
+    log = run(work, cmd)
+    print(log[-2500:])
+    assert f"lc: lc iterations {killed_at + 1}..{ITERATIONS}" in log
+    assert "exited unexpectedly" not in first_log + log
+    manifest = json.loads((work / "checkpoints" / "lc.json").read_text())
+    assert manifest["iteration"] == ITERATIONS
+    over = json.loads((work / manifest["run_dir"] / "bridge_overrides.lc.json").read_text())
+    assert over["model.seq_length"] == seq and over["model.context_parallel_size"] == cp
+    assert over["dataset.create_attention_mask"] is False
+
+    live = work / "dvclive" / "lc"
+    loss = read_metric(live, "train/loss")
+    assert [s for s, _ in loss] == list(range(1, ITERATIONS + 1))  # the killed run's rows past its checkpoint dropped
+    vocab = json.loads((work / "data" / "tokenizer" / "info.json").read_text())["vocab_size"]
+    assert all(math.isfinite(v) and v < math.log(vocab) for _, v in loss), loss  # below a random model's loss
+
+    plan = build_plan(load_params(work / "params.yaml", overrides), stages=("lc",)).stages["lc"]
+    host = max(v for _, v in read_metric(live, "perf/host_rss_gib"))
+    reserved = max(v for _, v in read_metric(live, "perf/max_memory_reserved_gib"))
+    tokens_per_s = [v for s, v in read_metric(live, "perf/tokens_per_s_per_gpu") if s > 2]
+    print(f"lc at {seq:,} tokens, CP {cp}: host memory/rank {host:.2f} GiB (plan {plan.host.total_gib:.2f}), "
+          f"GPU reserved {reserved:.2f} GiB (plan {plan.memory.total_gib:.2f}), "
+          f"{sum(tokens_per_s) / max(len(tokens_per_s), 1):,.0f} tokens/s/GPU")
+    assert host <= plan.host.total_gib
