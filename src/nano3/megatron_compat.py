@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
@@ -236,6 +237,28 @@ def refuses_config_only_export(bridge) -> bool:
     return "requires a pretrained HuggingFace model" in source and "PretrainedConfig" not in source
 
 
+# Weights transformers 5 saves under another name than the published NemotronH checkpoints, whose names Bridge 0.3's
+# mapping expects (it skips a weight its source lacks, then fails on it: "Unknown parallelism type: None").
+PUBLISHED_HF_NAMES = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+
+
+def use_published_names(folder: Path) -> None:
+    """Rename a saved Hugging Face model's weights to the published checkpoints' names, shard by shard."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(shard)
+        if set(tensors) & set(PUBLISHED_HF_NAMES):
+            save_file({PUBLISHED_HF_NAMES.get(k, k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {PUBLISHED_HF_NAMES.get(k, k): v for k, v in doc["weight_map"].items()}
+        index.write_text(json.dumps(doc, indent=2))
+
+
 def save_hf_model(bridge, model, out_dir, hf_config, load_bridge=None) -> None:
     """Write the Hugging Face config and weights of `model`. Where Bridge needs a source model to export (0.3: it
     orders the weights by the source's safetensors and copies its artifacts), a randomly initialised one is written
@@ -255,9 +278,14 @@ def save_hf_model(bridge, model, out_dir, hf_config, load_bridge=None) -> None:
 
         load_bridge = AutoBridge.from_hf_pretrained
     distributed = dist.is_available() and dist.is_initialized()
-    with tempfile.TemporaryDirectory() as source:
+    with tempfile.TemporaryDirectory() as own:
+        folder = [own]
+        if distributed:  # every rank reads rank 0's folder
+            dist.broadcast_object_list(folder, src=0)
+        source = folder[0]
         if not distributed or dist.get_rank() == 0:
             AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).save_pretrained(source)
+            use_published_names(Path(source))
         if distributed:
             dist.barrier()
         source_bridge = load_bridge(source)

@@ -338,4 +338,21 @@ def test_the_older_bridge_exports_through_a_source_model_of_the_same_config(tmp_
     assert {k: seen["config"][k] for k in fields} == {k: config.to_dict()[k] for k in fields}
     per_expert = [k for k in seen["keys"] if re.fullmatch(r"backbone\.layers\.\d+\.mixer\.experts\.\d+\.up_proj\.weight", k)]
     assert len(per_expert) == config.layers_block_type.count("moe") * config.n_routed_experts
+    unnamed = sorted(k for k in seen["keys"] if not any(re.fullmatch(p, k) for p in PUBLISHED_LAYOUT))
+    assert not unnamed, f"weights the published checkpoints (and Bridge 0.3's mapping) do not name: {unnamed}"
     assert seen["tokenizer"] is None and seen["path"] == tmp_path
+
+
+# The weight names of the published NemotronH checkpoints, which Bridge 0.3's NemotronH mapping is written against
+# (its source ordering skips any other name, then fails on it: issue 12's GPU run, "Unknown parallelism type").
+PUBLISHED_LAYOUT = [
+    r"backbone\.embeddings\.weight", r"backbone\.norm_f\.weight", r"lm_head\.weight",
+    r"backbone\.layers\.\d+\.norm\.weight",
+    r"backbone\.layers\.\d+\.mixer\.(in_proj|out_proj)\.weight", r"backbone\.layers\.\d+\.mixer\.conv1d\.(weight|bias)",
+    r"backbone\.layers\.\d+\.mixer\.(A_log|D|dt_bias|norm\.weight)",
+    r"backbone\.layers\.\d+\.mixer\.[qkvo]_proj\.weight",
+    r"backbone\.layers\.\d+\.mixer\.(up_proj|down_proj)\.weight",
+    r"backbone\.layers\.\d+\.mixer\.gate\.(weight|e_score_correction_bias)",
+    r"backbone\.layers\.\d+\.mixer\.shared_experts\.(up_proj|down_proj)\.weight",
+    r"backbone\.layers\.\d+\.mixer\.experts\.\d+\.(up_proj|down_proj)\.weight",
+]
