@@ -44,7 +44,7 @@ plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout, mem
 conform: setup  ## what the last runs used (read back from their live objects) vs params.yaml vs the recipe
 	python -m nano3.train.conform
 
-sample tokenizer blend pretrain lc export eval: setup  ## run one stage (and what it needs), here or on CLUSTER
+sample retrieval tokenizer blend pretrain lc export eval: setup  ## run one stage (and what it needs), here or on CLUSTER
 	$(call run,$@,$@)
 
 prep: setup  ## tokenize every dataset of params.yaml (on CLUSTER: a job or job array per dataset)
@@ -59,4 +59,4 @@ status cancel logs: setup  ## this repo's Slurm jobs, last checkpoints and metri
 container:  ## build the image (FROM the NeMo container) with docker, enroot or apptainer (RUNTIME=...)
 	containers/build.sh $(RUNTIME)
 
-.PHONY: help setup test smoke plan conform sample tokenizer prep blend pretrain lc export eval all status cancel logs container
+.PHONY: help setup test smoke plan conform sample retrieval tokenizer prep blend pretrain lc export eval all status cancel logs container

@@ -28,7 +28,8 @@ def ran(output: str) -> set[str]:
 def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     first = dvc(repo, "repro", "blend")
-    assert ran(first) == {"sample", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "blend"}
+    assert ran(first) == {"sample", "retrieval", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs",
+                          "prep@retrieval", "blend"}
     for phase in ("phase1", "phase2", "lc"):
         assert (repo / "data" / "blend" / f"{phase}.json").exists()
     lock = (repo / "dvc.lock").read_text()

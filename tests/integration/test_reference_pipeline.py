@@ -56,7 +56,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
     repo, log = smoke
-    assert ran(log) == {"sample", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "blend", "pretrain", "lc",
+    assert ran(log) == {"sample", "retrieval", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "prep@retrieval",
+                        "blend", "pretrain", "lc",
                         "export", "eval"}
     assert "trained with the reference backend" in log
     pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
@@ -72,11 +73,34 @@ def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
     export = json.loads((repo / "models" / "hf" / "nano3_export.json").read_text())
     assert export["source"] == "lc" and export["format"] == "hf"
     metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
-    assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs"}
+    assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs", "retrieval"}
     for name, r in metrics["test"].items():
         assert r["tokens"] > 1000 and 1 < r["perplexity"] < 8192, (name, r)  # better than uniform over the vocab
     samples = json.loads((repo / "reports" / "eval" / "continuations.json").read_text())
     assert len(samples) == 3 and all(s["continuation"] for s in samples)
+
+
+def test_long_context_is_measured_before_and_after_lc(smoke):
+    """Issue 13, part 5 on the CPU: the lc blend draws on the retrieval documents; eval scores the pretrain and the
+    lc exports on the same pass-key prompts and long test documents. The tiny CPU model retrieves nothing yet (its
+    lc is 8 steps), but lc, trained at 4x pretrain's length, must lower the loss at the positions pretrain never
+    trained on."""
+    repo, _ = smoke
+    blend = json.loads((repo / "data" / "blend" / "lc.json").read_text())
+    assert any("/retrieval/" in str(entry) for entry in blend["train"])
+    assert json.loads((repo / "models" / "hf-pretrain" / "nano3_export.json").read_text())["source"] == "pretrain"
+    result = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())["long_context"]
+    assert result["lengths"] == [256, 512, 1024] and result["documents"] >= 1
+    for name in ("pretrain", "lc"):
+        by_length = result["retrieval"][name]
+        assert set(by_length) == {"256", "512", "1024"}
+        assert all(0 <= r["accuracy"] <= 1 and r["prompts"] == 12 and r["answer_loss"] > 0 for r in by_length.values())
+        assert [(b["from"], b["to"]) for b in result["loss_by_position"][name]][-1] == (896, 1024)
+    beyond = [b for b in range(8) if result["loss_by_position"]["pretrain"][b]["from"] >= 256]
+    pre, lc = ([result["loss_by_position"][n][b]["loss"] for b in beyond] for n in ("pretrain", "lc"))
+    assert sum(lc) < sum(pre), (pre, lc)
+    assert (repo / "reports" / "eval" / "long_context.png").stat().st_size > 10_000
+    assert "## Long context (before and after lc)" in (repo / "reports" / "eval" / "report.md").read_text()
 
 
 def test_eval_on_a_missing_or_broken_model_fails_in_one_line(smoke, tmp_path):

@@ -68,7 +68,7 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert LAYER[top("nano3.eval.stage")] > LAYER["export"]
 
 
-STAGES = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc", "export", "eval")
+STAGES = ("sample", "tokenizer", "retrieval", "prep", "blend", "pretrain", "lc", "export", "eval")
 
 
 @pytest.mark.parametrize("stage", STAGES)

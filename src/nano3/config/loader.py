@@ -82,6 +82,9 @@ def parse_settings(tree: dict, source: str) -> Settings:
         test = spec.test_fraction if spec.test_fraction is not None else prep.test_fraction
         if valid + test >= 1:
             raise UserError(f"{source}: 'datasets.{name}' valid_fraction + test_fraction must lie in [0, 1)")
+    r = settings.retrieval
+    if r.max_chars < r.min_chars:
+        raise UserError(f"{source}: 'retrieval.max_chars' ({r.max_chars}) must be at least 'retrieval.min_chars' ({r.min_chars})")
     for phase in settings.blend.phases:
         if phase not in PHASE_NAMES:
             raise UserError(f"{source}: unknown blend phase 'blend.phases.{phase}'; phases are {', '.join(PHASE_NAMES)}")

@@ -176,6 +176,20 @@ class LCConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    """Stage `retrieval`: synthetic pass-key documents (a key planted at a random depth of real text, asked for at
+    the end) for the lc blend."""
+    out_dir: str = knob("data/retrieval", "JSONL shards of the generated documents (a dataset's `source`)")
+    haystack_dataset: str = knob("stdlib-docs", "the dataset whose train-split documents give the haystacks' text")
+    watch: str = knob("data/sample/stdlib-docs", "the local path DVC tracks for that text (the dataset's `watch`)")
+    documents: int = knob(600, "documents to generate", positive)
+    min_chars: int = knob(2000, "shortest haystack, in characters", positive)
+    max_chars: int = knob(12000, "longest haystack, in characters", positive)
+    shards: int = knob(2, "JSONL shards", positive)
+    seed: int = knob(1234, "seed of the keys, depths and lengths")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """Stage `export`: the final checkpoint as a Hugging Face NemotronH directory."""
     source: Literal["lc", "pretrain"] = knob("lc", "whose final checkpoint: `lc` or `pretrain`")
@@ -184,6 +198,20 @@ class ExportConfig:
     verify_tokens: int = knob(4096, "GPU: test tokens on which transformers' and Megatron's logits are compared (0 = off)",
                               non_negative)
     max_rel_l2: float = knob(0.02, "... and the largest relative L2 difference accepted", positive)
+    pretrain_dir: str = knob("models/hf-pretrain", "the pretrain checkpoint's export, always (eval's long context "
+                                                   "before lc; with `source: pretrain`, a copy of `out_dir`)")
+
+
+@dataclass(frozen=True)
+class LongContextEval:
+    """Long-context evaluation, before and after lc: pass-key retrieval and loss by position."""
+    lengths: list[int] = knob(doc="context lengths (tokens) of the retrieval prompts; the longest is the per-position window",
+                              factory=lambda: (256, 512, 1024))
+    prompts: int = knob(12, "retrieval prompts per length, at depths spread evenly from 0 to 1", positive)
+    haystack_dataset: str = knob("stdlib-docs", "the dataset whose test split gives the haystacks")
+    documents_dataset: str = knob("stdlib-code", "the dataset whose longest test documents give the loss by position")
+    documents: int = knob(8, "test documents (of at least the longest length) for the loss by position", positive)
+    buckets: int = knob(8, "position ranges the loss is reported in", positive)
 
 
 @dataclass(frozen=True)
@@ -195,6 +223,7 @@ class EvalConfig:
     batch_size: int = knob(4, "windows per forward pass", positive)
     prompts: list[str] = knob(doc="prompts continued greedily in the report", factory=tuple)
     max_new_tokens: int = knob(32, "how far", non_negative)
+    long_context: LongContextEval = knob(factory=LongContextEval)
 
 
 @dataclass(frozen=True)
@@ -216,6 +245,7 @@ class Settings:
     model: ModelConfig = knob(factory=ModelConfig)
     train: TrainConfig = knob(factory=TrainConfig)
     lc: LCConfig = knob(factory=LCConfig)
+    retrieval: RetrievalConfig = knob(factory=RetrievalConfig)
     export: ExportConfig = knob(factory=ExportConfig)
     eval: EvalConfig = knob(factory=EvalConfig)
     wandb: WandbConfig = knob(factory=WandbConfig)

@@ -45,3 +45,20 @@ def windows(stream: np.ndarray, seq_length: int) -> np.ndarray:
     n = max(1, (len(stream) - 1) // seq_length)
     length = min(seq_length, len(stream) - 1)
     return np.stack([stream[i * length: i * length + length + 1] for i in range(n)])
+
+
+def split_documents(params, dataset: str, split: str, min_tokens: int, limit: int) -> list[np.ndarray]:
+    """Up to `limit` documents of a dataset's split with at least `min_tokens` tokens, in order."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    root = Path(params.settings.prep.out_dir) / dataset
+    manifest = read_json(root / "manifest.json", f"prepared dataset '{dataset}' (run make prep)")
+    found = []
+    for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
+        docs = IndexedDataset(str(root / shard["prefix"]))
+        for i in range(len(docs)):
+            if len(docs[i]) >= min_tokens:
+                found.append(np.asarray(docs[i], dtype=np.int64))
+                if len(found) == limit:
+                    return found
+    return found

@@ -1,8 +1,9 @@
 """Stage `eval`: the exported Hugging Face model, with transformers, on CPU or GPU.
 
 Perplexity on the held-out test split of every dataset the blends draw from (token streams read
-from the prepared bin/idx, so exactly the tokens training never saw), and greedy continuations of
-fixed prompts through the exported tokenizer: what a user loading the directory would get.
+from the prepared bin/idx, so exactly the tokens training never saw), greedy continuations of
+fixed prompts through the exported tokenizer (what a user loading the directory would get), and long
+context before and after lc (eval/long_context.py: pass-key retrieval, loss by position).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.errors import UserError, brief
+from nano3.eval import long_context
 from nano3.files import atomic_write_json, atomic_write_text, read_json
 from nano3.model.hf import use_cpu_mamba_chunks
 
@@ -78,6 +80,11 @@ def eval_stage(params, log=print) -> dict:
     out = Path(cfg.eval.out_dir)
     metrics = {"model": {"source": lineage["source"], "iteration": lineage["iteration"], "format": lineage["format"]},
                "test": results}
+    models = {lineage["source"]: (model, tokenizer)}
+    if lineage["source"] != "pretrain":  # the same measures before lc
+        models = {"pretrain": load_exported(Path(cfg.export.pretrain_dir)), **models}
+    metrics["long_context"] = long_context.evaluate(params, models, log)
+    long_context.plot(metrics["long_context"], out / "long_context.png")
     atomic_write_json(out / "continuations.json", samples)
     atomic_write_text(out / "report.md", report(metrics, samples))
     atomic_write_json(out / "metrics.json", metrics)
@@ -89,6 +96,8 @@ def report(metrics: dict, samples: list[dict]) -> str:
     lines = [f"# Evaluation of the exported model ({m['source']} iteration {m['iteration']}, from {m['format']})", "",
              "| dataset | test tokens | loss | perplexity |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {r['tokens']:,} | {r['loss']:.4f} | {r['perplexity']:.2f} |" for n, r in metrics["test"].items()]
+    if "long_context" in metrics:
+        lines += long_context.report_lines(metrics["long_context"])
     lines += ["", "## Greedy continuations", ""]
     for s in samples:
         lines += [f"**Prompt:** `{s['prompt']!r}`", "", "```", s["prompt"] + s["continuation"], "```", ""]

@@ -34,8 +34,7 @@ def verify_windows(params) -> np.ndarray | None:
     return windows(split_stream(params, blend_datasets(params)[0], "test", tokens + 1), seq)
 
 
-def source_checkpoint(params) -> tuple[dict, Path, Path]:
-    source = params.settings.export.source
+def source_checkpoint(params, source: str) -> tuple[dict, Path, Path]:
     if source not in ("pretrain", "lc"):
         raise UserError(f"{params.source}: export.source={source!r}; use 'lc' or 'pretrain'")
     manifest_file = manifest_path(params.settings.train, source)
@@ -47,9 +46,9 @@ def source_checkpoint(params) -> tuple[dict, Path, Path]:
     return manifest, manifest_file, ckpt
 
 
-def export_stage(params) -> dict:
-    manifest, manifest_file, ckpt = source_checkpoint(params)
-    out_dir = Path(params.settings.export.out_dir)
+def export_checkpoint(params, source: str, out_dir: Path) -> dict:
+    """The final checkpoint of `source` (pretrain or lc) as a Hugging Face directory; returns its record."""
+    manifest, manifest_file, ckpt = source_checkpoint(params, source)
     tokenizer_dir = params.settings.tokenizer.dir
     info = read_info(tokenizer_dir)
     fmt = manifest.get("format", "megatron")
@@ -72,12 +71,24 @@ def export_stage(params) -> dict:
         save_hf_tokenizer(tokenizer_dir, tmp)
         record = {"source": manifest["stage"], "checkpoint": str(ckpt), "iteration": manifest["iteration"],
                   "run_digest": manifest["digest"], "format": fmt, "logits_check": check}
+        limit = params.settings.export.max_rel_l2
+        if check and not check["rel_l2"] <= limit:  # refused before the directory replaces the last good one
+            raise UserError(f"{out_dir}: transformers' logits differ from Megatron's by {check['rel_l2']:.4f} "
+                            f"(relative L2) > export.max_rel_l2={limit}; the HF config does not match the trained model")
         atomic_write_json(tmp / "nano3_export.json", record)
-    limit = params.settings.export.max_rel_l2
-    if check and not check["rel_l2"] <= limit:
-        raise UserError(f"{out_dir}: transformers' logits differ from Megatron's by {check['rel_l2']:.4f} (relative L2) "
-                        f"> export.max_rel_l2={limit}; the HF config does not match the trained model")
-    atomic_write_json(Path(params.settings.export.report), record)
+    return record
+
+
+def export_stage(params) -> dict:
+    """export.source's checkpoint to export.out_dir, and pretrain's to export.pretrain_dir (eval's "before lc")."""
+    cfg = params.settings.export
+    record = export_checkpoint(params, cfg.source, Path(cfg.out_dir))
+    if cfg.source == "lc":
+        record["pretrain_logits_check"] = export_checkpoint(params, "pretrain", Path(cfg.pretrain_dir))["logits_check"]
+    else:  # the same checkpoint
+        with atomic_dir(cfg.pretrain_dir) as tmp:
+            shutil.copytree(cfg.out_dir, tmp, dirs_exist_ok=True)
+    atomic_write_json(Path(cfg.report), record)
     return record
 
 

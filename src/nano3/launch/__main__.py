@@ -33,7 +33,7 @@ from nano3.launch.slurm import (
 )
 from nano3.train import rundir
 
-PIPELINE = ("sample", "tokenizer", "prep", "blend", "pretrain", "lc", "export", "eval")
+PIPELINE = ("sample", "tokenizer", "retrieval", "prep", "blend", "pretrain", "lc", "export", "eval")
 
 
 def params_file() -> str:

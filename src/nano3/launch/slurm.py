@@ -22,7 +22,7 @@ from pathlib import Path
 from nano3.config.clusters import ClusterProfile
 from nano3.errors import UserError
 
-CPU_STAGES = ("sample", "tokenizer", "prep", "blend")
+CPU_STAGES = ("sample", "tokenizer", "retrieval", "prep", "blend")
 GPU_STAGES = {"pretrain": "train", "lc": "lc"}  # stage -> params section
 ONE_GPU_STAGES = ("export", "eval")  # one process on one GPU
 
