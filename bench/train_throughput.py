@@ -1,6 +1,12 @@
-"""Training throughput of the real Nemotron 3 Nano widths at reduced depth, on one GPU.
+"""Training throughput of the real Nemotron 3 Nano widths at reduced depth, on one GPU (or at long context, two).
 
     python bench/train_throughput.py [--iters 30] [--variants baseline,fp8,...]
+    python bench/train_throughput.py --scale long --lengths 4096,16384,65536,131072 --variants long,cp_a2a,cp_a2a_p2p
+
+With `--lengths`, every variant runs at every length on the same GPUs and prints its TFLOP/s as a ratio of its
+own at the first length (issue 13's goal: 64k with CP 2 at >= 0.6x the 4k figure). `--scale long` is 2 GPUs with
+global batch 2, micro-batch 1: lengths from `--cp-from` on use context parallelism 2, shorter ones data
+parallelism 2. Both TFLOP/s formulas count attention's quadratic term (model/flops.py).
 
 Every variant trains the `nano3` preset's layers at full width (hidden 2688, GQA 32/2, Mamba 64x64,
 state 128, expert FFN 1856, shared 3712, top-6, vocab 131072) with the pattern `MEM*E` and 64 experts
@@ -45,6 +51,8 @@ SCALES = {
              "train.recompute_modules=[moe,layernorm]"],
     "full": ["train.nodes=1", "train.gpus_per_node=8", "train.parallel.ep=8", "train.global_batch_size=64",
              "train.recompute_modules=[moe,layernorm]"],
+    "long": ['model.overrides={hybrid_layer_pattern: "MEM*E", num_moe_experts: 64}', "train.nodes=1",
+             "train.gpus_per_node=2", "train.parallel.ep=1", "train.global_batch_size=2"],
 }
 VARIANTS = {
     "baseline": ["train.micro_batch_size=2"],
@@ -55,15 +63,29 @@ VARIANTS = {
     "fp8_mbs4": ["train.micro_batch_size=4", "train.precision=fp8"],
     "cudagraphs": ["train.micro_batch_size=2", "train.kernels.cuda_graphs=transformer_engine"],
     "no_permute_fusion": ["train.micro_batch_size=2", "train.kernels.moe_permute_fusion=false"],
+    # long context (--scale long): the CP communication and recompute settings issue 13 asks to tune
+    "long": ["train.micro_batch_size=1"],
+    "cp_p2p": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=p2p"],
+    "cp_a2a": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=a2a"],
+    "cp_a2a_p2p": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=a2a+p2p"],
+    "recompute_moe": ["train.micro_batch_size=1", "train.recompute_modules=[moe,layernorm]"],
 }
 
 
+def layout_for(scale: str, seq: int, cp_from: int) -> list[str]:
+    """`--scale long`: CP 2 from `cp_from` tokens on (DP 1), data parallelism 2 below it."""
+    if scale != "long":
+        return []
+    return ["train.parallel.cp=2"] if seq >= cp_from else ["train.parallel.cp=1"]
+
+
 def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
-                scale: str = "reduced", seq: int = 4096) -> dict:
+                scale: str = "reduced", seq: int = 4096, cp_from: int = 65536) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
     gbs = int(next(o for o in SCALES[scale] if o.startswith("train.global_batch_size=")).split("=")[1])
-    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], f"train.seq_length={seq}", *overrides,
+    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from),
+           f"train.seq_length={seq}", *overrides,
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
     t0 = time.time()
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
@@ -78,7 +100,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
                 "perf/max_memory_gib", "perf/max_memory_reserved_gib", "moe/max_over_mean_load"):
         values = [v for s, v in read_metric(live / name / "pretrain", key) if s > warmup]
         metrics[key.split("/")[1]] = statistics.median(values) if values else float("nan")
-    return {"variant": name, **metrics, "seconds": round(time.time() - t0, 1)}
+    return {"variant": name, "seq": seq, **metrics, "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
@@ -91,7 +113,11 @@ def main() -> None:
     ap.add_argument("--scale", choices=sorted(SCALES), default="reduced", help="reduced: 5 layers on 1 GPU; "
                     "half: 26 layers, EP 4 on 4 GPUs; full: 52 layers, EP 8 on 8 GPUs (use --gpus all)")
     ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--lengths", default=None, help="comma-separated sequence lengths: every variant at each")
+    ap.add_argument("--cp-from", type=int, default=65536, help="--scale long: CP 2 from this length on")
     args = ap.parse_args()
+    if args.lengths:
+        return by_length(args)
     out_dir = ROOT / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (ROOT / "data" / "blend" / "phase1.json").exists():  # the sample blend the variants train on
@@ -123,6 +149,36 @@ def main() -> None:
               f"MoE max/mean load {r['max_over_mean_load']:4.2f}  "
               f"x{r['tflops_per_gpu_bridge'] / base:.2f} vs baseline  [{device}]", flush=True)
     (out_dir / "train_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
+
+
+def by_length(args) -> None:
+    """Every variant at every length, one after another on the same GPUs; ratios to the variant's first length."""
+    import torch
+
+    out_dir = ROOT / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (ROOT / "data" / "blend" / "phase1.json").exists():
+        subprocess.run(["dvc", "repro", "blend"], cwd=ROOT, check=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    visible = None if args.gpus in ("all", "0") and args.scale != "reduced" else args.gpus
+    lengths = [int(x) for x in args.lengths.split(",")]
+    results = []
+    for name in args.variants.split(","):
+        first = None
+        for seq in lengths:
+            r = run_variant(f"{name}-{seq}", VARIANTS[name], args.iters, args.warmup, out_dir, visible, args.scale,
+                            seq, args.cp_from)
+            results.append(r)
+            if "error" in r:
+                print(f"{name:14s} {seq:>8,}  FAILED: {r['error']}", flush=True)
+                continue
+            first = first or r["tflops_per_gpu_true"]
+            layout = " ".join(layout_for(args.scale, seq, args.cp_from)) or "-"
+            print(f"{name:14s} {seq:>8,}  {layout:20s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
+                  f"{r['tflops_per_gpu_true']:6.1f} TFLOP/s (true)  {r['tflops_per_gpu_bridge']:6.1f} (Bridge)  "
+                  f"{r['max_memory_reserved_gib']:5.1f} GiB reserved  x{r['tflops_per_gpu_true'] / first:.2f} vs "
+                  f"{lengths[0]:,}  [{device}]", flush=True)
+    (out_dir / "lc_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

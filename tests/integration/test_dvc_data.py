@@ -29,7 +29,7 @@ def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
     repo = copy_repo(tmp_path / "repo")
     first = dvc(repo, "repro", "blend")
     assert ran(first) == {"sample", "retrieval", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs",
-                          "prep@retrieval", "blend"}
+                          "prep@stdlib-long", "prep@retrieval", "blend"}
     for phase in ("phase1", "phase2", "lc"):
         assert (repo / "data" / "blend" / f"{phase}.json").exists()
     lock = (repo / "dvc.lock").read_text()
@@ -39,7 +39,8 @@ def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
     assert ran(again) == set() and "Data and pipelines are up to date" in again
 
     exp = dvc(repo, "exp", "run", "-S", "datasets.stdlib-docs.valid_fraction=0.05", "blend")
-    assert ran(exp) == {"prep@stdlib-docs", "blend"}
+    # stdlib-docs' split decides which documents the retrieval haystacks may use: retrieval follows it
+    assert ran(exp) == {"prep@stdlib-docs", "retrieval", "prep@retrieval", "blend"}
     assert "Stage 'prep@stdlib-code' didn't change, skipping" in exp
 
     # A training hyperparameter touches no data stage (training needs a GPU: a dry run here; lc follows

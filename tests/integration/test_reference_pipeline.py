@@ -56,9 +56,8 @@ def smoke(tmp_path_factory):
 
 def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
     repo, log = smoke
-    assert ran(log) == {"sample", "retrieval", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "prep@retrieval",
-                        "blend", "pretrain", "lc",
-                        "export", "eval"}
+    assert ran(log) == {"sample", "retrieval", "tokenizer", "prep@stdlib-code", "prep@stdlib-docs", "prep@stdlib-long",
+                        "prep@retrieval", "blend", "pretrain", "lc", "export", "eval"}
     assert "trained with the reference backend" in log
     pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
     lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
@@ -73,7 +72,7 @@ def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
     export = json.loads((repo / "models" / "hf" / "nano3_export.json").read_text())
     assert export["source"] == "lc" and export["format"] == "hf"
     metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
-    assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs", "retrieval"}
+    assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs", "stdlib-long", "retrieval"}
     for name, r in metrics["test"].items():
         assert r["tokens"] > 1000 and 1 < r["perplexity"] < 8192, (name, r)  # better than uniform over the vocab
     samples = json.loads((repo / "reports" / "eval" / "continuations.json").read_text())

@@ -131,7 +131,7 @@ def test_cpu_stages_through_sbatch_give_the_same_outputs_as_local_runs(repo, tmp
     dvc_env = env(CLUSTER="local", NANO3_CLUSTERS=str(repo / "clusters-test.toml"))
     out = subprocess.run(["dvc", "repro", "blend"], cwd=repo, env=dvc_env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert out.stderr.count("nano3: submitted job") == 7  # sample, tokenizer, retrieval, 3 x prep, blend: each a job
+    assert out.stderr.count("nano3: submitted job") == 8  # sample, tokenizer, retrieval, 4 x prep, blend: each a job
     for stage in ("sample", "retrieval", "tokenizer", "prep-stdlib-code", "prep-retrieval", "blend"):
         assert list((repo / "logs").glob(f"nano3-{stage}-*.out")), f"no job log for {stage}"
     here = subprocess.run(["dvc", "repro", "blend"], cwd=local, env=env(), capture_output=True, text=True, timeout=1800)
@@ -307,7 +307,7 @@ def test_submitting_a_stage_chains_the_upstream_stages_dvc_has_not_run(slurm, tm
     out = launch(fresh, "submit", "blend", "--cluster", "local")
     jobs = [line.split()[:2] for line in out.stdout.splitlines()]
     try:
-        assert [stage for stage, _ in jobs] == ["sample", "tokenizer", "retrieval", "prep", "prep", "prep", "blend"], out.stdout
+        assert [stage for stage, _ in jobs] == ["sample", "tokenizer", "retrieval", "prep", "prep", "prep", "prep", "blend"], out.stdout
         assert "blend needs sample, tokenizer, retrieval, prep first (dvc status)" in out.stderr
         ids = {stage: [j for s, j in jobs if s == stage] for stage, _ in jobs}
 

@@ -17,6 +17,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nano3.data.prep import prepare_dataset, split_of
 from nano3.data.tokenizer import Encoder
+from nano3.errors import UserError
 from tests.conftest import ROOT
 from tests.unit.test_sources import docs_from, write_jsonl
 
@@ -131,7 +132,28 @@ def test_skipped_rows_are_counted_with_reasons(tmp_path, params_factory):
     write_jsonl(tmp_path / "d.jsonl", rows)
     m = prepare_dataset(params_factory({"d": {"source": str(tmp_path / "d.jsonl")}}), "d", show_progress=False)
     assert m["documents"] == 2 and m["rows"] == 6
-    assert m["skipped"] == {"empty": 2, "null": 1, "not_string": 1}
+    assert m["skipped"] == {"empty": 2, "null": 1, "not_string": 1, "short": 0}
+
+
+def test_long_context_data_keeps_only_long_documents(tmp_path, params_factory):
+    """datasets.<name>.min_chars: the lc blend's long documents; each shorter one is counted, none is cut."""
+    rows = [{"text": "x" * n} for n in (10, 5000, 200, 12000, 4999)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    params = params_factory({"d": {"source": str(tmp_path / "d.jsonl"), "min_chars": 5000, "valid_fraction": 0,
+                                   "test_fraction": 0}})
+    m = prepare_dataset(params, "d", show_progress=False)
+    assert m["documents"] == 2 and m["skipped"]["short"] == 3
+    shard = m["splits"]["train"]["shards"][0]["prefix"]
+    docs = IndexedDataset(str(tmp_path / "prepared" / "d" / shard))
+    plain = prepare_dataset(params_factory({"e": {"source": str(tmp_path / "d.jsonl"), "valid_fraction": 0,
+                                                  "test_fraction": 0}}), "e", show_progress=False)
+    assert plain["documents"] == 5 and plain["skipped"]["short"] == 0
+    whole = IndexedDataset(str(tmp_path / "prepared" / "e" / plain["splits"]["train"]["shards"][0]["prefix"]))
+    kept = sorted(len(docs[i]) for i in range(len(docs)))  # the two long ones, tokenized exactly as without the filter
+    assert kept == sorted(len(whole[i]) for i in (1, 3))
+    params = params_factory({"d": {"source": str(tmp_path / "d.jsonl"), "min_chars": 20000}})
+    with pytest.raises(UserError, match=r"datasets.d.min_chars=20000: all 5 documents are shorter"):
+        prepare_dataset(params, "d", show_progress=False, force=True)
 
 
 @pytest.mark.parametrize("bad", ["missing_field", "invalid_json", "all_empty"])

@@ -69,6 +69,8 @@ class DatasetSource:
     revision: str | None = knob(None, "the hub revision, for exact reruns")
     valid_fraction: float | None = knob(None, "this dataset's validation share (null = `prep.valid_fraction`)", fraction)
     test_fraction: float | None = knob(None, "this dataset's test share (null = `prep.test_fraction`)", fraction)
+    min_chars: int = knob(0, "keep only documents of at least this many characters (long-context data); 0 keeps all",
+                          non_negative)
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ class LongContextEval:
                               factory=lambda: (256, 512, 1024))
     prompts: int = knob(12, "retrieval prompts per length, at depths spread evenly from 0 to 1", positive)
     haystack_dataset: str = knob("stdlib-docs", "the dataset whose test split gives the haystacks")
-    documents_dataset: str = knob("stdlib-code", "the dataset whose longest test documents give the loss by position")
+    documents_dataset: str = knob("stdlib-long", "the dataset whose longest test documents give the loss by position")
     documents: int = knob(8, "test documents (of at least the longest length) for the loss by position", positive)
     buckets: int = knob(8, "position ranges the loss is reported in", positive)
 

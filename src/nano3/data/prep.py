@@ -102,7 +102,7 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
     encoder: Encoder = _worker["encoder"]
     progress = _worker["progress"]
     counts = {"rows": 0, "documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0),
-              "skipped": {"null": 0, "not_string": 0, "empty": 0}}
+              "skipped": {"null": 0, "not_string": 0, "empty": 0, "short": 0}}
     unit_digest = hashlib.blake2b(digest_size=16)
     for batch in _worker["source"].read(unit, job.batch_size):
         if row_limit is not None:
@@ -111,7 +111,7 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
         texts, splits = [], []
         for text in batch:
             reason = "null" if text is None else "not_string" if not isinstance(text, str) else \
-                "empty" if not text.strip() else None
+                "empty" if not text.strip() else "short" if len(text) < job.spec.min_chars else None
             if reason:
                 counts["skipped"][reason] += 1
                 continue
@@ -174,7 +174,10 @@ def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
 
 
 def _plan_fingerprint(spec: DatasetSpec, units: list[Unit], tokenizer_fp: str, sample_rows: int | None) -> str:
-    doc = {"version": FORMAT_VERSION, "spec": asdict(spec), "units": [asdict(u) for u in units],
+    fields = asdict(spec)
+    if not fields["min_chars"]:  # no filter: the fingerprint of datasets prepared before the filter existed
+        del fields["min_chars"]
+    doc = {"version": FORMAT_VERSION, "spec": fields, "units": [asdict(u) for u in units],
            "tokenizer": tokenizer_fp, "sample_rows": sample_rows}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -419,6 +422,10 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
     unit_digests = hashlib.sha256("".join(receipts[i]["digest"] for i in sorted(receipts)).encode()).hexdigest()[:16]
     documents = sum(sum(r["documents"].values()) for r in receipts.values())
     if documents == 0:
+        short = sum(r["skipped"].get("short", 0) for r in receipts.values())
+        if short:
+            raise UserError(f"datasets.{name}.min_chars={spec.min_chars}: all {short:,} documents are shorter; "
+                            f"lower it")
         raise UserError(f"datasets.{name}.source={spec.source}: no non-empty documents in field "
                         f"'{spec.text_field}'; check the field name and the data")
     skipped: dict[str, int] = {}

@@ -51,6 +51,7 @@ class DatasetSpec:
     revision: str | None = None
     valid_fraction: float = 0.0
     test_fraction: float = 0.0
+    min_chars: int = 0  # shorter documents are skipped ("short")
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -68,7 +69,7 @@ class DatasetSpec:
         valid = cfg.valid_fraction if cfg.valid_fraction is not None else prep.valid_fraction
         test = cfg.test_fraction if cfg.test_fraction is not None else prep.test_fraction
         return cls(name=name, source=cfg.source, text_field=cfg.text_field, split=cfg.split, revision=cfg.revision,
-                   valid_fraction=float(valid), test_fraction=float(test))
+                   valid_fraction=float(valid), test_fraction=float(test), min_chars=cfg.min_chars)
 
 
 def _is_save_to_disk(path: Path) -> bool:
