@@ -121,3 +121,55 @@ def _hold_memory(mib, ready, done):
     block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
     ready.set()
     done.wait(60)
+
+
+def test_lc_mix_cuts_an_even_share_of_samples_into_short_sequences():
+    from nano3.train.backends.reference import is_short
+
+    for share in (0.1, 0.25, 0.5):
+        cut = [is_short(i, share) for i in range(4000)]
+        assert sum(cut) == round(4000 * share)
+        assert all(sum(cut[i:i + int(1 / share)]) >= 1 for i in range(0, 4000, int(1 / share)))  # spread, not bunched
+    assert not any(is_short(i, 0.0) for i in range(100))
+
+
+def test_a_short_sample_is_its_tokens_as_independent_sequences():
+    """The pieces of a cut sample are the sample's own tokens, targets and mask (nothing dropped or truncated); its
+    loss is the mean loss of each piece run alone, and a micro-batch weighs a cut sample as one sample."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nano3.config.sections import Mix
+    from nano3.model.hf import nemotron_h_config, use_cpu_mamba_chunks
+    from nano3.model.presets import PRESETS
+    from nano3.train.backends.reference import batch_loss, micro_batch_groups, short_rows
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(nemotron_h_config(PRESETS["tiny"], vocab_size=512, eod_id=2,
+                                                               max_positions=256)).eval()
+    use_cpu_mamba_chunks(model)
+    tokens = torch.randint(3, 512, (257,))
+    sample = {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": torch.ones(256)}
+    rows = short_rows(sample, 64)
+    assert len(rows) == 4 and torch.equal(torch.cat([r["tokens"] for r in rows]), sample["tokens"])
+    assert torch.equal(torch.cat([r["labels"] for r in rows]), sample["labels"])
+    with torch.no_grad():
+        alone = [batch_loss(model, [r]).item() for r in rows]
+        assert batch_loss(model, rows).item() == pytest.approx(sum(alone) / 4, rel=1e-5)
+        assert batch_loss(model, rows).item() != pytest.approx(batch_loss(model, [sample]).item(), rel=1e-3)
+    groups = micro_batch_groups([sample, sample, sample, sample], 0, Mix(short_share=0.5, short_length=64))
+    assert sorted(count for _, count in groups) == [1, 1, 2]  # two long samples together, two cut ones alone
+    assert sum(len(r) for r, c in groups if c == 1) == 8
+    assert micro_batch_groups([sample], 0, Mix()) == [([sample], 1)]
+
+
+def test_lc_mix_on_gpus_is_refused_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "stages/lc.py", "--dry-run", "train.backend=megatron",
+                          "lc.mix.short_share=0.25"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "lc.mix.short_share=0.25" in out.stderr and len(out.stderr.strip().splitlines()) == 1

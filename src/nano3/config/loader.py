@@ -82,6 +82,10 @@ def parse_settings(tree: dict, source: str) -> Settings:
         test = spec.test_fraction if spec.test_fraction is not None else prep.test_fraction
         if valid + test >= 1:
             raise UserError(f"{source}: 'datasets.{name}' valid_fraction + test_fraction must lie in [0, 1)")
+    mix, lc = settings.lc.mix, settings.lc
+    for where, seq in (("lc.seq_length", lc.seq_length), ("lc.reference.seq_length", lc.reference.seq_length)):
+        if mix.short_share and seq % mix.short_length:
+            raise UserError(f"{source}: 'lc.mix.short_length' ({mix.short_length}) must divide {where} ({seq})")
     r = settings.retrieval
     if r.max_chars < r.min_chars:
         raise UserError(f"{source}: 'retrieval.max_chars' ({r.max_chars}) must be at least 'retrieval.min_chars' ({r.min_chars})")

@@ -164,6 +164,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class Mix:
+    """Short sequences among lc's long ones, as the tech report mixes 4k sequences into its 512k training."""
+    short_share: float = knob(0.0, "share of lc's samples cut into independent short sequences (packed: attention and "
+                                   "Mamba state restart at each boundary; nothing is truncated); 0 = off", fraction)
+    short_length: int = knob(256, "tokens per short sequence; divides lc's sequence length (and lc.reference's)",
+                             positive)
+
+
+@dataclass(frozen=True)
 class LCConfig:
     """Stage `lc`: long-context extension from the final pretrain checkpoint."""
     tokens: float = knob(524288, "long-context extension tokens (recipe: 121e9)", positive)
@@ -175,6 +184,7 @@ class LCConfig:
     nodes: int | None = knob(None, "as `train.nodes`", positive)
     gpus_per_node: int | None = knob(None, "as `train.gpus_per_node`", positive)
     parallel: Parallel = knob(doc="parallel layout of lc (recipe: TP/CP/EP 8, PP 4)", factory=Parallel)
+    mix: Mix = knob(doc="short sequences mixed into lc (and its short-context validation loss)", factory=Mix)
 
 
 @dataclass(frozen=True)

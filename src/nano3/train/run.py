@@ -111,6 +111,10 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
 
     backend = resolve_backend(requested)
     params = for_backend(requested, backend)
+    if stage == "lc" and backend == "megatron" and params.settings.lc.mix.short_share:
+        raise UserError(f"{params.source}: lc.mix.short_share={params.settings.lc.mix.short_share}: short sequences in "
+                        f"lc run on the reference backend only so far (Megatron needs them as packed sequences with "
+                        f"cu_seqlens, not built yet); set lc.mix.short_share=0 on GPUs")
     memory = gpu_memory_target(gpu_memory_gib) if backend == "megatron" else None
     plan = build_plan(params, stages=(section_name(stage),), gpu_memory=memory)
     print_plan(plan, stage, backend, memory)

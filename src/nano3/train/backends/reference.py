@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from nano3.config import section_name
+from nano3.config.sections import Mix
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir
@@ -206,6 +207,31 @@ def batch_loss(model, samples: list[dict]):
     return (losses * mask.view(-1)).sum() / mask.sum().clamp(min=1)
 
 
+def is_short(index: int, share: float) -> bool:
+    """Whether lc's sample `index` is cut into short sequences: `share` of the samples, spread evenly (and the same
+    samples after a resume)."""
+    return int((index + 1) * share) > int(index * share)
+
+
+def short_rows(sample: dict, length: int) -> list[dict]:
+    """A long sample as independent sequences of `length` tokens: the same tokens and targets, each piece seen
+    without the context before it (packed sequences with the state restarting at every boundary)."""
+    import torch
+
+    pieces = {k: torch.as_tensor(sample[k]).reshape(-1, length) for k in ("tokens", "labels", "loss_mask")}
+    return [{k: v[i] for k, v in pieces.items()} for i in range(pieces["tokens"].shape[0])]
+
+
+def micro_batch_groups(samples: list[dict], first_index: int, mix) -> list[tuple[list[dict], int]]:
+    """(rows, samples they stand for) of one micro-batch: long samples together, each short one as its pieces."""
+    if not mix.short_share:
+        return [(samples, len(samples))]
+    short = [is_short(first_index + i, mix.short_share) for i in range(len(samples))]
+    groups = [(short_rows(s, mix.short_length), 1) for s, cut in zip(samples, short) if cut]
+    long = [s for s, cut in zip(samples, short) if not cut]
+    return ([(long, len(long))] if long else []) + groups
+
+
 def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: Path, live_dir: Path,
                     pretrained: str | None, log=print) -> None:
     """Run the stage's phases in this process; a SIGTERM checkpoints and stops (the caller resumes later)."""
@@ -239,6 +265,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     stop = {"now": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     mbs, clip = cfg.training(stage).micro_batch_size, float(cfg.train.clip_grad)
+    mix = cfg.lc.mix if stage == "lc" else Mix()
     log_interval, eval_interval = cfg.train.log_interval, cfg.train.eval_interval
     save_interval = cfg.train.save_interval
     flops = {"true": plan.stages[section].flops_per_token_true, "bridge": plan.stages[section].flops_per_token_bridge}
@@ -268,9 +295,10 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                 for start in range(0, gbs, mbs):
                     offset = (step - phase.start_iter) * gbs  # the phase's dataset holds only what it reads
                     samples = [train_set[offset + i] for i in range(start, min(start + mbs, gbs))]
-                    loss = batch_loss(model, samples) * len(samples) / gbs
-                    loss.backward()
-                    total += loss.item()
+                    for rows, count in micro_batch_groups(samples, offset + start, mix):
+                        loss = batch_loss(model, rows) * count / gbs  # every sample weighs its tokens alike
+                        loss.backward()
+                        total += loss.item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -288,6 +316,9 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                     live.log_metric("optim/weight_decay", weight_decay)
                 if valid_set is not None and (it % eval_interval == 0 or it == phase.end_iter):
                     live.log_metric("valid/loss", validate(model, valid_set, cfg.train.eval_iters * gbs, mbs))
+                    if stage == "lc" and phase.seq_length % cfg.lc.mix.short_length == 0:
+                        live.log_metric("valid/loss_short", validate(model, valid_set, cfg.train.eval_iters * gbs,
+                                                                     mbs, cfg.lc.mix.short_length))
                     live.make_summary()
                 if it % save_interval == 0 or it == phase.end_iter or stop["now"]:
                     save_checkpoint(run_dir, it, model, optimizer, keep_checkpoints(params.settings.train))
@@ -301,14 +332,19 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
         live.end()
 
 
-def validate(model, valid_set, samples: int, mbs: int) -> float:
+def validate(model, valid_set, samples: int, mbs: int, short_length: int | None = None) -> float:
+    """Validation loss over the first `samples`; with `short_length`, of the same tokens cut into sequences of that
+    length (lc's short-context loss: what mixing short sequences into lc is meant to keep)."""
     import torch
 
     model.eval()
     n = min(samples, len(valid_set))
+    losses = []
     with torch.no_grad():
-        losses = [batch_loss(model, [valid_set[j] for j in range(i, min(i + mbs, n))]).item() * (min(i + mbs, n) - i)
-                  for i in range(0, n, mbs)]
+        for i in range(0, n, mbs):
+            batch = [valid_set[j] for j in range(i, min(i + mbs, n))]
+            rows = [r for s in batch for r in short_rows(s, short_length)] if short_length else batch
+            losses.append(batch_loss(model, rows).item() * len(batch))
     return sum(losses) / max(n, 1)
 
 
