@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 from nano3.blend.spec import BlendRow
-from nano3.files import atomic_write_text
+from nano3.files import atomic_save_figure, atomic_write_text
 
 
 def _human(n: float) -> str:
@@ -70,10 +70,7 @@ def plot(rows: list[BlendRow], max_epochs: float, path: Path) -> None:
         ax.set_xlim(0, max(100 * r.share for r in sel) * 1.35)
     fig.suptitle(f"Blend shares (red: more than {max_epochs:g} epochs)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def write_report(rows: list[BlendRow], max_epochs: float, out_dir: Path, extra: list[str] = ()) -> list[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -18,23 +20,28 @@ def blend_datasets(params) -> list[str]:
     return names
 
 
-def split_stream(params, dataset: str, split: str, max_tokens: int) -> np.ndarray:
-    """The first `max_tokens` tokens of a dataset's split, documents (each ending in EOD) in order."""
+def split_documents_of(params, dataset: str, split: str) -> Iterator[np.ndarray]:
+    """Every document of a dataset's prepared split (tokens, ending in EOD), in order."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     root = Path(params.settings.prep.out_dir) / dataset
     manifest = read_json(root / "manifest.json", f"prepared dataset '{dataset}' (run make prep)")
-    shards = manifest.get("splits", {}).get(split, {}).get("shards", [])
-    pieces, have = [], 0
-    for shard in shards:
+    for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
         docs = IndexedDataset(str(root / shard["prefix"]))
         for i in range(len(docs)):
-            doc = np.asarray(docs[i], dtype=np.int64)
-            pieces.append(doc[: max_tokens - have])
-            have += len(pieces[-1])
-            if have >= max_tokens:
-                return np.concatenate(pieces)
+            yield np.asarray(docs[i], dtype=np.int64)
+
+
+def split_stream(params, dataset: str, split: str, max_tokens: int) -> np.ndarray:
+    """The first `max_tokens` tokens of a dataset's split, documents (each ending in EOD) in order."""
+    pieces, have = [], 0
+    for doc in split_documents_of(params, dataset, split):
+        pieces.append(doc[: max_tokens - have])
+        have += len(pieces[-1])
+        if have >= max_tokens:
+            return np.concatenate(pieces)
     if not pieces:
+        root = Path(params.settings.prep.out_dir) / dataset
         raise UserError(f"{root}/manifest.json: dataset '{dataset}' has no {split} documents; raise "
                         f"datasets.{dataset}.{split}_fraction (or prep.{split}_fraction) and rerun prep")
     return np.concatenate(pieces)
@@ -49,16 +56,4 @@ def windows(stream: np.ndarray, seq_length: int) -> np.ndarray:
 
 def split_documents(params, dataset: str, split: str, min_tokens: int, limit: int) -> list[np.ndarray]:
     """Up to `limit` documents of a dataset's split with at least `min_tokens` tokens, in order."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    root = Path(params.settings.prep.out_dir) / dataset
-    manifest = read_json(root / "manifest.json", f"prepared dataset '{dataset}' (run make prep)")
-    found = []
-    for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
-        docs = IndexedDataset(str(root / shard["prefix"]))
-        for i in range(len(docs)):
-            if len(docs[i]) >= min_tokens:
-                found.append(np.asarray(docs[i], dtype=np.int64))
-                if len(found) == limit:
-                    return found
-    return found
+    return list(islice((d for d in split_documents_of(params, dataset, split) if len(d) >= min_tokens), limit))

@@ -18,6 +18,7 @@ import numpy as np
 from nano3.data.retrieval import new_key, passkey_prompt
 from nano3.data.splits import split_documents, split_stream
 from nano3.errors import UserError
+from nano3.files import atomic_save_figure
 
 
 def retrieval_accuracy(model, haystack: np.ndarray, encode, lengths, prompts: int, seed: int) -> dict[str, dict]:
@@ -111,11 +112,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path, dpi=100)
 
 
 def report_lines(result: dict) -> list[str]:
