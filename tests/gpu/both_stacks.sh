@@ -2,7 +2,8 @@
 # The GPU smoke and GPU tests on two training stacks side by side, one GPU each, detached so that they outlive
 # one remote command (poll with `status`):
 #   bash tests/gpu/both_stacks.sh start ['pytest -k expression']     then     bash tests/gpu/both_stacks.sh status
-# Lane "current": ../shared/gpu's stack on GPU 0. Lane "older": tests/gpu/older_stack.sh's on GPU 1.
+# Lane "current": ../shared/gpu's stack on GPU 0. Lane "older": tests/gpu/older_stack.sh's on GPU 1 (on GPU 0 too
+# where the machine has one GPU: the smoke's models are small enough to share it).
 # Each lane keeps its smoke copy in /root/smoke-<lane> (NANO3_GPU_SMOKE_DIR) and logs to /root/lane-<lane>.log.
 # LANES="older" starts only the lanes named; K_CURRENT / K_OLDER give one lane its own -k expression.
 # SMOKE_EDIT="dotted.key=yaml-value ..." edits each new smoke copy's params.yaml first, e.g.
@@ -13,7 +14,7 @@ K=${2:-"loss_falls or blend_switch or lr_curve or lc_starts or exported or effec
 lane_path() { if [ "$1" = older ]; then echo "${OLDER_SITE:-/root/older-site}:$ROOT/src"; else echo "$ROOT/src"; fi; }
 case "${1:-}" in
   start)
-    gpu=0
+    gpu=0; ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') || true; [ "${ngpus:-0}" -ge 1 ] || ngpus=1
     for lane in current older; do
       if [ -n "${LANES:-}" ] && [[ " $LANES " != *" $lane "* ]]; then gpu=$((gpu + 1)); continue; fi
       dir=/root/smoke-$lane
@@ -35,7 +36,7 @@ PY
         touch "$dir.ready"
       fi
       own="K_${lane^^}"
-      CUDA_VISIBLE_DEVICES=$gpu NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=$dir PYTHONPATH=$(lane_path $lane) \
+      CUDA_VISIBLE_DEVICES=$((gpu % ngpus)) NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=$dir PYTHONPATH=$(lane_path $lane) \
         PYTHONUNBUFFERED=1 setsid nohup python3 -m pytest -m gpu tests/gpu -v -s -k "${!own:-$K}" > /root/lane-$lane.log 2>&1 &
       echo $! > /root/lane-$lane.pid
       gpu=$((gpu + 1))

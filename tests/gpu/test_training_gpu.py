@@ -320,6 +320,15 @@ main(sys.argv[1:])
 """
 
 
+def free_port() -> int:
+    """A port no one listens on now (two lanes of tests/gpu/both_stacks.sh may share one host)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smoke, tmp_path):
     """Issue 12: the recipe image's Bridge has `pretrain(config, forward_step_func)` only. Phase 1 of a shortened
     run, through the real training loop with that signature: the loop hooks (megatron_compat) must give the same
@@ -333,7 +342,7 @@ def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smok
     cmd = [sys.executable, "-c", NANO_V3_PRETRAIN, "--params", "params.yaml", "--phase", "phase1",
            "--run-dir", str(run_dir), "--live-dir", str(live_dir)] + [a for o in overrides for a in ("--override", o)]
     one_rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     out = subprocess.run(cmd, cwd=repo, env={**env(), **one_rank}, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     phase = build_schedule(load_params(repo / "params.yaml", overrides).settings).phase("phase1")
