@@ -140,6 +140,28 @@ def test_host_memory_per_rank_grows_linearly_with_the_sequence(params):
         estimate_host_memory(layout, plan.stages["train"].memory, p.settings.train.num_workers).total_gib)
 
 
+def test_pipeline_stages_hold_their_own_microbatches_and_only_the_last_holds_the_logits(params):
+    """1F1B: the first stage keeps PP microbatches of its layers, the last keeps one plus the output layer's logits
+    and their gradient. The estimate is the busiest stage's, so the vocabulary (which sizes the logits) moves it
+    only where the last stage is the busiest."""
+    p = production(params)
+    p["lc"].update(nodes=32, gpus_per_node=8, seq_length=1048576, global_batch_size=48, micro_batch_size=1,
+                   parallel={"tp": 8, "pp": 4, "cp": 8, "ep": 8, "sequence_parallel": True})
+    preset, layout = model_preset(p.settings.model), read_layout(p, "lc")
+
+    def activations(vocab, **change):
+        return estimate_memory(dataclasses.replace(layout, **change), preset, vocab, recompute_moe=True).activations_gib
+
+    assert activations(131072) == pytest.approx(activations(65536))  # the first stage is the busiest
+    assert activations(2 * 131072) > activations(131072)  # logits so large that the last stage is
+    no_pp = activations(131072, pp=1)
+    assert no_pp > activations(131072) > 0.5 * no_pp  # the logits leave stage 0; its 4 x 1/4 of the layers stay
+    one_microbatch = activations(131072, global_batch_size=8)  # DP 1: 8 microbatches
+    assert one_microbatch == pytest.approx(activations(131072))
+    single = activations(131072, global_batch_size=1)  # one microbatch: a quarter of the layers on every stage,
+    assert activations(65536, global_batch_size=1) < single < activations(131072)  # and the logits on the last
+
+
 def test_memory_estimate_shrinks_with_expert_parallelism(params):
     p = production(params)
     preset, layout = model_preset(p.settings.model), read_layout(p, "train")
@@ -313,8 +335,8 @@ def test_dry_run_on_a_cpu_machine_plans_the_backend_that_will_run(tmp_path, spm_
 
 
 def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
-    """The production layout on one node (90.2 GiB) and LC at 1M on the recipe layout (81.5 GiB) do not fit
-    an 80 GB card: the plan refuses them in one line, with the nearest layouts that fit."""
+    """The production layout on one node (90.2 GiB) and LC at 1M without pipeline parallelism (93.5 GiB) do not
+    fit an 80 GB card: the plan refuses them in one line, with the nearest layouts that fit."""
     from nano3.train.plan import DEFAULT_GPU_MEMORY_GIB
 
     h100 = (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB")
@@ -339,8 +361,11 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
 
     lc = load_params(ROOT / "configs" / "nano3.yaml")
     lc["lc"]["seq_length"] = 1048576
-    with pytest.raises(UserError, match=r"lc: the plan estimates 81.5 GiB .* nearest layouts that fit: lc\.parallel"):
+    lc["lc"]["parallel"]["pp"] = 1
+    with pytest.raises(UserError, match=r"lc: the plan estimates 93.5 GiB .* nearest layouts that fit: lc\.parallel\.pp=4 "):
         build_plan(lc, stages=("lc",), gpu_memory=h100)
+    lc["lc"]["parallel"]["pp"] = 4  # the recipe's layout
+    assert build_plan(lc, stages=("lc",), gpu_memory=h100).stages["lc"].memory.total_gib < 79.6
     assert build_plan(load_params(ROOT / "configs" / "nano3.yaml"), gpu_memory=h100)  # the production config fits
 
 
@@ -374,6 +399,9 @@ def test_production_lc_layouts_say_which_fit_and_what_would(tmp_path):
     params = load_params(ROOT / "configs" / "nano3.yaml", [f"tokenizer.dir={tmp_path}"])
     h100 = {r["seq_length"]: r for r in production_lc_layouts(params, 79.6)}
     assert h100[524288]["fits"] and h100[524288]["gpus"] == 256 and not h100[524288]["alternatives"]
-    assert not h100[1048576]["fits"] and h100[1048576]["gib"] > 79.6
-    assert h100[1048576]["alternatives"] and all(gib <= 79.6 for _, gib in h100[1048576]["alternatives"])
+    assert h100[1048576]["fits"] and h100[1048576]["gpus"] == 512 and not h100[1048576]["alternatives"]
+    assert h100[524288]["gib"] < h100[1048576]["gib"] < 79.6
+    tight = {r["seq_length"]: r for r in production_lc_layouts(params, 50.0)}  # a card too small for 1M
+    assert not tight[1048576]["fits"] and tight[1048576]["alternatives"]
+    assert all(gib <= 50.0 for _, gib in tight[1048576]["alternatives"])
     assert all(r["fits"] for r in production_lc_layouts(params, 139.8))  # an H200 holds both

@@ -161,8 +161,9 @@ class MemoryEstimate:
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib
 
 
-def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompute_moe: bool) -> float:
-    """Rough bf16 bytes kept per token for the backward pass (no full recompute), summed over layers."""
+def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompute_moe: bool) -> tuple[float, float]:
+    """Rough bf16 bytes kept per token for the backward pass (no full recompute): (all layers, the output layer
+    at the loss). Apart because with pipeline parallelism they live on different stages."""
     h, d_in = preset.hidden_size, preset.mamba_num_heads * preset.mamba_head_dim
     gn = preset.mamba_num_groups * preset.mamba_state_dim
     q, kv = preset.num_attention_heads * preset.kv_channels, preset.num_query_groups * preset.kv_channels
@@ -177,11 +178,13 @@ def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompu
     # (docs/benchmarks.md); at 131k vocab this is ~1.25 MB per token, as much as ten MoE layers.
     logits = 10 * vocab / tp
     n_m, n_a, n_e, n_d = (preset.count(c) for c in "M*E-")
-    return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp + logits
+    return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp, logits
 
 
 def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool) -> MemoryEstimate:
-    """Per-GPU memory of the busiest pipeline stage (the first: it holds PP microbatches in flight)."""
+    """Per-GPU memory of the busiest pipeline stage. With 1F1B, stage i keeps the activations of PP - i
+    microbatches of its layers; the output layer's (logits and their gradient) live on the last stage only, for
+    the one microbatch it holds. So the first stage is busiest unless the logits outweigh its extra microbatches."""
     counts = param_counts(preset, vocab)
     dense_local = (counts.dense / layout.pp + counts.embedding / min(layout.pp, 2)) / layout.tp
     experts_local = counts.experts / layout.pp / (layout.ep * layout.etp)
@@ -191,8 +194,10 @@ def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
     # Distributed optimizer: fp32 master weights + two Adam moments, sharded over the data-parallel ranks.
     optimizer = 12 * (dense_local / (layout.dp * layout.cp) + experts_local / layout.expert_dp)
     tokens = layout.micro_batch_size * layout.seq_length / layout.cp
-    in_flight = min(layout.pp, layout.microbatches)  # 1F1B: stage 0 holds up to PP microbatches
-    activations = tokens * activation_bytes_per_token(preset, vocab, layout.tp, recompute_moe) * in_flight / layout.pp
+    layers, logits = activation_bytes_per_token(preset, vocab, layout.tp, recompute_moe)
+    first = layers / layout.pp * min(layout.pp, layout.microbatches) + (logits if layout.pp == 1 else 0)
+    last = layers / layout.pp + logits
+    activations = tokens * max(first, last)
     overhead = 3 * GIB + 0.1 * (weights + grads + optimizer + activations)  # CUDA context, NCCL, fragmentation
     return MemoryEstimate(weights / GIB, grads / GIB, optimizer / GIB, activations / GIB, overhead / GIB)
 
