@@ -16,7 +16,11 @@ never from a version string, so a backport or a patched image works too:
 - the tokenizer builder: megatron-core's (`megatron.core.tokenizers`) or Bridge's own (older cores);
 - megatron-core 0.16's BlendedDataset asks torch.distributed for its rank even in one process: the CPU-side
   blend build runs inside a one-process group where none exists;
-- transformers' NemotronH classes (transformers >= 5), which the HF export needs.
+- transformers' NemotronH classes (transformers >= 5), which the HF export needs;
+- packed sequences for Mamba (lc.mix): megatron-core's PackedSeqParams derives the Mamba `seq_idx` (state
+  resets) from `cu_seqlens_q` and `total_tokens`, and Bridge's forward step must fill `total_tokens`
+  (Bridge >= 0.6 on megatron-core >= 0.18); older stacks would run packed attention with an unbroken Mamba
+  state, so lc.mix is refused there.
 
 Everything imports lazily: this module imports on any machine, and tests drive each branch with stand-ins.
 """
@@ -153,6 +157,31 @@ def loop_hooks(callbacks: list, pretrain_module, train_module, eval_module):
     finally:
         for module, name in targets:
             setattr(module, name, original[name])
+
+
+def packed_mamba_gap(packed_seq_params_cls, gpt_step_module) -> str | None:
+    """None where packed sequences restart the Mamba state, else what is missing. Packed attention alone is not
+    enough: without `seq_idx` the state would flow from one short sequence into the next."""
+    fields = getattr(packed_seq_params_cls, "__dataclass_fields__", {})
+    if not {"seq_idx", "total_tokens"} <= set(fields):
+        return "megatron-core's PackedSeqParams has no seq_idx/total_tokens (Mamba state resets; megatron-core >= 0.18)"
+    try:
+        source = inspect.getsource(gpt_step_module)
+    except (OSError, TypeError):
+        return "Megatron-Bridge's forward step could not be read"
+    if "total_tokens" not in source or "cu_seqlens_q" not in source:
+        return "Megatron-Bridge's forward step does not pass packed sequences' total_tokens (Megatron-Bridge >= 0.6)"
+    return None
+
+
+def require_packed_mamba() -> None:
+    """Refuse lc.mix in one line on a stack whose packed sequences would not restart the Mamba state."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    gap = packed_mamba_gap(PackedSeqParams, importlib.import_module("megatron.bridge.training.gpt_step"))
+    if gap:
+        raise UserError(f"lc.mix.short_share needs packed sequences with Mamba state resets: {gap}; set "
+                        f"lc.mix.short_share=0 or {NEWER_IMAGE}")
 
 
 def dataset_providers(config_type) -> dict:

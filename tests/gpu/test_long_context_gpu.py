@@ -91,3 +91,31 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(smoke, tmp_path, seq
           f"GPU reserved {reserved:.2f} GiB (plan {plan.memory.total_gib:.2f}), "
           f"{sum(tokens_per_s) / max(len(tokens_per_s), 1):,.0f} tokens/s/GPU")
     assert host <= plan.host.total_gib
+
+
+def test_lc_mix_trains_packed_short_sequences_with_mamba_state_resets(smoke, tmp_path):
+    """lc.mix on Megatron (issue 13, part 4): half of lc's samples go to the model as packed sequences of 512
+    tokens. Read back from what ran: the packed micro-batches Bridge's forward step built on rank 0, their
+    number of sequences, and that megatron-core derived the Mamba state resets (seq_idx) for them."""
+    import importlib.util
+
+    if importlib.util.find_spec("causal_conv1d") is None:
+        pytest.skip("packed sequences train only on the fused Mamba path, which needs causal-conv1d "
+                    "(WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh)")
+    repo, _ = smoke
+    work = lc_copy(repo, tmp_path / "repo")
+    seq, iterations, batch, short = 4096, 8, 4, 512
+    overrides = [f"lc.seq_length={seq}", f"lc.tokens={iterations * batch * seq}", f"lc.global_batch_size={batch}",
+                 "lc.micro_batch_size=1", "lc.gpus_per_node=1", "lc.parallel.cp=1", "train.kernels.fused_mamba=true",
+                 "lc.mix.short_share=0.5", f"lc.mix.short_length={short}", "train.log_interval=1",
+                 "train.eval_interval=4", "train.eval_iters=1"]
+    log = run(work, [sys.executable, "stages/lc.py", *overrides])
+    manifest = json.loads((work / "checkpoints" / "lc.json").read_text())
+    assert manifest["iteration"] == iterations, log[-3000:]
+    packed = json.loads((work / manifest["run_dir"] / "packed.lc.json").read_text())
+    print("packed micro-batches on rank 0:", packed)
+    assert packed == {"micro_batches": iterations * batch // 2, "sequences": seq // short, "max_seqlen": short,
+                      "mamba_seq_idx": True}
+    loss = read_metric(work / "dvclive" / "lc", "train/loss")
+    vocab = json.loads((work / "data" / "tokenizer" / "info.json").read_text())["vocab_size"]
+    assert len(loss) == iterations and all(math.isfinite(v) and v < math.log(vocab) for _, v in loss), loss

@@ -148,3 +148,11 @@ def test_long_samples_come_without_a_quadratic_attention_mask(prepared):
     assert "attention_mask" not in sample
     assert sample["tokens"].shape == (8192,)  # (short enough that a regression fails here instead of exhausting memory)
     assert sum(t.numel() * t.element_size() for t in sample.values() if hasattr(t, "numel")) == 8192 * 28
+
+    from torch.utils.data import default_collate
+
+    from nano3.data.lc_mix import ShortSequenceMix
+
+    packed = default_collate([ShortSequenceMix(train, share=1.0, short_length=1024)[0]])  # lc.mix's batch of one
+    assert packed["cu_seqlens_q"].tolist() == [list(range(0, 8193, 1024))] and packed["max_seqlen_q"].tolist() == [1024]
+    assert packed["tokens"].equal(sample["tokens"].unsqueeze(0))  # the same tokens, nothing cut off

@@ -356,3 +356,68 @@ PUBLISHED_LAYOUT = [
     r"backbone\.layers\.\d+\.mixer\.shared_experts\.(up_proj|down_proj)\.weight",
     r"backbone\.layers\.\d+\.mixer\.experts\.\d+\.(up_proj|down_proj)\.weight",
 ]
+
+
+# ---- packed sequences for Mamba (lc.mix) ------------------------------------------------------------------------
+
+TODAYS_FORWARD_STEP = '''
+def _forward_step_common(state, data_iterator, model):
+    if packed_seq_metadata.get("cu_seqlens_q") is not None:
+        pass
+    if getattr(config, "is_hybrid_model", False):
+        packed_seq_metadata["total_tokens"] = tokens.size(1)
+'''
+OLDER_FORWARD_STEP = '''
+def forward_step(state, data_iterator, model):
+    if "cu_seqlens" in batch:
+        forward_args["packed_seq_params"] = get_packed_seq_params(batch)
+'''
+
+
+@dataclass
+class OlderPackedSeqParams:  # megatron-core 0.16: THD attention only
+    qkv_format: str = None
+    cu_seqlens_q: object = None
+    max_seqlen_q: int = None
+
+
+def forward_step_module(tmp_path, monkeypatch, source: str, name: str):
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return __import__(name)
+
+
+def test_packed_sequences_need_mamba_state_resets_from_core_and_bridge(tmp_path, monkeypatch):
+    """lc.mix runs where megatron-core derives the Mamba seq_idx (PackedSeqParams' seq_idx/total_tokens) and
+    Bridge's forward step fills total_tokens; the installed megatron-core here is checked, not a stand-in of it."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nano3.megatron_compat import packed_mamba_gap
+
+    todays = forward_step_module(tmp_path, monkeypatch, TODAYS_FORWARD_STEP, "todays_gpt_step")
+    older = forward_step_module(tmp_path, monkeypatch, OLDER_FORWARD_STEP, "older_gpt_step")
+    assert packed_mamba_gap(PackedSeqParams, todays) is None  # megatron-core 0.19.2, Bridge 0.6's forward step
+    assert "Megatron-Bridge >= 0.6" in packed_mamba_gap(PackedSeqParams, older)
+    assert "megatron-core >= 0.18" in packed_mamba_gap(OlderPackedSeqParams, todays)
+
+
+def test_megatron_core_derives_one_state_reset_per_short_sequence_from_our_metadata():
+    """What Bridge 0.6's forward step does with a lc.mix sample (batch of one): cu_seqlens_q and max_seqlen_q as
+    they come out of torch's collate, total_tokens from the tokens; megatron-core's own PackedSeqParams must give
+    every token the index of its short sequence (the Mamba kernels restart the state where it changes)."""
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from torch.utils.data import default_collate
+
+    from nano3.data.lc_mix import ShortSequenceMix
+
+    samples = [{"tokens": torch.arange(64), "labels": torch.arange(1, 65), "loss_mask": torch.ones(64)}] * 4
+    mixed = ShortSequenceMix(samples, share=0.5, short_length=16)
+    cut = [i for i in range(4) if "cu_seqlens_q" in mixed[i]]
+    assert len(cut) == 2 and all(torch.equal(mixed[i]["tokens"], samples[i]["tokens"]) for i in range(4))
+    batch = default_collate([mixed[cut[0]]])
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens_q"].squeeze(),
+                             cu_seqlens_kv=batch["cu_seqlens_q"].squeeze(), max_seqlen_q=int(batch["max_seqlen_q"]),
+                             max_seqlen_kv=int(batch["max_seqlen_q"]), total_tokens=batch["tokens"].size(1))
+    assert params.cu_seqlens_q.tolist() == [0, 16, 32, 48, 64] and params.max_seqlen_q == 16
+    assert params.seq_idx.tolist() == [[i // 16 for i in range(64)]]

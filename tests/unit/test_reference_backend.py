@@ -124,7 +124,7 @@ def _hold_memory(mib, ready, done):
 
 
 def test_lc_mix_cuts_an_even_share_of_samples_into_short_sequences():
-    from nano3.train.backends.reference import is_short
+    from nano3.data.lc_mix import is_short
 
     for share in (0.1, 0.25, 0.5):
         cut = [is_short(i, share) for i in range(4000)]
@@ -163,13 +163,25 @@ def test_a_short_sample_is_its_tokens_as_independent_sequences():
     assert micro_batch_groups([sample], 0, Mix()) == [([sample], 1)]
 
 
-def test_lc_mix_on_gpus_is_refused_before_any_work(tmp_path):
+def test_lc_mix_on_gpus_is_refused_before_any_work_where_packed_sequences_cannot_run(tmp_path):
+    """Megatron trains lc.mix as packed sequences: one sample per micro-batch, the fused Mamba path, short
+    sequences that split evenly over 2 x CP. Anything else stops in one line before any work; a layout that can
+    run them plans."""
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    out = subprocess.run([sys.executable, "stages/lc.py", "--dry-run", "train.backend=megatron",
-                          "lc.mix.short_share=0.25"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "lc.mix.short_share=0.25" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    def dry_run(*overrides):
+        return subprocess.run([sys.executable, "stages/lc.py", "--dry-run", "train.backend=megatron",
+                               "lc.mix.short_share=0.25", "lc.micro_batch_size=1", *overrides],
+                              cwd=ROOT, capture_output=True, text=True)
+
+    for overrides, says in ((["lc.micro_batch_size=2"], "set lc.micro_batch_size=1"),
+                            (["train.kernels.fused_mamba=false"], "set train.kernels.fused_mamba=true"),
+                            (["lc.parallel.cp=4", "lc.gpus_per_node=4", "lc.mix.short_length=4"], "a multiple of 8")):
+        out = dry_run(*overrides)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+        assert "lc.mix.short_share=0.25" in lines[0] and says in lines[0]
+    assert dry_run().returncode == 0

@@ -167,7 +167,8 @@ class TrainConfig:
 class Mix:
     """Short sequences among lc's long ones, as the tech report mixes 4k sequences into its 512k training."""
     short_share: float = knob(0.0, "share of lc's samples cut into independent short sequences (packed: attention and "
-                                   "Mamba state restart at each boundary; nothing is truncated); 0 = off", fraction)
+                                   "Mamba state restart at each boundary; nothing is truncated; on GPUs lc.micro_batch_size 1 and the fused "
+                                   "Mamba path); 0 = off", fraction)
     short_length: int = knob(256, "tokens per short sequence; divides lc's sequence length (and lc.reference's)",
                              positive)
 

@@ -21,7 +21,13 @@ from nano3.config import load_params, parse_override
 from nano3.config.sections import phase_section
 from nano3.errors import UserError
 from nano3.files import atomic_write_json
-from nano3.megatron_compat import adapt_overrides, dataset_providers, installed_stack, run_pretrain
+from nano3.megatron_compat import (
+    adapt_overrides,
+    dataset_providers,
+    installed_stack,
+    require_packed_mamba,
+    run_pretrain,
+)
 from nano3.train.rundir import failure_path
 
 
@@ -50,14 +56,17 @@ class PhaseWindow:
         return self.dataset[index - self.offset]
 
 
-def read_only_the_phase(phase, requested: dict) -> None:
+def read_only_the_phase(phase, requested: dict, mix=None) -> None:
     """Make Bridge build each phase's training index for the samples that phase reads (phase 2 of the recipe:
     366M, not the 6.1B of train_iters x GBS that Bridge would request) and record what was requested.
 
     Bridge picks the dataset provider from its registry by config type at pretrain() time; the wrapper keeps
-    its two-argument signature so Bridge binds no extra arguments.
+    its two-argument signature so Bridge binds no extra arguments. With `mix` (lc.mix) its share of training
+    samples comes as packed short sequences (data/lc_mix.py).
     """
     from megatron.bridge.training.config import GPTDatasetConfig
+
+    from nano3.data.lc_mix import ShortSequenceMix
 
     registry = dataset_providers(GPTDatasetConfig)
     original = registry[GPTDatasetConfig]
@@ -66,9 +75,32 @@ def read_only_the_phase(phase, requested: dict) -> None:
         sizes = [phase.samples, *train_val_test_num_samples[1:]]
         requested.update(train_samples=sizes[0], valid_samples=int(sizes[1]), sample_offset=phase.sample_offset)
         train, valid, test = original(sizes, dataset_config)
-        return (PhaseWindow(train, phase.sample_offset) if train is not None else None), valid, test
+        if train is not None:
+            train = PhaseWindow(train, phase.sample_offset)
+            if mix is not None and mix.short_share:
+                train = ShortSequenceMix(train, mix.short_share, mix.short_length)
+        return train, valid, test
 
     registry[GPTDatasetConfig] = provider
+
+
+def record_packed_batches(path: Path) -> None:
+    """Read back what runs (lc.mix): every packed micro-batch Bridge's forward step builds on this rank is counted
+    in `path`, with its number of sequences and whether megatron-core derived the Mamba state resets (seq_idx)."""
+    import importlib
+
+    gpt_step = importlib.import_module("megatron.bridge.training.gpt_step")
+    build = gpt_step.get_packed_seq_params
+    seen = {"micro_batches": 0}
+
+    def counting(batch):
+        packed = build(batch)
+        seen.update(micro_batches=seen["micro_batches"] + 1, sequences=int(packed.cu_seqlens_q.numel() - 1),
+                    max_seqlen=int(packed.max_seqlen_q), mamba_seq_idx=packed.seq_idx is not None)
+        atomic_write_json(path, seen)
+        return packed
+
+    gpt_step.get_packed_seq_params = counting
 
 
 def build_config(overrides: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -132,17 +164,28 @@ def main(argv: list[str] | None = None) -> None:
     preset = model_preset(params.settings.model)
     layout = read_layout(params, phase_section(args.phase))
     vocab = padded_vocab(model_vocab(params), preset, layout.tp)
+    mix = params.settings.lc.mix if args.phase == "lc" and params.settings.lc.mix.short_share else None
+
+    def flops(kind: str) -> float:  # per token; short sequences' attention spans short_length
+        long = flops_per_token(preset, phase.seq_length, vocab, kind)
+        if mix is None:
+            return long
+        return (1 - mix.short_share) * long + mix.short_share * flops_per_token(preset, mix.short_length, vocab, kind)
+
     callback = DvcliveCallback(
         live_dir=args.live_dir, stage_label=args.phase, tokens_per_iter=phase.global_batch_size * phase.seq_length,
-        flops_true=flops_per_token(preset, phase.seq_length, vocab, "true"),
-        flops_bridge=flops_per_token(preset, phase.seq_length, vocab, "bridge"),
+        flops_true=flops("true"), flops_bridge=flops("bridge"),
         log_interval=params.settings.train.log_interval,
         extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
     )
     requested: dict = {}
-    read_only_the_phase(phase, requested)
+    read_only_the_phase(phase, requested, mix)
     conformance = EffectiveConfigCallback(params, phase, args.run_dir, requested)
     try:
+        if mix is not None:
+            require_packed_mamba()
+            if int(os.environ.get("RANK", "0")) == 0:
+                record_packed_batches(Path(args.run_dir) / f"packed.{args.phase}.json")
         run_pretrain(cfg, forward_step, [conformance, callback])
     except UserError as e:  # every rank raises it; rank 0 hands the one line to the stage (run.py)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -104,6 +104,26 @@ def gpu_memory_target(gpu_memory_gib: float | None) -> tuple[float, str]:
     return local_gpu_memory() or (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB (the default; --gpu-memory or CLUSTER=<profile>)")
 
 
+def check_lc_mix_on_megatron(params) -> None:
+    """lc.mix on Megatron is packed (THD) sequences: one sample per micro-batch, megatron-core's fused Mamba path
+    (the only one that trains packed sequences), and with context parallelism every short sequence split evenly
+    over 2 x CP chunks."""
+    cfg = params.settings
+    mix, lc = cfg.lc.mix, cfg.lc
+    if not mix.short_share:
+        return
+    where = f"{params.source}: lc.mix.short_share={mix.short_share}"
+    if lc.micro_batch_size != 1:
+        raise UserError(f"{where} sends short sequences packed, one sample per micro-batch; set lc.micro_batch_size=1")
+    if not cfg.train.kernels.fused_mamba:
+        raise UserError(f"{where}: megatron-core trains packed sequences only on the fused Mamba path; set "
+                        f"train.kernels.fused_mamba=true (it needs causal-conv1d, which the NeMo image has)")
+    cp = lc.parallel.cp
+    if cp > 1 and mix.short_length % (2 * cp):
+        raise UserError(f"{where}: with lc.parallel.cp={cp} every short sequence is split into {2 * cp} chunks; "
+                        f"make lc.mix.short_length ({mix.short_length}) a multiple of {2 * cp}")
+
+
 def run_training_stage(stage: str, requested, params_file: str, our_overrides: list[str], bridge_cli: list[str],
                        dry_run: bool, log=print, gpu_memory_gib: float | None = None) -> dict | None:
     """`requested`: params.yaml with `our_overrides` applied; the training processes reload the same file and
@@ -111,10 +131,8 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
 
     backend = resolve_backend(requested)
     params = for_backend(requested, backend)
-    if stage == "lc" and backend == "megatron" and params.settings.lc.mix.short_share:
-        raise UserError(f"{params.source}: lc.mix.short_share={params.settings.lc.mix.short_share}: short sequences in "
-                        f"lc run on the reference backend only so far (Megatron needs them as packed sequences with "
-                        f"cu_seqlens, not built yet); set lc.mix.short_share=0 on GPUs")
+    if stage == "lc" and backend == "megatron":
+        check_lc_mix_on_megatron(params)
     memory = gpu_memory_target(gpu_memory_gib) if backend == "megatron" else None
     plan = build_plan(params, stages=(section_name(stage),), gpu_memory=memory)
     print_plan(plan, stage, backend, memory)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from nano3.config import section_name
 from nano3.config.sections import Mix
+from nano3.data.lc_mix import is_short
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir
@@ -205,12 +206,6 @@ def batch_loss(model, samples: list[dict]):
     logits = model(input_ids=tokens).logits.float()
     losses = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="none")
     return (losses * mask.view(-1)).sum() / mask.sum().clamp(min=1)
-
-
-def is_short(index: int, share: float) -> bool:
-    """Whether lc's sample `index` is cut into short sequences: `share` of the samples, spread evenly (and the same
-    samples after a resume)."""
-    return int((index + 1) * share) > int(index * share)
 
 
 def short_rows(sample: dict, length: int) -> list[dict]:
