@@ -79,6 +79,15 @@ def layout_for(scale: str, seq: int, cp_from: int) -> list[str]:
     return ["train.parallel.cp=2"] if seq >= cp_from else ["train.parallel.cp=1"]
 
 
+def planned_gib(overrides: list[str]) -> float:
+    """The plan's per-GPU memory estimate for the same run (issue 13: within 5% of the measured reserved peak)."""
+    from nano3.config import load_params
+    from nano3.train.plan import build_plan
+
+    ours = [o for o in overrides if not o.startswith("bridge.")]
+    return build_plan(load_params(ROOT / "params.yaml", ours), stages=("train",)).stages["train"].memory.total_gib
+
+
 def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
                 scale: str = "reduced", seq: int = 4096, cp_from: int = 65536) -> dict:
     live = out_dir / "live"
@@ -87,6 +96,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from),
            f"train.seq_length={seq}", *overrides,
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
+    plan_gib = planned_gib(cmd[2:])
     t0 = time.time()
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -100,7 +110,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
                 "perf/max_memory_gib", "perf/max_memory_reserved_gib", "moe/max_over_mean_load"):
         values = [v for s, v in read_metric(live / name / "pretrain", key) if s > warmup]
         metrics[key.split("/")[1]] = statistics.median(values) if values else float("nan")
-    return {"variant": name, "seq": seq, **metrics, "seconds": round(time.time() - t0, 1)}
+    return {"variant": name, "seq": seq, **metrics, "plan_gib": plan_gib, "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
@@ -145,7 +155,7 @@ def main() -> None:
             continue
         print(f"{name:18s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  {r['tflops_per_gpu_bridge']:6.1f} TFLOP/s "
               f"(Bridge)  {r['tflops_per_gpu_true']:6.1f} (true)  {r['max_memory_gib']:5.1f} GiB peak "
-              f"({r['max_memory_reserved_gib']:5.1f} reserved)  "
+              f"({r['max_memory_reserved_gib']:5.1f} reserved, plan {r['plan_gib']:5.1f})  "
               f"MoE max/mean load {r['max_over_mean_load']:4.2f}  "
               f"x{r['tflops_per_gpu_bridge'] / base:.2f} vs baseline  [{device}]", flush=True)
     (out_dir / "train_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
@@ -176,7 +186,8 @@ def by_length(args) -> None:
             layout = " ".join(layout_for(args.scale, seq, args.cp_from)) or "-"
             print(f"{name:14s} {seq:>8,}  {layout:20s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
                   f"{r['tflops_per_gpu_true']:6.1f} TFLOP/s (true)  {r['tflops_per_gpu_bridge']:6.1f} (Bridge)  "
-                  f"{r['max_memory_reserved_gib']:5.1f} GiB reserved  x{r['tflops_per_gpu_true'] / first:.2f} vs "
+                  f"{r['max_memory_reserved_gib']:5.1f} GiB reserved (plan {r['plan_gib']:5.1f}, "
+                  f"x{r['plan_gib'] / r['max_memory_reserved_gib']:.2f})  x{r['tflops_per_gpu_true'] / first:.2f} vs "
                   f"{lengths[0]:,}  [{device}]", flush=True)
     (out_dir / "lc_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
 
