@@ -1,6 +1,12 @@
-"""Short-context quality after lc, with and without short sequences mixed in (issue 13, part 4), on the CPU.
+"""Short-context quality after lc, with and without short sequences mixed in (issue 13, part 4).
 
-    python bench/lc_mix.py [--tokens 65536] [--shares 0,0.5] [--eval-interval 8]
+    python bench/lc_mix.py [--tokens 65536] [--shares 0,0.5] [--eval-interval 8]          # CPU, reference backend
+    python bench/lc_mix.py --backend megatron [--shares 0,0.5] [--short-length 512]       # GPU, packed sequences
+
+`--backend megatron` (a GPU machine with causal-conv1d, after the GPU `make smoke`): lc runs once per share with
+params.yaml's lc budget through Megatron (short sequences packed), then export and eval run on it in the same
+scratch directory; printed per share is eval's loss by position of the lc model (its first bucket is the
+short-context loss) and the difference against the first share, measured in the same run.
 
 From the embedded pipeline's pretrain checkpoint (run `make smoke` first), lc runs once per share on the CPU
 reference backend, each in a scratch directory (the same data, pretrain checkpoint, seed and token budget; only
@@ -48,16 +54,53 @@ def run_share(share: float, args, out: Path) -> dict:
     return {"share": share, "valid": read_metric(live, "valid/loss"), "valid_short": read_metric(live, "valid/loss_short")}
 
 
+def run_share_megatron(share: float, args, out: Path) -> dict:
+    """lc, export and eval of one share on the GPU, in a scratch directory; eval's loss by position of the lc model."""
+    work = scratch(out / f"megatron-share-{share:g}")
+    mix = [f"lc.mix.short_share={share}", f"lc.mix.short_length={args.short_length}", "lc.micro_batch_size=1",
+           "train.kernels.fused_mamba=true", "train.backend=megatron"]
+    for stage in ("lc", "export", "eval"):
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *mix], cwd=work,
+                              capture_output=True, text=True)
+        (work / f"{stage}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: share {share}: {stage} failed; see {work / f'{stage}.log'}")
+    metrics = json.loads((work / "reports" / "eval" / "metrics.json").read_text())["long_context"]
+    return {"share": share, "by_position": metrics["loss_by_position"]["lc"],
+            "pretrain_by_position": metrics["loss_by_position"]["pretrain"]}
+
+
+def main_megatron(args, out: Path) -> None:
+    results = [run_share_megatron(float(s), args, out) for s in args.shares.split(",")]
+    base = results[0]
+    print(f"{'share':>6} {'positions':>12} {'lc loss':>8} {'pretrain':>9}")
+    for r in results:
+        for bucket, before in zip(r["by_position"], r["pretrain_by_position"]):
+            span = f"{bucket['from']}-{bucket['to']}"
+            print(f"{r['share']:>6g} {span:>12} {bucket['loss']:>8.4f} {before['loss']:>9.4f}")
+    for r in results[1:]:
+        first = r["by_position"][0]["loss"] - base["by_position"][0]["loss"]
+        mean = (sum(b["loss"] for b in r["by_position"]) - sum(b["loss"] for b in base["by_position"])) / len(
+            r["by_position"])
+        print(f"share {r['share']:g} vs {base['share']:g} after lc: first bucket (short context) {first:+.4f}, "
+              f"mean over positions {mean:+.4f} (negative: better)")
+    (out / "lc_mix_megatron.json").write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=65536, help="lc.reference.tokens of every run")
     ap.add_argument("--shares", default="0,0.5")
     ap.add_argument("--eval-interval", type=int, default=8)
     ap.add_argument("--out", default="bench/results/lc_mix")
+    ap.add_argument("--backend", choices=["reference", "megatron"], default="reference")
+    ap.add_argument("--short-length", type=int, default=512, help="--backend megatron: lc.mix.short_length")
     args = ap.parse_args()
     if not (ROOT / "checkpoints" / "pretrain.json").exists():
         sys.exit("error: checkpoints/pretrain.json: missing; run make smoke first")
     out = ROOT / args.out
+    if args.backend == "megatron":
+        return main_megatron(args, out)
     results = [run_share(float(s), args, out) for s in args.shares.split(",")]
     base = results[0]
     print(f"{'share':>6} {'step':>5} {'valid loss':>11} {'short-context':>14}")
