@@ -1,6 +1,8 @@
-"""lc at long context on GPUs (issue 13): from the smoke's pretrain checkpoint at 64k and 128k tokens with CP 2
-(CP 1 where the machine has one GPU), killed after its first checkpoint, resumed, run to its last iteration; the
-host memory of a rank stays within the plan's estimate (megatron-core's seq x seq mask once killed these ranks).
+"""lc at long context on GPUs (issue 13): the tiny model from the smoke's pretrain checkpoint at 64k and 128k
+tokens, and the real Nano 3 widths at reduced depth at 64k, with CP 2 (CP 1 where the machine has one GPU), killed
+after its first checkpoint, resumed, run to its last iteration; the host memory of a rank stays within the plan's
+estimate (megatron-core's seq x seq mask once killed these ranks), and at the real widths the GPU memory too (5%).
+lc.mix's packed short sequences run on Megatron with the Mamba state reset at each of them (needs causal-conv1d).
 
     NANO3_SYSTEM_PYTHON=1 python -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v
 """
