@@ -421,3 +421,34 @@ def test_megatron_core_derives_one_state_reset_per_short_sequence_from_our_metad
                              max_seqlen_kv=int(batch["max_seqlen_q"]), total_tokens=batch["tokens"].size(1))
     assert params.cu_seqlens_q.tolist() == [0, 16, 32, 48, 64] and params.max_seqlen_q == 16
     assert params.seq_idx.tolist() == [[i // 16 for i in range(64)]]
+
+
+def test_the_packed_micro_batches_that_ran_are_recorded(tmp_path, monkeypatch):
+    """entry.record_packed_batches wraps the forward step's builder of PackedSeqParams (here megatron-core's own
+    class behind a stand-in of Bridge 0.6's gpt_step module) and counts what the model was given."""
+    import json
+
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from nano3.train.entry import record_packed_batches
+
+    def get_packed_seq_params(batch):  # Bridge 0.6's conversion of current-style metadata, in short
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens_q"].squeeze(),
+                               cu_seqlens_kv=batch["cu_seqlens_q"].squeeze(),
+                               max_seqlen_q=int(batch["max_seqlen_q"]), max_seqlen_kv=int(batch["max_seqlen_q"]),
+                               total_tokens=batch.get("total_tokens"))
+
+    gpt_step = types.ModuleType("megatron.bridge.training.gpt_step")
+    gpt_step.get_packed_seq_params = get_packed_seq_params
+    monkeypatch.setitem(sys.modules, "megatron.bridge.training.gpt_step", gpt_step)
+    record = tmp_path / "packed.lc.json"
+    record_packed_batches(record)
+    batch = {"cu_seqlens_q": torch.tensor([[0, 16, 32, 48, 64]], dtype=torch.int32), "max_seqlen_q": torch.tensor([16])}
+    for _ in range(3):
+        params = gpt_step.get_packed_seq_params({**batch, "total_tokens": 64})
+    assert params.seq_idx is not None
+    assert json.loads(record.read_text()) == {"micro_batches": 3, "sequences": 4, "max_seqlen": 16,
+                                              "mamba_seq_idx": True}
+    gpt_step.get_packed_seq_params(batch)  # no total_tokens (an older forward step): no Mamba resets, and it says so
+    assert json.loads(record.read_text())["mamba_seq_idx"] is False
