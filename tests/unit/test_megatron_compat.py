@@ -381,6 +381,16 @@ class OlderPackedSeqParams:  # megatron-core 0.16: THD attention only
     max_seqlen_q: int = None
 
 
+def bridge_packed_seq_params(batch):
+    """Bridge 0.6's get_packed_seq_params for current-style metadata (cu_seqlens_q, max_seqlen_q), in short, into
+    the installed megatron-core's own PackedSeqParams (total_tokens: what Bridge's forward step adds for hybrids)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens, max_seqlen = batch["cu_seqlens_q"].squeeze(), int(batch["max_seqlen_q"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen, total_tokens=batch.get("total_tokens"))
+
+
 def forward_step_module(tmp_path, monkeypatch, source: str, name: str):
     (tmp_path / f"{name}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -406,7 +416,6 @@ def test_megatron_core_derives_one_state_reset_per_short_sequence_from_our_metad
     they come out of torch's collate, total_tokens from the tokens; megatron-core's own PackedSeqParams must give
     every token the index of its short sequence (the Mamba kernels restart the state where it changes)."""
     import torch
-    from megatron.core.packed_seq_params import PackedSeqParams
     from torch.utils.data import default_collate
 
     from nano3.data.lc_mix import ShortSequenceMix
@@ -416,9 +425,7 @@ def test_megatron_core_derives_one_state_reset_per_short_sequence_from_our_metad
     cut = [i for i in range(4) if "cu_seqlens_q" in mixed[i]]
     assert len(cut) == 2 and all(torch.equal(mixed[i]["tokens"], samples[i]["tokens"]) for i in range(4))
     batch = default_collate([mixed[cut[0]]])
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens_q"].squeeze(),
-                             cu_seqlens_kv=batch["cu_seqlens_q"].squeeze(), max_seqlen_q=int(batch["max_seqlen_q"]),
-                             max_seqlen_kv=int(batch["max_seqlen_q"]), total_tokens=batch["tokens"].size(1))
+    params = bridge_packed_seq_params({**batch, "total_tokens": batch["tokens"].size(1)})
     assert params.cu_seqlens_q.tolist() == [0, 16, 32, 48, 64] and params.max_seqlen_q == 16
     assert params.seq_idx.tolist() == [[i // 16 for i in range(64)]]
 
@@ -429,18 +436,11 @@ def test_the_packed_micro_batches_that_ran_are_recorded(tmp_path, monkeypatch):
     import json
 
     import torch
-    from megatron.core.packed_seq_params import PackedSeqParams
 
     from nano3.train.entry import record_packed_batches
 
-    def get_packed_seq_params(batch):  # Bridge 0.6's conversion of current-style metadata, in short
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=batch["cu_seqlens_q"].squeeze(),
-                               cu_seqlens_kv=batch["cu_seqlens_q"].squeeze(),
-                               max_seqlen_q=int(batch["max_seqlen_q"]), max_seqlen_kv=int(batch["max_seqlen_q"]),
-                               total_tokens=batch.get("total_tokens"))
-
     gpt_step = types.ModuleType("megatron.bridge.training.gpt_step")
-    gpt_step.get_packed_seq_params = get_packed_seq_params
+    gpt_step.get_packed_seq_params = bridge_packed_seq_params
     monkeypatch.setitem(sys.modules, "megatron.bridge.training.gpt_step", gpt_step)
     record = tmp_path / "packed.lc.json"
     record_packed_batches(record)

@@ -60,6 +60,19 @@ def test_flops_true_vs_bridge_mamba_width():
     assert 1.06 < bridge / true < 1.08  # Bridge over-counts Mamba by ~7%
 
 
+def test_lc_mix_counts_short_sequences_attention_at_their_length(params):
+    """With lc.mix, a share of lc's samples are packed short sequences: the plan's FLOPs per token (TFLOP/s,
+    GPU-hours) count their attention over short_length tokens, the rest over lc's length; pretrain is unaffected."""
+    p = production(params)
+    p["lc"].update(seq_length=65536, mix={"short_share": 0.25, "short_length": 1024})
+    plan = build_plan(p)
+    preset, lc = PRESETS["nano3"], plan.stages["lc"]
+    long, short = (flops_per_token(preset, n, plan.vocab, "true") for n in (65536, 1024))
+    assert short < lc.flops_per_token_true < long
+    assert lc.flops_per_token_true == pytest.approx(0.75 * long + 0.25 * short)
+    assert plan.stages["train"].flops_per_token_true == pytest.approx(flops_per_token(preset, 4096, plan.vocab, "true"))
+
+
 def test_schedule_phase_switch_and_wsd_lr(params):
     s = build_schedule(production(params).settings)
     assert s.pretrain_iters == round(25e12 / (8192 * 4096))

@@ -67,3 +67,13 @@ def flops_per_token(preset: ModelPreset, seq_length: int, vocab: int, mamba_inne
     n_m, n_a, n_e, n_d = (preset.count(k) for k in "M*E-")
     forward = n_m * mamba + n_a * attention + n_e * moe + n_d * mlp + 2 * h * vocab
     return 3.0 * forward
+
+
+def mixed_flops_per_token(preset: ModelPreset, seq_length: int, vocab: int, mamba_inner_width: str = "true",
+                          short_share: float = 0.0, short_length: int | None = None) -> float:
+    """flops_per_token where `short_share` of the samples are packed sequences of `short_length` tokens (lc.mix):
+    their attention spans only their own sequence."""
+    long = flops_per_token(preset, seq_length, vocab, mamba_inner_width)
+    if not short_share:
+        return long
+    return (1 - short_share) * long + short_share * flops_per_token(preset, short_length, vocab, mamba_inner_width)

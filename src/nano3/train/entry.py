@@ -77,7 +77,7 @@ def read_only_the_phase(phase, requested: dict, mix=None) -> None:
         train, valid, test = original(sizes, dataset_config)
         if train is not None:
             train = PhaseWindow(train, phase.sample_offset)
-            if mix is not None and mix.short_share:
+            if mix is not None:
                 train = ShortSequenceMix(train, mix.short_share, mix.short_length)
         return train, valid, test
 
@@ -133,7 +133,7 @@ def build_config(overrides: dict[str, Any]) -> tuple[Any, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     from megatron.bridge.training.gpt_step import forward_step
 
-    from nano3.model.flops import flops_per_token, padded_vocab
+    from nano3.model.flops import mixed_flops_per_token, padded_vocab
     from nano3.model.presets import model_preset
     from nano3.schedule import build_schedule
     from nano3.train.effective import EffectiveConfigCallback
@@ -168,16 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     layout = read_layout(params, phase_section(args.phase))
     vocab = padded_vocab(model_vocab(params), preset, layout.tp)
     mix = params.settings.lc.mix if args.phase == "lc" and params.settings.lc.mix.short_share else None
-
-    def flops(kind: str) -> float:  # per token; short sequences' attention spans short_length
-        long = flops_per_token(preset, phase.seq_length, vocab, kind)
-        if mix is None:
-            return long
-        return (1 - mix.short_share) * long + mix.short_share * flops_per_token(preset, mix.short_length, vocab, kind)
-
+    share, short = (mix.short_share, mix.short_length) if mix else (0.0, None)
     callback = DvcliveCallback(
         live_dir=args.live_dir, stage_label=args.phase, tokens_per_iter=phase.global_batch_size * phase.seq_length,
-        flops_true=flops("true"), flops_bridge=flops("bridge"),
+        flops_true=mixed_flops_per_token(preset, phase.seq_length, vocab, "true", share, short),
+        flops_bridge=mixed_flops_per_token(preset, phase.seq_length, vocab, "bridge", share, short),
         log_interval=params.settings.train.log_interval,
         extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
     )

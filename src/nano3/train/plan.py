@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
+from nano3.config.sections import Mix
 from nano3.errors import UserError
-from nano3.model.flops import flops_per_token, padded_vocab, param_counts
+from nano3.model.flops import mixed_flops_per_token, padded_vocab, param_counts
 from nano3.model.presets import ModelPreset, model_preset
 from nano3.schedule import TrainingSchedule, build_schedule
 
@@ -360,8 +361,9 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         vocab = padded_vocab(raw_vocab, preset, layout.tp)
         iterations = schedule.pretrain_iters if stage == "train" else schedule.lc_iters
         tokens = iterations * layout.global_batch_size * layout.seq_length
-        true_f = flops_per_token(preset, layout.seq_length, vocab, "true")
-        bridge_f = flops_per_token(preset, layout.seq_length, vocab, "bridge")
+        mix = params.settings.lc.mix if stage == "lc" else Mix()
+        true_f, bridge_f = (mixed_flops_per_token(preset, layout.seq_length, vocab, kind, mix.short_share,
+                                                  mix.short_length) for kind in ("true", "bridge"))
         hours = tokens * bridge_f / (measured * 1e12) / 3600
         memory = estimate_memory(layout, preset, vocab, recompute_moe)
         host = estimate_host_memory(layout, memory, params.settings.train.num_workers)
