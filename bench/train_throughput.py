@@ -69,6 +69,8 @@ VARIANTS = {
     "cp_a2a": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=a2a"],
     "cp_a2a_p2p": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=a2a+p2p"],
     "recompute_moe": ["train.micro_batch_size=1", "train.recompute_modules=[moe,layernorm]"],
+    # a 4k reference that fills the GPUs (micro-batch 4: 16k tokens per GPU per micro-batch, 32k at 64k with CP 2)
+    "long_mbs4": ["train.micro_batch_size=4", "train.global_batch_size=8"],
 }
 
 
@@ -92,7 +94,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
                 scale: str = "reduced", seq: int = 4096, cp_from: int = 65536) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
-    gbs = int(next(o for o in SCALES[scale] if o.startswith("train.global_batch_size=")).split("=")[1])
+    gbs = int([o for o in [*SCALES[scale], *overrides] if o.startswith("train.global_batch_size=")][-1].split("=")[1])
     cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from),
            f"train.seq_length={seq}", *overrides,
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]

@@ -48,22 +48,41 @@ def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
     return log
 
 
+def blended_copy(repo: Path) -> Path:
+    """A fresh copy of the repository (its params set for the machine's GPUs) with its data made: `dvc repro blend`
+    (sample -> tokenizer -> retrieval -> prep -> blend; CPU only). The smoke's first half, and all that the
+    long-context tests need besides a checkpoint of their own."""
+    if not (repo / "dvc.yaml").exists():  # a kept copy that was interrupted is resumed, never deleted
+        copy_repo(repo)
+        if gpus() >= 2:  # the same smoke on two GPUs: pretrain with EP=2, lc with CP=2
+            edit_params(repo, {"train.gpus_per_node": 2, "train.parallel.ep": 2, "lc.gpus_per_node": 2,
+                               "lc.parallel.cp": 2})
+    run(repo, ["dvc", "repro", "blend"], timeout=1800)
+    return repo
+
+
+def kept_or_new(tmp_path_factory) -> Path:
+    keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
+    return Path(keep) if keep else tmp_path_factory.mktemp("gpu") / "repo"
+
+
+@pytest.fixture(scope="session")
+def blended(tmp_path_factory) -> Path:
+    """The copy whose data is made (the smoke's copy when NANO3_GPU_SMOKE_DIR names one)."""
+    return blended_copy(kept_or_new(tmp_path_factory))
+
+
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
     """`make smoke` in a fresh copy of the repository: sample -> ... -> pretrain (2 phases) -> lc.
 
     NANO3_GPU_SMOKE_DIR keeps the copy so a later pytest call on the same machine reuses the run.
     """
-    keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
-    repo = Path(keep) if keep else tmp_path_factory.mktemp("gpu") / "repo"
+    repo = kept_or_new(tmp_path_factory)
     log_file = repo / "logs" / "smoke.log"
     if (repo / "checkpoints" / "lc.json").exists() and log_file.exists():
         return repo, log_file.read_text()
-    if not (repo / "dvc.yaml").exists():  # a kept copy that was interrupted is resumed, never deleted
-        copy_repo(repo)
-        if gpus() >= 2:  # the same smoke on two GPUs: pretrain with EP=2, lc with CP=2
-            edit_params(repo, {"train.gpus_per_node": 2, "train.parallel.ep": 2, "lc.gpus_per_node": 2,
-                               "lc.parallel.cp": 2})
+    blended_copy(repo)
     log = run(repo, ["make", "smoke"], timeout=1800)
     log_file.parent.mkdir(exist_ok=True)
     with open(log_file, "a") as f:  # an interrupted first attempt's lines come first

@@ -1,8 +1,9 @@
-"""lc at long context on GPUs (issue 13): the tiny model from the smoke's pretrain checkpoint at 64k and 128k
-tokens, and the real Nano 3 widths at reduced depth at 64k, with CP 2 (CP 1 where the machine has one GPU), killed
+"""lc at long context on GPUs (issue 13): the tiny model at 64k and 128k tokens and the real Nano 3 widths at
+reduced depth at 64k, each from a short pretrain of its own, with CP 2 (CP 1 where the machine has one GPU), killed
 after its first checkpoint, resumed, run to its last iteration; the host memory of a rank stays within the plan's
 estimate (megatron-core's seq x seq mask once killed these ranks), and at the real widths the GPU memory too (5%).
-lc.mix's packed short sequences run on Megatron with the Mamba state reset at each of them (needs causal-conv1d).
+lc.mix's packed short sequences run on Megatron with the Mamba state reset at each of them, with CP 1 and CP 2
+(needs causal-conv1d). The data is the smoke's first half (`dvc repro blend`); no `make smoke` is needed.
 
     NANO3_SYSTEM_PYTHON=1 python -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v
 """
@@ -32,42 +33,73 @@ pytestmark = pytest.mark.gpu
 ITERATIONS, GLOBAL_BATCH, SAVE_EVERY = 12, 2, 2
 
 
-def lc_copy(repo: Path, work: Path) -> Path:
-    """The smoke copy's code, data and pretrain checkpoint (linked), with no lc run of its own."""
-    shutil.copytree(repo, work, symlinks=True,
-                    ignore=shutil.ignore_patterns(".git", ".dvc", "logs", "checkpoints", "dvclive", "models", "reports"))
-    (work / "checkpoints").mkdir()
-    (work / "checkpoints" / "pretrain").symlink_to(repo / "checkpoints" / "pretrain")
-    shutil.copy(repo / "checkpoints" / "pretrain.json", work / "checkpoints" / "pretrain.json")
-    return work
+def has_causal_conv1d() -> bool:
+    import importlib.util
 
+    return importlib.util.find_spec("causal_conv1d") is not None
+
+
+# The fused Mamba path (production's) where causal-conv1d is built, else the unfused one (the same math).
+MAMBA_PATH = [f"train.kernels.fused_mamba={str(has_causal_conv1d()).lower()}"]
 
 # The real Nemotron 3 Nano widths at reduced depth (bench/train_throughput.py's model): their checkpoints are
 # ~20 GB, so they are saved less often and the run is shorter.
 REAL_WIDTHS = ["model.preset=nano3", 'model.overrides={hybrid_layer_pattern: "MEM*E", num_moe_experts: 64}',
                "model.vocab_size=131072", "train.recompute_modules=[moe,layernorm]"]
 MODELS = {"tiny": ([], ITERATIONS, SAVE_EVERY), "nano3-reduced": (REAL_WIDTHS, 8, 4)}
+# Each model's short pretrain (the checkpoint lc extends): iterations at 4k for the real widths, at params.yaml's
+# pretrain shape for tiny; enough for lc's loss to start below a random model's.
+PRETRAIN = {"tiny": (20, []),
+            "nano3-reduced": (10, ["train.seq_length=4096", "train.global_batch_size=2", "train.micro_batch_size=1"])}
 
 
-def pretrain_real_widths(work: Path, gpus_per_node: int) -> None:
-    """Two pretrain iterations at 4k of the real widths: the checkpoint lc extends (the smoke's is the tiny model)."""
-    (work / "checkpoints" / "pretrain").unlink()
-    (work / "checkpoints" / "pretrain.json").unlink()
-    run(work, [sys.executable, "stages/pretrain.py", *REAL_WIDTHS, "train.seq_length=4096", "train.phase2_start=1.0",
-               f"train.tokens={2 * 2 * 4096}", "train.global_batch_size=2", "train.micro_batch_size=1",
-               f"train.gpus_per_node={gpus_per_node}", "train.parallel.ep=1", "train.eval_interval=100000"])
+@pytest.fixture(scope="module")
+def pretrained(blended, tmp_path_factory):
+    """model -> a copy of the blended repository with that model's own short pretrain (made once; kept beside
+    NANO3_GPU_SMOKE_DIR's copy when it names one, so that a later pytest call reuses it)."""
+    made: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
+        work = Path(f"{keep}-pretrain-{model}") if keep else tmp_path_factory.mktemp(f"pretrain-{model}") / "repo"
+        if (work / "checkpoints" / "pretrain.json").exists():
+            made[model] = work
+        if model not in made:
+            shutil.rmtree(work, ignore_errors=True)
+            copy_code_and_data(blended, work)
+            iterations, shape = PRETRAIN[model]
+            params = load_params(work / "params.yaml", [*MODELS[model][0], *shape])
+            tokens = iterations * params.settings.train.global_batch_size * params.settings.train.seq_length
+            run(work, [sys.executable, "stages/pretrain.py", *MODELS[model][0], *shape, *MAMBA_PATH,
+                       "train.phase2_start=1.0", f"train.tokens={tokens}", f"train.gpus_per_node={min(2, gpus())}",
+                       "train.parallel.ep=1", "train.eval_interval=100000"])
+            made[model] = work
+        return made[model]
+
+    return get
+
+
+def copy_code_and_data(repo: Path, work: Path) -> Path:
+    return shutil.copytree(repo, work, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".dvc", "logs", "checkpoints", "dvclive", "models", "reports"))
+
+
+def lc_copy(base: Path, work: Path) -> Path:
+    """`base`'s code, data and pretrain checkpoint (linked), with no lc run of its own."""
+    copy_code_and_data(base, work)
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "pretrain").symlink_to(base / "checkpoints" / "pretrain")
+    shutil.copy(base / "checkpoints" / "pretrain.json", work / "checkpoints" / "pretrain.json")
+    return work
 
 
 @pytest.mark.parametrize("model,seq", [("tiny", 65536), ("tiny", 131072), ("nano3-reduced", 65536)],
                          ids=["tiny-64k", "tiny-128k", "nano3-reduced-64k"])
-def test_lc_at_long_context_runs_to_completion_after_a_kill(smoke, tmp_path, model, seq):
-    repo, _ = smoke
-    work = lc_copy(repo, tmp_path / "repo")
+def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path, model, seq):
+    work = lc_copy(pretrained(model), tmp_path / "repo")
     cp = min(2, gpus())
     model_overrides, iterations, save_every = MODELS[model]
-    if model_overrides:
-        pretrain_real_widths(work, cp)
-    overrides = [*model_overrides, f"lc.seq_length={seq}", f"lc.tokens={iterations * GLOBAL_BATCH * seq}",
+    overrides = [*model_overrides, *MAMBA_PATH, f"lc.seq_length={seq}", f"lc.tokens={iterations * GLOBAL_BATCH * seq}",
                  f"lc.global_batch_size={GLOBAL_BATCH}", "lc.micro_batch_size=1", f"lc.gpus_per_node={cp}",
                  f"lc.parallel.cp={cp}", f"train.save_interval={save_every}", "train.log_interval=1",
                  "train.eval_interval=3", "train.eval_iters=1"]
@@ -117,20 +149,21 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(smoke, tmp_path, mod
         assert abs(plan.memory.total_gib / reserved - 1) <= 0.05, (plan.memory.total_gib, reserved)
 
 
-def test_lc_mix_trains_packed_short_sequences_with_mamba_state_resets(smoke, tmp_path):
+@pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])
+def test_lc_mix_trains_packed_short_sequences_with_mamba_state_resets(pretrained, tmp_path, cp):
     """lc.mix on Megatron (issue 13, part 4): half of lc's samples go to the model as packed sequences of 512
     tokens. Read back from what ran: the packed micro-batches Bridge's forward step built on rank 0, their
-    number of sequences, and that megatron-core derived the Mamba state resets (seq_idx) for them."""
-    import importlib.util
-
-    if importlib.util.find_spec("causal_conv1d") is None:
+    number of sequences, and that megatron-core derived the Mamba state resets (seq_idx) for them. With CP 2
+    both ranks hold the same samples (Bridge splits each packed sequence over CP), so rank 0's record is the same."""
+    if cp > gpus():
+        pytest.skip(f"CP {cp} needs {cp} GPUs")
+    if not has_causal_conv1d():
         pytest.skip("packed sequences train only on the fused Mamba path, which needs causal-conv1d "
                     "(WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh)")
-    repo, _ = smoke
-    work = lc_copy(repo, tmp_path / "repo")
+    work = lc_copy(pretrained("tiny"), tmp_path / "repo")
     seq, iterations, batch, short = 4096, 8, 4, 512
     overrides = [f"lc.seq_length={seq}", f"lc.tokens={iterations * batch * seq}", f"lc.global_batch_size={batch}",
-                 "lc.micro_batch_size=1", "lc.gpus_per_node=1", "lc.parallel.cp=1", "train.kernels.fused_mamba=true",
+                 "lc.micro_batch_size=1", f"lc.gpus_per_node={cp}", f"lc.parallel.cp={cp}", "train.kernels.fused_mamba=true",
                  "lc.mix.short_share=0.5", f"lc.mix.short_length={short}", "train.log_interval=1",
                  "train.eval_interval=4", "train.eval_iters=1"]
     log = run(work, [sys.executable, "stages/lc.py", *overrides])
