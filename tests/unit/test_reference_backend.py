@@ -113,6 +113,8 @@ def test_host_memory_counts_the_rank_and_its_workers(tmp_path):
         done.set()
         worker.join()
     assert during["perf/host_rss_gib"] - before > 0.2
+    assert during["perf/host_children_gib"] > 0.2  # the worker's own pages, apart from the rank's peak
+    assert during["perf/host_rss_gib"] == pytest.approx(during["perf/host_rank_peak_gib"] + during["perf/host_children_gib"])
     assert 0 < during["perf/host_used_gib"]
 
 

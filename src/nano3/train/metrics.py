@@ -61,13 +61,17 @@ def host_memory_gib() -> dict[str, float]:
 
     import psutil
 
-    total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    rank = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    children = 0
     for child in psutil.Process().children(recursive=True):
         try:
-            total += child.memory_full_info().uss
+            children += child.memory_full_info().uss
         except psutil.Error:  # a worker that just exited, or one we may not read
             pass
-    return {"perf/host_rss_gib": total / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
+    # Apart too: at 64k the reduced Nano 3's total was 36.5 GiB (3.7 at 4k), and which of the two grew is the
+    # question (docs/benchmarks.md, "Host memory at long context").
+    return {"perf/host_rss_gib": (rank + children) / 2**30, "perf/host_rank_peak_gib": rank / 2**30,
+            "perf/host_children_gib": children / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
 
 
 def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: float | None,

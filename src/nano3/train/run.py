@@ -69,7 +69,8 @@ def print_plan(plan: Plan, stage: str, backend: str, memory: tuple[float, str] |
         table.add_row("LR", f"constant {plan.schedule.lc_lr.lr:g}")
     table.add_row("memory/GPU (est.)", f"{mem.total_gib:.1f} GiB = weights {mem.weights_gib:.1f} + grads "
                                        f"{mem.grads_gib:.1f} + optimizer {mem.optimizer_gib:.1f} + activations "
-                                       f"{mem.activations_gib:.1f} + overhead {mem.overhead_gib:.1f}"
+                                       f"{mem.activations_gib:.1f} + allocator overhead {mem.overhead_gib:.1f} + CUDA context "
+                                       f"{mem.context_gib:.1f}"
                                        + (f"; fits {memory[1]}: {memory[0]:.1f} GiB" if memory else ""))
     host = s.host
     table.add_row("host memory/rank (est.)", f"{host.total_gib:.1f} GiB = process {host.rank_gib:.1f} + data loader "

@@ -1,0 +1,45 @@
+#!/bin/bash
+# Issue 13's GPU work (the long-context tests, then the length bench), detached so that it outlives one remote
+# command; poll with `status`:
+#   LC_TESTS="tiny or nano3 or lc_mix" \
+#   LC_BENCH="--lengths 4096,65536 --variants long,long_mbs4 --iters 8 --warmup 3;--lengths 131072 --variants recompute_moe --iters 8 --warmup 3" \
+#     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status
+# LC_TESTS is a pytest -k expression (empty: no tests); LC_BENCH holds `bench/train_throughput.py --scale long`
+# argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
+# (carried) is installed first, for the fused Mamba path.
+# It runs from a snapshot of the checkout (/root/snap): every remote command re-copies the checkout, and a poll
+# that did so while torchrun started its ranks once took their modules away. The data copy is /root/lcdata
+# (NANO3_GPU_SMOKE_DIR: `dvc repro blend`, made once and reused by later calls, with each model's short pretrain).
+set -uo pipefail
+export PYTHONPATH=/root/snap/src:/root/snap NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=/root/lcdata PYTHONUNBUFFERED=1
+case "${1:-}" in
+  start)
+    if ls .dev7/causal_conv1d-*.whl > /dev/null 2>&1 && ! python3 -c "import causal_conv1d" 2> /dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-cache-dir .dev7/causal_conv1d-*.whl || exit 1
+    fi
+    rm -rf /root/snap && PYTHONPATH=$(pwd):$(pwd)/src python3 -c \
+      "from pathlib import Path; from tests.conftest import copy_repo; copy_repo(Path('/root/snap'))" || exit 1
+    LC_TESTS=${LC_TESTS-"tiny or nano3 or lc_mix"} LC_BENCH=${LC_BENCH-} setsid nohup bash /root/snap/tests/gpu/long_context.sh run \
+      > /root/lc.log 2>&1 < /dev/null &
+    echo "started; log /root/lc.log" ;;
+  run)
+    cd /root/snap
+    python3 -c "from pathlib import Path; from tests.gpu.conftest import blended_copy; blended_copy(Path('/root/lcdata'))" \
+      || { echo "error: could not make the data copy /root/lcdata"; exit 1; }
+    if [ -n "$LC_TESTS" ]; then
+      python3 -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v -s -k "$LC_TESTS"; echo "tests exit $?"
+    fi
+    rm -rf /root/lcdata/bench && cp -a /root/snap/bench /root/lcdata/
+    IFS=';' read -ra SETS <<< "$LC_BENCH"
+    for i in "${!SETS[@]}"; do  # each set writes its own bench/results/lc-<i>/lc_throughput.json in /root/lcdata
+      (cd /root/lcdata && python3 bench/train_throughput.py --scale long ${SETS[$i]} --out bench/results/lc-$i)
+      echo "bench exit $? (${SETS[$i]})"
+    done
+    echo "done at $(date +%T)" ;;
+  status)
+    if pgrep -f "long_context.sh run" > /dev/null; then echo "== running"; else echo "== finished"; fi
+    grep -E "PASSED|FAILED|ERROR|passed|failed|lc of|packed micro|tok/s/GPU|exit|done at" /root/lc.log | tail -20
+    tail -2 /root/lc.log | cut -c1-300
+    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader ;;
+  *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status" >&2; exit 2 ;;
+esac
