@@ -69,7 +69,7 @@ def host_memory_gib() -> dict[str, float]:
         except psutil.Error:  # a worker that just exited, or one we may not read
             pass
     # Apart too: at 64k the reduced Nano 3's total was 36.5 GiB (3.7 at 4k), and which of the two grew is the
-    # question (docs/benchmarks.md, "Host memory at long context").
+    # question (docs/benchmarks.md, "Long context on 2x H200").
     return {"perf/host_rss_gib": (rank + children) / 2**30, "perf/host_rank_peak_gib": rank / 2**30,
             "perf/host_children_gib": children / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
 
