@@ -60,11 +60,11 @@ def pretrained(blended, tmp_path_factory):
     made: dict[str, Path] = {}
 
     def get(model: str) -> Path:
+        if model in made:
+            return made[model]
         keep = os.environ.get("NANO3_GPU_SMOKE_DIR")
         work = Path(f"{keep}-pretrain-{model}") if keep else tmp_path_factory.mktemp(f"pretrain-{model}") / "repo"
-        if (work / "checkpoints" / "pretrain.json").exists():
-            made[model] = work
-        if model not in made:
+        if not (work / "checkpoints" / "pretrain.json").exists():
             shutil.rmtree(work, ignore_errors=True)
             copy_code_and_data(blended, work)
             iterations, shape = PRETRAIN[model]
@@ -73,8 +73,8 @@ def pretrained(blended, tmp_path_factory):
             run(work, [sys.executable, "stages/pretrain.py", *MODELS[model][0], *shape, *MAMBA_PATH,
                        "train.phase2_start=1.0", f"train.tokens={tokens}", f"train.gpus_per_node={min(2, gpus())}",
                        "train.parallel.ep=1", "train.eval_interval=100000"])
-            made[model] = work
-        return made[model]
+        made[model] = work
+        return work
 
     return get
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nano3.config.sections import Mix
 from nano3.model.presets import ModelPreset
 
 
@@ -70,10 +71,11 @@ def flops_per_token(preset: ModelPreset, seq_length: int, vocab: int, mamba_inne
 
 
 def mixed_flops_per_token(preset: ModelPreset, seq_length: int, vocab: int, mamba_inner_width: str = "true",
-                          short_share: float = 0.0, short_length: int | None = None) -> float:
-    """flops_per_token where `short_share` of the samples are packed sequences of `short_length` tokens (lc.mix):
+                          mix: Mix | None = None) -> float:
+    """flops_per_token where lc.mix's `short_share` of the samples are packed sequences of `short_length` tokens:
     their attention spans only their own sequence."""
     long = flops_per_token(preset, seq_length, vocab, mamba_inner_width)
-    if not short_share:
+    if mix is None or not mix.short_share:
         return long
-    return (1 - short_share) * long + short_share * flops_per_token(preset, short_length, vocab, mamba_inner_width)
+    short = flops_per_token(preset, mix.short_length, vocab, mamba_inner_width)
+    return (1 - mix.short_share) * long + mix.short_share * short

@@ -168,11 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     layout = read_layout(params, phase_section(args.phase))
     vocab = padded_vocab(model_vocab(params), preset, layout.tp)
     mix = params.settings.lc.mix if args.phase == "lc" and params.settings.lc.mix.short_share else None
-    share, short = (mix.short_share, mix.short_length) if mix else (0.0, None)
     callback = DvcliveCallback(
         live_dir=args.live_dir, stage_label=args.phase, tokens_per_iter=phase.global_batch_size * phase.seq_length,
-        flops_true=mixed_flops_per_token(preset, phase.seq_length, vocab, "true", share, short),
-        flops_bridge=mixed_flops_per_token(preset, phase.seq_length, vocab, "bridge", share, short),
+        flops_true=mixed_flops_per_token(preset, phase.seq_length, vocab, "true", mix),
+        flops_bridge=mixed_flops_per_token(preset, phase.seq_length, vocab, "bridge", mix),
         log_interval=params.settings.train.log_interval,
         extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
-from nano3.config.sections import Mix
 from nano3.errors import UserError
 from nano3.model.flops import mixed_flops_per_token, padded_vocab, param_counts
 from nano3.model.presets import ModelPreset, model_preset
@@ -189,6 +188,16 @@ def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompu
     return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp, logits
 
 
+# Measured on the bench's reduced Nano 3 (docs/benchmarks.md: H100 at 4k, micro-batch 2 and 4; 2x H200 at 4k with
+# DP 2 and at 64k with CP 2). The allocator's peak exceeds the counted tensors by 0.7-1.0 GiB in all four (small
+# buffers). Its reserved peak exceeds its allocated peak by what it frees and cannot reuse, which grows with the
+# activations it frees and reallocates: 1.7 GiB at 6.8 GiB of activations, 8.3 at 54.2; 8.8 with the CUDA
+# context at 27.1 (H100). Beside the allocator, nvidia-smi showed the process 1.4 GiB above its reserved peak.
+SMALL_BUFFERS_GIB = 0.8
+FRAGMENTATION = 0.18
+CONTEXT_GIB = 1.5
+
+
 def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool) -> MemoryEstimate:
     """Per-GPU memory of the busiest pipeline stage. With 1F1B, stage i keeps the activations of PP - i
     microbatches of its layers; the output layer's (logits and their gradient) live on the last stage only, for
@@ -208,16 +217,6 @@ def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
     activations = tokens * max(first, last)
     overhead = SMALL_BUFFERS_GIB * GIB + FRAGMENTATION * activations
     return MemoryEstimate(weights / GIB, grads / GIB, optimizer / GIB, activations / GIB, overhead / GIB, CONTEXT_GIB)
-
-
-# Measured on the bench's reduced Nano 3 (docs/benchmarks.md: H100 at 4k, micro-batch 2 and 4; 2x H200 at 4k with
-# DP 2 and at 64k with CP 2). The allocator's peak exceeds the counted tensors by 0.7-1.0 GiB in all four (small
-# buffers). Its reserved peak exceeds its allocated peak by what it frees and cannot reuse, which grows with the
-# activations it frees and reallocates: 1.7 GiB at 6.8 GiB of activations, 8.3 at 54.2; 8.8 with the CUDA
-# context at 27.1 (H100). Beside the allocator, nvidia-smi showed the process 1.4 GiB above its reserved peak.
-SMALL_BUFFERS_GIB = 0.8
-FRAGMENTATION = 0.18
-CONTEXT_GIB = 1.5
 
 
 # One rank's host process (torch, CUDA/NCCL host state, Megatron's Python): 7.5 GiB peak measured for the tiny
@@ -379,9 +378,9 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         vocab = padded_vocab(raw_vocab, preset, layout.tp)
         iterations = schedule.pretrain_iters if stage == "train" else schedule.lc_iters
         tokens = iterations * layout.global_batch_size * layout.seq_length
-        mix = params.settings.lc.mix if stage == "lc" else Mix()
-        true_f, bridge_f = (mixed_flops_per_token(preset, layout.seq_length, vocab, kind, mix.short_share,
-                                                  mix.short_length) for kind in ("true", "bridge"))
+        mix = params.settings.lc.mix if stage == "lc" else None
+        true_f, bridge_f = (mixed_flops_per_token(preset, layout.seq_length, vocab, kind, mix)
+                            for kind in ("true", "bridge"))
         hours = tokens * bridge_f / (measured * 1e12) / 3600
         memory = estimate_memory(layout, preset, vocab, recompute_moe)
         host = estimate_host_memory(layout, memory, params.settings.train.num_workers)
