@@ -6,7 +6,8 @@
 #     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status
 # LC_TESTS is a pytest -k expression (empty: no tests); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
-# (carried) is installed first, for the fused Mamba path.
+# (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs the tests on GPUs 0,1 and
+# the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
 # It runs from a snapshot of the checkout (/root/snap): every remote command re-copies the checkout, and a poll
 # that did so while torchrun started its ranks once took their modules away. The data copy is /root/lcdata
 # (NANO3_GPU_SMOKE_DIR: `dvc repro blend`, made once and reused by later calls, with each model's short pretrain).
@@ -26,20 +27,35 @@ case "${1:-}" in
     cd /root/snap
     python3 -c "from pathlib import Path; from tests.gpu.conftest import blended_copy; blended_copy(Path('/root/lcdata'))" \
       || { echo "error: could not make the data copy /root/lcdata"; exit 1; }
-    if [ -n "$LC_TESTS" ]; then
+    tests() {
+      [ -n "$LC_TESTS" ] || return 0
       python3 -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v -s -k "$LC_TESTS"; echo "tests exit $?"
+    }
+    bench() {  # each set writes /root/lcbench/bench/results/lc-<i>/lc_throughput.json
+      rm -rf /root/lcbench && cp -a /root/lcdata /root/lcbench && rm -rf /root/lcbench/bench && cp -a /root/snap/bench /root/lcbench/
+      IFS=';' read -ra SETS <<< "$LC_BENCH"
+      for i in "${!SETS[@]}"; do
+        (cd /root/lcbench && python3 bench/train_throughput.py --scale long ${SETS[$i]} "$@" --out bench/results/lc-$i)
+        echo "bench exit $? (${SETS[$i]})"
+      done
+    }
+    if [ "${LC_LANES:-1}" = 2 ]; then  # 4 GPUs: the tests on 0,1 and the bench on 2,3 at the same time
+      CUDA_VISIBLE_DEVICES=0,1 tests > /root/lc-tests.log 2>&1 &
+      bench --gpus 2,3
+      wait
+    else
+      tests; bench
     fi
-    rm -rf /root/lcdata/bench && cp -a /root/snap/bench /root/lcdata/
-    IFS=';' read -ra SETS <<< "$LC_BENCH"
-    for i in "${!SETS[@]}"; do  # each set writes its own bench/results/lc-<i>/lc_throughput.json in /root/lcdata
-      (cd /root/lcdata && python3 bench/train_throughput.py --scale long ${SETS[$i]} --out bench/results/lc-$i)
-      echo "bench exit $? (${SETS[$i]})"
-    done
     echo "done at $(date +%T)" ;;
   status)
     if pgrep -f "long_context.sh run" > /dev/null; then echo "== running"; else echo "== finished"; fi
-    grep -E "PASSED|FAILED|ERROR|passed|failed|lc of|packed micro|tok/s/GPU|exit|done at" /root/lc.log | tail -20
+    grep -hE "PASSED|FAILED|ERROR|passed|failed|lc of|packed micro|tok/s/GPU|exit|done at" /root/lc.log /root/lc-tests.log 2> /dev/null | tail -20
     tail -2 /root/lc.log | cut -c1-300
-    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader ;;
+    nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+    for p in $(pgrep -f "nano3[./]train[./]entry"); do  # where a rank's host memory is: its mappings by name
+      grep -E "VmHWM|VmRSS" /proc/$p/status | tr -s ' \n' ' '; echo "(pid $p)"
+      awk '/^[0-9a-f]+-[0-9a-f]+ /{n=($6==""?"[anon]":$6)} /^Rss:/{r[n]+=$2}
+           END{for(n in r) if(r[n]>524288) printf "  %s %.1f GiB\n", n, r[n]/1048576}' /proc/$p/smaps 2>/dev/null
+    done ;;
   *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status" >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from nano3.config import load_params
+from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan
 from nano3.train.rundir import latest_iteration
@@ -130,6 +131,9 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
     over = json.loads((work / manifest["run_dir"] / "bridge_overrides.lc.json").read_text())
     assert over["model.seq_length"] == seq and over["model.context_parallel_size"] == cp
     assert over["dataset.create_attention_mask"] is False
+    live_config = json.loads(effective_path(work / manifest["run_dir"], "lc").read_text())
+    assert live_config["data"]["create_attention_mask"] is False  # as the datasets were built, not as asked
+    assert live_config["loss"] == {"fusion": True, "impl": "te"}  # no logits parked in pinned host memory
 
     live = work / "dvclive" / "lc"
     loss = read_metric(live, "train/loss")

@@ -171,6 +171,8 @@ def from_megatron(context, phase: str, requested: dict | None = None) -> dict:
                 "aux_loss_type": model_config.moe_router_load_balancing_type,
                 "aux_loss_coeff": model_config.moe_aux_loss_coeff},
         "init_std": model_config.init_method_std,
+        "loss": {"fusion": bool(getattr(model_config, "cross_entropy_loss_fusion", False)),
+                 "impl": getattr(model_config, "cross_entropy_fusion_impl", None)},
         "data": {"seed": cfg.dataset.random_seed, "blend": blend_shares(cfg.dataset.blend_per_split),
                  **(requested or {"bridge_train_samples": _requested_samples(cfg)[0]}),
                  "consumed_train_samples_at_start": int(context.state.train_state.consumed_train_samples)},

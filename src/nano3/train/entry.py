@@ -73,7 +73,9 @@ def read_only_the_phase(phase, requested: dict, mix=None) -> None:
 
     def provider(train_val_test_num_samples, dataset_config):
         sizes = [phase.samples, *train_val_test_num_samples[1:]]
-        requested.update(train_samples=sizes[0], valid_samples=int(sizes[1]), sample_offset=phase.sample_offset)
+        requested.update(train_samples=sizes[0], valid_samples=int(sizes[1]), sample_offset=phase.sample_offset,
+                         # read back from the config megatron-core's datasets get (a seq x seq mask per sample if on)
+                         create_attention_mask=bool(getattr(dataset_config, "create_attention_mask", True)))
         train, valid, test = original(sizes, dataset_config)
         if train is not None:
             train = PhaseWindow(train, phase.sample_offset)

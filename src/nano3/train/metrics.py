@@ -70,8 +70,14 @@ def host_memory_gib() -> dict[str, float]:
             pass
     # Apart too: at 64k the reduced Nano 3's total was 36.5 GiB (3.7 at 4k), and which of the two grew is the
     # question (docs/benchmarks.md, "Long context on 2x H200").
-    return {"perf/host_rss_gib": (rank + children) / 2**30, "perf/host_rank_peak_gib": rank / 2**30,
-            "perf/host_children_gib": children / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
+    out = {"perf/host_rss_gib": (rank + children) / 2**30, "perf/host_rank_peak_gib": rank / 2**30,
+           "perf/host_children_gib": children / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
+    import torch
+
+    pinned = getattr(torch.cuda, "host_memory_stats", None)
+    if torch.cuda.is_initialized() and pinned is not None:  # torch's pinned-host cache (blocks rounded up to 2^k)
+        out["perf/host_pinned_gib"] = pinned().get("allocated_bytes.current", 0) / 2**30
+    return out
 
 
 def log_train_step(live, it: int, *, loss: float | None, lr: float, grad_norm: float | None,
