@@ -71,6 +71,9 @@ VARIANTS = {
     "recompute_moe": ["train.micro_batch_size=1", "train.recompute_modules=[moe,layernorm]"],
     # a 4k reference that fills the GPUs (micro-batch 4: 16k tokens per GPU per micro-batch, 32k at 64k with CP 2)
     "long_mbs4": ["train.micro_batch_size=4", "train.global_batch_size=8"],
+    # ... and with the tokens per optimizer step of 64k at global batch 2 (131,072): the optimizer step and the
+    # gradient reduction cost the same per step at every length, so a smaller 4k batch is charged more of them
+    "long_mbs4_gbs32": ["train.micro_batch_size=4", "train.global_batch_size=32"],
 }
 
 
