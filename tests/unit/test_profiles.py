@@ -45,6 +45,7 @@ def test_shipped_profiles_are_valid():
     (lambda t: t.replace("nodes = 2", 'nodes = "two"'), "'nodes' must be a positive integer, got 'two'"),
     (lambda t: t + "gpu_per_node = 4\n", "unknown keys ['gpu_per_node']"),
     (lambda t: t + 'image_extras = "pip"\n', "[big]: image_extras 'pip' is not one of installed, install"),
+    (lambda t: t + 'host_memory_gib = "2T"\n', "[big]: 'host_memory_gib' must be a positive number of GiB, got '2T'"),
 ])
 def test_bad_profiles(tmp_path, edit, message):
     path = profile_file(tmp_path, edit(GOOD))
@@ -97,3 +98,19 @@ def test_layouts_the_cluster_cannot_run_fail_before_submission(tmp_path, overrid
     with pytest.raises(UserError) as err:
         build_request("pretrain", load_params(ROOT / "params.yaml", overrides), profile)
     assert message in str(err.value)
+
+
+def test_a_node_without_the_host_memory_for_its_ranks_is_refused_before_submission(tmp_path):
+    """Issue 13's ranks were SIGKILLed mid-run when a node ran out of host memory. With the node's memory in the
+    profile, the plan's host estimate for all ranks of a node must fit it, or nothing is submitted."""
+    production = load_params(ROOT / "configs" / "nano3.yaml")
+    small = get_profile("big", profile_file(tmp_path, GOOD + "host_memory_gib = 256\n"))
+    with pytest.raises(UserError) as err:
+        build_request("pretrain", production, small)
+    message = str(err.value)
+    assert message.startswith("train: the plan estimates 56.6 GiB of host memory per rank") and "\n" not in message
+    assert "453 GiB for the 8 ranks of a node, but a node of cluster 'big' (host_memory_gib) has 256 GiB" in message
+    assert "lower train.num_workers" in message
+    large = get_profile("big", profile_file(tmp_path, GOOD + "host_memory_gib = 2000\n"))
+    assert "--nodes=2" in build_request("pretrain", production, large).sbatch_args
+    assert "--nodes=2" in build_request("pretrain", production, get_profile("big", profile_file(tmp_path, GOOD))).sbatch_args

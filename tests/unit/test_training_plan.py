@@ -363,6 +363,29 @@ def test_dry_run_stage_prints_the_plan_and_writes_json(tmp_path, spm_dir):
     assert bad.returncode == 2 and bad.stderr.startswith("error: train.parallel") and "Traceback" not in bad.stderr
 
 
+def test_dry_run_refuses_a_cluster_whose_nodes_lack_the_host_memory(tmp_path, spm_dir):
+    """`make plan CLUSTER=...` checks the ranks of a node against the profile's host_memory_gib, in one line."""
+    import os
+    import subprocess
+    import sys
+
+    profiles = tmp_path / "clusters.toml"
+    profiles.write_text('[small]\naccount = ""\npartition = "p"\nnodes = 1\ngpus_per_node = 8\ncpus_per_task = 8\n'
+                        'runtime = "none"\nhost_memory_gib = 16\n')
+    env = {**os.environ, "CLUSTER": "small", "NANO3_CLUSTERS": str(profiles)}
+    cmd = [sys.executable, str(ROOT / "stages" / "pretrain.py"), "--params", str(ROOT / "params.yaml"), "--dry-run",
+           f"tokenizer.dir={spm_dir}", "train.backend=megatron", "train.micro_batch_size=1", "train.nodes=1",
+           "train.gpus_per_node=8"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    line = out.stderr.strip()
+    assert line.startswith("error: train: the plan estimates") and "GiB of host memory per rank" in line
+    assert "ranks of a node, but a node of cluster 'small' (host_memory_gib) has 16 GiB" in line and "\n" not in line
+    profiles.write_text(profiles.read_text().replace("host_memory_gib = 16", "host_memory_gib = 512"))
+    fits = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert fits.returncode == 0, fits.stderr
+
+
 def test_dry_run_on_a_cpu_machine_plans_the_backend_that_will_run(tmp_path, spm_dir):
     """`make plan` where `make pretrain` would train the CPU reference budget plans that budget, and says so."""
     import subprocess

@@ -38,6 +38,7 @@ class ClusterProfile:
     max_requeues: int = 20
     image_extras: str = "installed"  # "install" on a bare NeMo image: nano3's packages installed at job start
     gpu_memory_gib: float = 79.6  # what CUDA reports for one GPU (H100 80GB: 79.6; H200: 139.8); plans must fit it
+    host_memory_gib: float | None = None  # a node's RAM for the job; the plan's host memory per rank x ranks must fit
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -74,6 +75,9 @@ def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
     for key in ("nodes", "gpus_per_node", "cpus_per_task"):
         if not isinstance(raw[key], int) or raw[key] < (0 if key == "gpus_per_node" else 1):
             raise UserError(f"{where}: '{key}' must be a positive integer, got {raw[key]!r}")
+    for key in ("gpu_memory_gib", "host_memory_gib"):
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], (int, float)) or raw[key] <= 0):
+            raise UserError(f"{where}: '{key}' must be a positive number of GiB, got {raw[key]!r}")
     known = set(ClusterProfile.__dataclass_fields__) - {"name"}
     unknown = set(raw) - known
     if unknown:

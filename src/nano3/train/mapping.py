@@ -130,9 +130,9 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         # mask): at long context the workers exhaust host memory and are killed (issue 13).
         "dataset.create_attention_mask": False,
         # The recipe's native fused cross entropy is torch.compile'd; in the backward, Inductor's autotuner finds no
-        # GPU room to clone the logits-sized gradient it mutates and parks it in pinned host memory, which torch then
-        # keeps: 2 x fp32 logits per rank (32 GiB at 64k with CP 2, 64 GiB at 128k: issue 13's kills). TE's kernel is
-        # not autotuned and computes the gradient in place in the bf16 logits.
+        # GPU room to clone the logits-sized gradient it mutates and parks it in pinned host memory, which torch
+        # then keeps: one or two fp32 copies of the rank's logits (32 GiB at 64k with CP 2, 64 at 128k: issue 13's
+        # kills). TE's kernel is not autotuned and computes the gradient in place in the bf16 logits.
         "model.cross_entropy_loss_fusion": True,
         "model.cross_entropy_fusion_impl": "te",
         **{f"tokenizer.{k}": v for k, v in bridge_tokenizer_fields(tok_dir, read_info(tok_dir)).items()},

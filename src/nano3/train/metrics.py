@@ -68,8 +68,8 @@ def host_memory_gib() -> dict[str, float]:
             children += child.memory_full_info().uss
         except psutil.Error:  # a worker that just exited, or one we may not read
             pass
-    # Apart too: at 64k the reduced Nano 3's total was 36.5 GiB (3.7 at 4k), and which of the two grew is the
-    # question (docs/benchmarks.md, "Long context on 2x H200").
+    # Apart too, and torch's pinned-host cache inside the rank's: that is what grew to 32 GiB per rank at 64k
+    # (docs/benchmarks.md, "Second run: where the host memory went").
     out = {"perf/host_rss_gib": (rank + children) / 2**30, "perf/host_rank_peak_gib": rank / 2**30,
            "perf/host_children_gib": children / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
     import torch

@@ -365,14 +365,29 @@ def check_memory(stage: StagePlan, preset: ModelPreset, vocab: int, recompute_mo
                     f"nearest layouts that fit: {hint}")
 
 
+def check_host_memory(stage: StagePlan, node_gib: float, node_source: str) -> None:
+    """Refuse a layout whose ranks on one node need more host memory than the node has: issue 13's ranks were
+    SIGKILLed for it, mid-run, with nothing in the log."""
+    host, lay = stage.host, stage.layout
+    need = lay.gpus_per_node * host.total_gib
+    if need <= node_gib:
+        return
+    raise UserError(f"{lay.stage}: the plan estimates {host.total_gib:.1f} GiB of host memory per rank (process "
+                    f"{host.rank_gib:.1f} + data loader {host.loader_gib:.1f} + checkpoint staging "
+                    f"{host.checkpoint_gib:.1f}), {need:.0f} GiB for the {lay.gpus_per_node} ranks of a node, but "
+                    f"{node_source} has {node_gib:.0f} GiB; lower train.num_workers, or spread the model over more "
+                    f"GPUs (a larger TP, PP or EP stages a smaller checkpoint shard per rank)")
+
+
 def recomputes_moe(train) -> bool:
     """Whether selective recompute drops the MoE activations (train.recompute_modules), as the memory estimate counts."""
     return "moe" in (train.recompute_modules or [])
 
 
 def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None,
-               gpu_memory: tuple[float, str] | None = None) -> Plan:
-    """The plan of each stage; with `gpu_memory` (GiB, where the number comes from) every stage must fit it."""
+               gpu_memory: tuple[float, str] | None = None, host_memory: tuple[float, str] | None = None) -> Plan:
+    """The plan of each stage; with `gpu_memory` (GiB, where the number comes from) every stage must fit it, and
+    with `host_memory` (a node's) every stage's ranks on one node must fit that."""
     preset = model_preset(params.settings.model)
     schedule = build_schedule(params.settings)
     raw_vocab = model_vocab(params)
@@ -394,6 +409,8 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         out[stage] = StagePlan(layout, memory, host, iterations, tokens, true_f, bridge_f, hours)
         if gpu_memory is not None:
             check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory)
+        if host_memory is not None:
+            check_host_memory(out[stage], *host_memory)
     vocab = padded_vocab(raw_vocab, preset)
     counts = param_counts(preset, vocab)
     return Plan(params.settings.model.preset, preset, vocab, counts.total, counts.active, schedule, out)

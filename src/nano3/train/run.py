@@ -105,6 +105,25 @@ def gpu_memory_target(gpu_memory_gib: float | None) -> tuple[float, str]:
     return local_gpu_memory() or (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB (the default; --gpu-memory or CLUSTER=<profile>)")
 
 
+def host_memory_target() -> tuple[float, str] | None:
+    """A node's host memory that the ranks on it must fit: the CLUSTER profile's host_memory_gib, else this
+    machine's RAM if it has GPUs (the run goes here), else None (not checked)."""
+    from nano3.train.plan import GIB, local_gpus
+
+    if os.environ.get("CLUSTER"):
+        from nano3.config.clusters import get_profile
+
+        profile = get_profile(os.environ["CLUSTER"])
+        if profile.host_memory_gib:
+            return profile.host_memory_gib, f"a node of cluster '{profile.name}' (host_memory_gib)"
+        return None
+    if local_gpus():
+        import psutil
+
+        return psutil.virtual_memory().total / GIB, "this machine"
+    return None
+
+
 def check_lc_mix_on_megatron(params) -> None:
     """lc.mix on Megatron is packed (THD) sequences: one sample per micro-batch, megatron-core's fused Mamba path
     (the only one that trains packed sequences), and with context parallelism every short sequence split evenly
@@ -135,7 +154,8 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     if stage == "lc" and backend == "megatron":
         check_lc_mix_on_megatron(params)
     memory = gpu_memory_target(gpu_memory_gib) if backend == "megatron" else None
-    plan = build_plan(params, stages=(section_name(stage),), gpu_memory=memory)
+    host = host_memory_target() if backend == "megatron" else None
+    plan = build_plan(params, stages=(section_name(stage),), gpu_memory=memory, host_memory=host)
     print_plan(plan, stage, backend, memory)
     report = Path("reports") / "plan"
     report.mkdir(parents=True, exist_ok=True)
