@@ -143,8 +143,8 @@ def test_memory_estimate_matches_the_h100_measurement(params):
                    parallel={"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1})
     p["model"]["overrides"] = {"hybrid_layer_pattern": "MEM*E", "num_moe_experts": 64}
     preset, layout = model_preset(p.settings.model), read_layout(p, "train")
-    mbs2 = estimate_memory(dataclasses.replace(layout, micro_batch_size=2), preset, 131072, recompute_moe=False)
-    mbs4 = estimate_memory(dataclasses.replace(layout, micro_batch_size=4), preset, 131072, recompute_moe=False)
+    mbs2, mbs4 = (estimate_memory(dataclasses.replace(layout, micro_batch_size=m), preset, 131072, recompute_moe=False,
+                                  cross_entropy="native") for m in (2, 4))  # what that run used
     assert mbs4.activations_gib - mbs2.activations_gib == pytest.approx(59.4 - 46.0, rel=0.1)
     assert mbs4.total_gib == pytest.approx(68.2, rel=0.05)
 
@@ -158,8 +158,9 @@ def test_allocator_estimate_matches_the_2x_h200_long_context_measurements(params
                    parallel={"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1})
     p["model"]["overrides"] = {"hybrid_layer_pattern": "MEM*E", "num_moe_experts": 64}
     preset, layout = model_preset(p.settings.model), read_layout(p, "train")
-    short = estimate_memory(layout, preset, 131072, recompute_moe=False)
-    long = estimate_memory(dataclasses.replace(layout, seq_length=65536, cp=2), preset, 131072, recompute_moe=False)
+    short = estimate_memory(layout, preset, 131072, recompute_moe=False, cross_entropy="native")  # as they ran
+    long = estimate_memory(dataclasses.replace(layout, seq_length=65536, cp=2), preset, 131072, recompute_moe=False,
+                           cross_entropy="native")
     assert short.reserved_gib == pytest.approx(28.9, rel=0.05) and long.reserved_gib == pytest.approx(83.2, rel=0.05)
     assert long.total_gib - long.reserved_gib == short.total_gib - short.reserved_gib > 0  # the CUDA context
 
@@ -197,13 +198,30 @@ def test_pipeline_stages_hold_their_own_microbatches_and_only_the_last_holds_the
         return estimate_memory(dataclasses.replace(layout, **change), preset, vocab, recompute_moe=True).activations_gib
 
     assert activations(131072) == pytest.approx(activations(65536))  # the first stage is the busiest
-    assert activations(2 * 131072) > activations(131072)  # logits so large that the last stage is
+    assert activations(4 * 131072) > activations(131072)  # logits so large that the last stage is
     no_pp = activations(131072, pp=1)
     assert no_pp > activations(131072) > 0.5 * no_pp  # the logits leave stage 0; its 4 x 1/4 of the layers stay
     one_microbatch = activations(131072, global_batch_size=8)  # DP 1: 8 microbatches
     assert one_microbatch == pytest.approx(activations(131072))
     single = activations(131072, global_batch_size=1)  # one microbatch: a quarter of the layers on every stage,
     assert activations(65536, global_batch_size=1) < single < activations(131072)  # and the logits on the last
+
+
+def test_the_plan_counts_the_cross_entropy_that_will_run(params):
+    """The Megatron path runs TE's cross entropy (6 bytes x vocab per token at the loss) unless
+    train.bridge_overrides picks megatron-core's native one (10); anything else stops the plan in one line."""
+    p = production(params)
+    p["model"]["vocab_size"] = 131072
+    te = build_plan(p, stages=("train",)).stages["train"]
+    p["train"]["bridge_overrides"] = {"model.cross_entropy_fusion_impl": "native"}
+    native = build_plan(p, stages=("train",)).stages["train"]
+    tokens = te.layout.micro_batch_size * te.layout.seq_length / te.layout.cp
+    assert te.layout.pp == 1  # the output layer's activations are on the (only) busiest stage
+    extra = 4 * 131072 / te.layout.tp * tokens / 2**30  # the native path's fp32 softmax beside the fp32 logits
+    assert native.memory.activations_gib - te.memory.activations_gib == pytest.approx(extra, rel=0.01)
+    p["train"]["bridge_overrides"] = {"model.cross_entropy_fusion_impl": "apex"}
+    with pytest.raises(UserError, match=r"cross_entropy_fusion_impl='apex': megatron-core knows native and te$"):
+        build_plan(p, stages=("train",))
 
 
 def test_memory_estimate_shrinks_with_expert_parallelism(params):
@@ -402,7 +420,7 @@ def test_dry_run_on_a_cpu_machine_plans_the_backend_that_will_run(tmp_path, spm_
 
 
 def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
-    """The production layout on one node (83.9 GiB) and LC at 1M without pipeline parallelism (96.5 GiB) do not
+    """The production layout on one node (81.6 GiB) and LC at 1M without pipeline parallelism (87.1 GiB) do not
     fit an 80 GB card: the plan refuses them in one line, with the nearest layouts that fit."""
     from nano3.train.plan import DEFAULT_GPU_MEMORY_GIB
 
@@ -412,7 +430,7 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
     with pytest.raises(UserError) as err:
         build_plan(p, stages=("train",), gpu_memory=h100)
     message = str(err.value)
-    assert message.startswith("train: the plan estimates 83.9 GiB per GPU") and "an H100 80GB has 79.6 GiB" in message
+    assert message.startswith("train: the plan estimates 81.6 GiB per GPU") and "an H100 80GB has 79.6 GiB" in message
     assert "nearest layouts that fit: train.parallel." in message and "\n" not in message
     first_fit = message.split("fit: ")[1].split(" (")[0]  # apply the first suggestion: it must plan and fit
     for key_value in first_fit.split():
@@ -429,7 +447,7 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
     lc = load_params(ROOT / "configs" / "nano3.yaml")
     lc["lc"]["seq_length"] = 1048576
     lc["lc"]["parallel"]["pp"] = 1
-    with pytest.raises(UserError, match=r"lc: the plan estimates 96.5 GiB .* nearest layouts that fit: lc\.parallel\.pp=4 "):
+    with pytest.raises(UserError, match=r"lc: the plan estimates 87.1 GiB .* nearest layouts that fit: lc\.parallel\.pp=4 "):
         build_plan(lc, stages=("lc",), gpu_memory=h100)
     lc["lc"]["parallel"]["pp"] = 4  # the recipe's layout
     assert build_plan(lc, stages=("lc",), gpu_memory=h100).stages["lc"].memory.total_gib < 79.6

@@ -24,7 +24,7 @@ from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
 from nano3.model.presets import bridge_model_extras, model_preset
 from nano3.schedule import PhasePlan, TrainingSchedule
-from nano3.train.plan import model_vocab, read_layout
+from nano3.train.plan import CROSS_ENTROPY, model_vocab, read_layout
 
 PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed", "mxfp8": "bf16_with_mxfp8_mixed"}
 
@@ -134,7 +134,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         # then keeps: one or two fp32 copies of the rank's logits (32 GiB at 64k with CP 2, 64 at 128k: issue 13's
         # kills). TE's kernel is not autotuned and computes the gradient in place in the bf16 logits.
         "model.cross_entropy_loss_fusion": True,
-        "model.cross_entropy_fusion_impl": "te",
+        "model.cross_entropy_fusion_impl": CROSS_ENTROPY,
         **{f"tokenizer.{k}": v for k, v in bridge_tokenizer_fields(tok_dir, read_info(tok_dir)).items()},
         "tokenizer.use_tokenizer_vocab_size": cfg.model.vocab_size is None,
         "checkpoint.save": run_dir,

@@ -169,7 +169,26 @@ class MemoryEstimate:
         return self.reserved_gib + self.context_gib
 
 
-def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompute_moe: bool) -> tuple[float, float]:
+# The Megatron path's cross entropy (train/mapping.py sets TE's), unless train.bridge_overrides sets
+# model.cross_entropy_fusion_impl back to megatron-core's native one. Bytes per token and vocabulary entry that the
+# output layer holds at the loss: native, bf16 logits (2), their fp32 copy (4) and the fp32 softmax kept for the
+# gradient (4), measured (counting 4 left the estimate 40% short of the activation slope on an H100); TE >= 2.18
+# (the lab stack has 2.20), the bf16 logits beside the fp32 gradient its forward computes and keeps (2 + 4), from
+# TE's source, not measured yet. Older TE writes the gradient into the bf16 logits (2): this is high there.
+CROSS_ENTROPY = "te"
+LOGITS_BYTES = {"native": 10, "te": 6}
+
+
+def cross_entropy_impl(params) -> str:
+    impl = (params.settings.train.bridge_overrides or {}).get("model.cross_entropy_fusion_impl", CROSS_ENTROPY)
+    if impl not in LOGITS_BYTES:
+        raise UserError(f"{params.source}: train.bridge_overrides.model.cross_entropy_fusion_impl={impl!r}: "
+                        f"megatron-core knows {' and '.join(sorted(LOGITS_BYTES))}")
+    return impl
+
+
+def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompute_moe: bool,
+                               cross_entropy: str = CROSS_ENTROPY) -> tuple[float, float]:
     """Rough bf16 bytes kept per token for the backward pass (no full recompute): (all layers, the output layer
     at the loss). Apart because with pipeline parallelism they live on different stages."""
     h, d_in = preset.hidden_size, preset.mamba_num_heads * preset.mamba_head_dim
@@ -181,10 +200,8 @@ def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompu
     moe = 2 * h if recompute_moe else 2 * (2 * h + k * (2 * h + 2 * preset.moe_ffn_hidden_size)
                                            + 2 * preset.moe_shared_expert_intermediate_size / tp) + 4 * preset.num_moe_experts
     mlp = 2 * (2 * h + 2 * preset.ffn_hidden_size / tp)
-    # The output layer at the loss: bf16 logits (2V), their fp32 copy (4V) and the fp32 softmax gradient (4V).
-    # Counting only 4V left the estimate 40% short of the activation slope measured on an H100
-    # (docs/benchmarks.md); at 131k vocab this is ~1.25 MB per token, as much as ten MoE layers.
-    logits = 10 * vocab / tp
+    # The output layer at the loss (LOGITS_BYTES): at 131k vocab 0.8-1.25 MB per token, as much as 6-10 MoE layers.
+    logits = LOGITS_BYTES[cross_entropy] * vocab / tp
     n_m, n_a, n_e, n_d = (preset.count(c) for c in "M*E-")
     return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp, logits
 
@@ -199,7 +216,8 @@ FRAGMENTATION = 0.18
 CONTEXT_GIB = 1.5
 
 
-def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool) -> MemoryEstimate:
+def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool,
+                    cross_entropy: str = CROSS_ENTROPY) -> MemoryEstimate:
     """Per-GPU memory of the busiest pipeline stage. With 1F1B, stage i keeps the activations of PP - i
     microbatches of its layers; the output layer's (logits and their gradient) live on the last stage only, for
     the one microbatch it holds. So the first stage is busiest unless the logits outweigh its extra microbatches."""
@@ -212,7 +230,7 @@ def estimate_memory(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
     # Distributed optimizer: fp32 master weights + two Adam moments, sharded over the data-parallel ranks.
     optimizer = 12 * (dense_local / (layout.dp * layout.cp) + experts_local / layout.expert_dp)
     tokens = layout.micro_batch_size * layout.seq_length / layout.cp
-    layers, logits = activation_bytes_per_token(preset, vocab, layout.tp, recompute_moe)
+    layers, logits = activation_bytes_per_token(preset, vocab, layout.tp, recompute_moe, cross_entropy)
     first = layers / layout.pp * min(layout.pp, layout.microbatches) + (logits if layout.pp == 1 else 0)
     last = layers / layout.pp + logits
     activations = tokens * max(first, last)
@@ -323,7 +341,7 @@ def model_vocab(params) -> int:
 
 
 def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool, gpu_gib: float,
-                    limit: int = 3) -> list[tuple[str, float]]:
+                    limit: int = 3, cross_entropy: str = CROSS_ENTROPY) -> list[tuple[str, float]]:
     """The valid layouts nearest to `layout` whose estimate fits `gpu_gib`: first on the same nodes with the
     fewest parallel sizes changed, then on twice and four times the nodes. [(params keys, GiB), ...]"""
     sizes = [1, 2, 4, 8, 16, 32, 64]
@@ -337,7 +355,7 @@ def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
                                        sequence_parallel=layout.sequence_parallel or tp > 1)
                         if cand.world % (tp * pp * cp) or layout_errors(cand, preset):
                             continue
-                        gib = estimate_memory(cand, preset, vocab, recompute_moe).total_gib
+                        gib = estimate_memory(cand, preset, vocab, recompute_moe, cross_entropy).total_gib
                         if gib <= gpu_gib:
                             changed = [(k, getattr(cand, k)) for k in ("tp", "pp", "cp", "ep", "sequence_parallel")
                                        if getattr(cand, k) != getattr(layout, k)]
@@ -353,12 +371,12 @@ def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
 
 
 def check_memory(stage: StagePlan, preset: ModelPreset, vocab: int, recompute_moe: bool, gpu_gib: float,
-                 gpu_source: str) -> None:
+                 gpu_source: str, cross_entropy: str = CROSS_ENTROPY) -> None:
     """Refuse a layout whose per-GPU estimate exceeds the card, naming the nearest layouts that fit."""
     total, lay = stage.memory.total_gib, stage.layout
     if total <= gpu_gib:
         return
-    fits = fitting_layouts(lay, preset, vocab, recompute_moe, gpu_gib)
+    fits = fitting_layouts(lay, preset, vocab, recompute_moe, gpu_gib, cross_entropy=cross_entropy)
     hint = "; ".join(f"{keys} ({gib:.1f} GiB)" for keys, gib in fits) or "none found up to 4x the nodes"
     raise UserError(f"{lay.stage}: the plan estimates {total:.1f} GiB per GPU (TP {lay.tp} PP {lay.pp} CP {lay.cp} "
                     f"EP {lay.ep} on {lay.world} GPUs, seq {lay.seq_length}) but {gpu_source} has {gpu_gib:.1f} GiB; "
@@ -393,6 +411,7 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
     raw_vocab = model_vocab(params)
     measured = float(params.settings.train.measured_tflops_per_gpu)
     recompute_moe = recomputes_moe(params.settings.train)
+    cross_entropy = cross_entropy_impl(params)
     out = {}
     for stage in stages:
         layout = read_layout(params, stage, cluster_shape)
@@ -404,11 +423,11 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         true_f, bridge_f = (mixed_flops_per_token(preset, layout.seq_length, vocab, kind, mix)
                             for kind in ("true", "bridge"))
         hours = tokens * bridge_f / (measured * 1e12) / 3600
-        memory = estimate_memory(layout, preset, vocab, recompute_moe)
+        memory = estimate_memory(layout, preset, vocab, recompute_moe, cross_entropy)
         host = estimate_host_memory(layout, memory, params.settings.train.num_workers)
         out[stage] = StagePlan(layout, memory, host, iterations, tokens, true_f, bridge_f, hours)
         if gpu_memory is not None:
-            check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory)
+            check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory, cross_entropy=cross_entropy)
         if host_memory is not None:
             check_host_memory(out[stage], *host_memory)
     vocab = padded_vocab(raw_vocab, preset)
@@ -426,16 +445,18 @@ def production_lc_layouts(params, gpu_gib: float = DEFAULT_GPU_MEMORY_GIB) -> li
     nearest layouts that do. Estimates of this plan (train.plan.estimate_memory), not measurements."""
     preset = model_preset(params.settings.model)
     recompute_moe = recomputes_moe(params.settings.train)
+    cross_entropy = cross_entropy_impl(params)
     base = read_layout(params, "lc", cluster_shape=(1, 8))
     vocab = padded_vocab(model_vocab(params), preset, 8)  # the layout's TP 8
     rows = []
     for seq, gpus in PRODUCTION_LC:
         layout = replace(base, nodes=gpus // 8, gpus_per_node=8, tp=8, pp=4, cp=8, ep=8, sequence_parallel=True,
                          seq_length=seq)
-        gib = estimate_memory(layout, preset, vocab, recompute_moe).total_gib
+        gib = estimate_memory(layout, preset, vocab, recompute_moe, cross_entropy).total_gib
         fits = gib <= gpu_gib
         rows.append({"seq_length": seq, "gpus": gpus, "layout": "TP 8 PP 4 CP 8 EP 8", "gib": gib, "fits": fits,
-                     "alternatives": [] if fits else fitting_layouts(layout, preset, vocab, recompute_moe, gpu_gib)})
+                     "alternatives": [] if fits else fitting_layouts(layout, preset, vocab, recompute_moe, gpu_gib,
+                                                                     cross_entropy=cross_entropy)})
     return rows
 
 
