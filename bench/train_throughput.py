@@ -115,6 +115,9 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
                 "perf/max_memory_gib", "perf/max_memory_reserved_gib", "moe/max_over_mean_load"):
         values = [v for s, v in read_metric(live / name / "pretrain", key) if s > warmup]
         metrics[key.split("/")[1]] = statistics.median(values) if values else float("nan")
+    for key in ("perf/host_rank_peak_gib", "perf/host_pinned_gib"):  # peaks, from the first step on
+        values = [v for _, v in read_metric(live / name / "pretrain", key)]
+        metrics[key.split("/")[1]] = max(values) if values else float("nan")
     return {"variant": name, "seq": seq, **metrics, "plan_gib": plan_gib, "seconds": round(time.time() - t0, 1)}
 
 
@@ -192,7 +195,8 @@ def by_length(args) -> None:
             print(f"{name:14s} {seq:>8,}  {layout:20s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
                   f"{r['tflops_per_gpu_true']:6.1f} TFLOP/s (true)  {r['tflops_per_gpu_bridge']:6.1f} (Bridge)  "
                   f"{r['max_memory_reserved_gib']:5.1f} GiB reserved (plan {r['plan_gib']:5.1f}, "
-                  f"x{r['plan_gib'] / r['max_memory_reserved_gib']:.2f})  x{r['tflops_per_gpu_true'] / first:.2f} vs "
+                  f"x{r['plan_gib'] / r['max_memory_reserved_gib']:.2f})  host {r['host_rank_peak_gib']:.1f} GiB/rank "
+                  f"({r['host_pinned_gib']:.1f} pinned)  x{r['tflops_per_gpu_true'] / first:.2f} vs "
                   f"{lengths[0]:,}  [{device}]", flush=True)
     (out_dir / "lc_throughput.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
 

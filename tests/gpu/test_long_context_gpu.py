@@ -143,9 +143,11 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
 
     plan = build_plan(load_params(work / "params.yaml", overrides), stages=("lc",)).stages["lc"]
     host = max(v for _, v in read_metric(live, "perf/host_rss_gib"))
+    pinned = max((v for _, v in read_metric(live, "perf/host_pinned_gib")), default=float("nan"))
     reserved = max(v for _, v in read_metric(live, "perf/max_memory_reserved_gib"))
     tokens_per_s = [v for s, v in read_metric(live, "perf/tokens_per_s_per_gpu") if s > 2]
-    print(f"lc of {model} at {seq:,} tokens, CP {cp}: host memory/rank {host:.2f} GiB (plan {plan.host.total_gib:.2f}), "
+    print(f"lc of {model} at {seq:,} tokens, CP {cp}: host memory/rank {host:.2f} GiB, {pinned:.2f} of it pinned "
+          f"(plan {plan.host.total_gib:.2f}), "
           f"GPU reserved {reserved:.2f} GiB (plan {plan.memory.reserved_gib:.2f}), "
           f"{sum(tokens_per_s) / max(len(tokens_per_s), 1):,.0f} tokens/s/GPU")
     assert host <= plan.host.total_gib
