@@ -132,7 +132,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         # The recipe's native fused cross entropy is torch.compile'd; in the backward, Inductor's autotuner finds no
         # GPU room to clone the logits-sized gradient it mutates and parks it in pinned host memory, which torch
         # then keeps: one or two fp32 copies of the rank's logits (32 GiB at 64k with CP 2, 64 at 128k: issue 13's
-        # kills). TE's kernel is not autotuned and computes the gradient in place in the bf16 logits.
+        # kills). TE's kernels are not autotuned; they compute the gradient in the forward (plan.LOGITS_BYTES).
         "model.cross_entropy_loss_fusion": True,
         "model.cross_entropy_fusion_impl": CROSS_ENTROPY,
         **{f"tokenizer.{k}": v for k, v in bridge_tokenizer_fields(tok_dir, read_info(tok_dir)).items()},
