@@ -44,6 +44,14 @@ class ClusterProfile:
     def shape(self) -> tuple[int, int]:
         return self.nodes, self.gpus_per_node
 
+    def gpu_memory(self) -> tuple[float, str]:
+        """(GiB, where the number comes from): the card a training layout must fit."""
+        return self.gpu_memory_gib, f"cluster '{self.name}' (gpu_memory_gib)"
+
+    def host_memory(self) -> tuple[float, str] | None:
+        """(GiB, where the number comes from): a node's RAM its ranks must fit; None where the profile does not say."""
+        return (self.host_memory_gib, f"a node of cluster '{self.name}' (host_memory_gib)") if self.host_memory_gib else None
+
 
 def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, dict]:
     path = Path(path)

@@ -72,11 +72,8 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
         if gpus > profile.gpus_per_node:  # the hardware first: no layout can fix this
             raise UserError(f"{section}.gpus_per_node={gpus} but cluster '{profile.name}' nodes have "
                             f"{profile.gpus_per_node} GPUs; lower it or set it to null to use the profile's")
-        memory = (profile.gpu_memory_gib, f"cluster '{profile.name}' (gpu_memory_gib)")
-        host = (profile.host_memory_gib, f"a node of cluster '{profile.name}' (host_memory_gib)") \
-            if profile.host_memory_gib else None
-        layout = build_plan(params, stages=(section,), cluster_shape=profile.shape,
-                            gpu_memory=memory, host_memory=host).stages[section].layout
+        layout = build_plan(params, stages=(section,), cluster_shape=profile.shape, gpu_memory=profile.gpu_memory(),
+                            host_memory=profile.host_memory()).stages[section].layout
         args += [f"--nodes={layout.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={layout.gpus_per_node}",
                  f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.train_time or profile.time}"]
     else:

@@ -100,8 +100,7 @@ def gpu_memory_target(gpu_memory_gib: float | None) -> tuple[float, str]:
     if os.environ.get("CLUSTER"):
         from nano3.config.clusters import get_profile
 
-        profile = get_profile(os.environ["CLUSTER"])
-        return profile.gpu_memory_gib, f"cluster '{profile.name}' (gpu_memory_gib)"
+        return get_profile(os.environ["CLUSTER"]).gpu_memory()
     return local_gpu_memory() or (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB (the default; --gpu-memory or CLUSTER=<profile>)")
 
 
@@ -113,10 +112,7 @@ def host_memory_target() -> tuple[float, str] | None:
     if os.environ.get("CLUSTER"):
         from nano3.config.clusters import get_profile
 
-        profile = get_profile(os.environ["CLUSTER"])
-        if profile.host_memory_gib:
-            return profile.host_memory_gib, f"a node of cluster '{profile.name}' (host_memory_gib)"
-        return None
+        return get_profile(os.environ["CLUSTER"]).host_memory()
     if local_gpus():
         import psutil
 
