@@ -67,8 +67,11 @@ VARIANTS = {
     "long": ["train.micro_batch_size=1"],
     "cp_p2p": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=p2p"],
     "cp_a2a": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=a2a"],
-    "cp_a2a_p2p": ["train.micro_batch_size=1", "bridge.model.cp_comm_type=a2a+p2p"],
+    # a2a+p2p (a2a inside a node, p2p across) needs hierarchical_context_parallel_sizes and CP >= 4: Bridge refuses
+    # it without them, and on 2 GPUs it would be one of the two above
     "recompute_moe": ["train.micro_batch_size=1", "train.recompute_modules=[moe,layernorm]"],
+    # the recipe's expandable-segment allocator (nano3.train.environment) against torch's default one
+    "default_allocator": ["train.micro_batch_size=1", 'train.env={PYTORCH_CUDA_ALLOC_CONF: ""}'],
     # a 4k reference that fills the GPUs (micro-batch 4: 16k tokens per GPU per micro-batch, 32k at 64k with CP 2)
     "long_mbs4": ["train.micro_batch_size=4", "train.global_batch_size=8"],
     # ... and with the tokens per optimizer step of 64k at global batch 2 (131,072): the optimizer step and the
@@ -84,13 +87,14 @@ def layout_for(scale: str, seq: int, cp_from: int) -> list[str]:
     return ["train.parallel.cp=2"] if seq >= cp_from else ["train.parallel.cp=1"]
 
 
-def planned_gib(overrides: list[str]) -> float:
-    """The plan's estimate of the allocator's reserved peak for the same run (issue 13: within 5% of the measured)."""
+def planned_gib(overrides: list[str]) -> tuple[float, float]:
+    """The plan's estimates for the same run: the tensors' peak and the allocator's reserved peak (issue 13)."""
     from nano3.config import load_params
     from nano3.train.plan import build_plan
 
     ours = [o for o in overrides if not o.startswith("bridge.")]
-    return build_plan(load_params(ROOT / "params.yaml", ours), stages=("train",)).stages["train"].memory.reserved_gib
+    memory = build_plan(load_params(ROOT / "params.yaml", ours), stages=("train",)).stages["train"].memory
+    return memory.allocated_gib, memory.reserved_gib
 
 
 def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
@@ -101,7 +105,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from),
            f"train.seq_length={seq}", *overrides,
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
-    plan_gib = planned_gib(cmd[2:])
+    plan_allocated_gib, plan_gib = planned_gib(cmd[2:])
     t0 = time.time()
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -118,7 +122,8 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     for key in ("perf/host_rank_peak_gib", "perf/host_pinned_gib"):  # peaks, from the first step on
         values = [v for _, v in read_metric(live / name / "pretrain", key)]
         metrics[key.split("/")[1]] = max(values) if values else float("nan")
-    return {"variant": name, "seq": seq, **metrics, "plan_gib": plan_gib, "seconds": round(time.time() - t0, 1)}
+    return {"variant": name, "seq": seq, **metrics, "plan_allocated_gib": plan_allocated_gib, "plan_gib": plan_gib,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def main() -> None:
@@ -194,7 +199,8 @@ def by_length(args) -> None:
             layout = " ".join(layout_for(args.scale, seq, args.cp_from)) or "-"
             print(f"{name:14s} {seq:>8,}  {layout:20s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
                   f"{r['tflops_per_gpu_true']:6.1f} TFLOP/s (true)  {r['tflops_per_gpu_bridge']:6.1f} (Bridge)  "
-                  f"{r['max_memory_reserved_gib']:5.1f} GiB reserved (plan {r['plan_gib']:5.1f}, "
+                  f"{r['max_memory_gib']:5.1f} GiB allocated (plan x{r['plan_allocated_gib'] / r['max_memory_gib']:.2f}) "
+                  f"{r['max_memory_reserved_gib']:5.1f} reserved (plan {r['plan_gib']:5.1f}, "
                   f"x{r['plan_gib'] / r['max_memory_reserved_gib']:.2f})  host {r['host_rank_peak_gib']:.1f} GiB/rank "
                   f"({r['host_pinned_gib']:.1f} pinned)  x{r['tflops_per_gpu_true'] / first:.2f} vs "
                   f"{lengths[0]:,}  [{device}]", flush=True)

@@ -25,13 +25,12 @@ in_container() {
   esac
 }
 
-# Multi-node rendezvous (node 0 of the allocation) and the communication settings Megatron expects.
+# Multi-node rendezvous (node 0 of the allocation). The ranks' CUDA, NCCL and TE settings are the recipe's, set by
+# the stage where it starts torchrun (nano3.train.environment); a value exported here or by the site wins.
 training_env() {
   export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
   export MASTER_PORT=${MASTER_PORT:-29500}
-  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-  export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-  export NVTE_FWD_LAYERNORM_SM_MARGIN=${NVTE_FWD_LAYERNORM_SM_MARGIN:-16} NVTE_BWD_LAYERNORM_SM_MARGIN=${NVTE_BWD_LAYERNORM_SM_MARGIN:-16}
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 }
 
 # Send SIGTERM to the tasks of this job's steps (not the batch script): the stage then checkpoints.

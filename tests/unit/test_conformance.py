@@ -90,6 +90,23 @@ def test_the_last_step_is_checked_after_the_run_but_not_at_start_up(params):
     assert [d.key for d in check_run(doc, params, phase)] == ["weight_decay_applied.last_step"]
 
 
+def test_the_ranks_environment_from_params_and_the_allocator_it_asked_for_are_checked(params):
+    """params.yaml's train.env is what every rank must have had; and where the rank asked for expandable segments,
+    its allocator must run them (a setting read after the allocator started would be silently ignored)."""
+    params["train"]["env"] = {"NCCL_DEBUG": "WARN"}
+    doc, phase = effective_like(params)
+    assert doc["environment"] == {"NCCL_DEBUG": "WARN"} and check_run(doc, params, phase) == []
+    doc["environment"]["NCCL_DEBUG"] = None  # the rank did not have it
+    assert [d.key for d in check_run(doc, params, phase)] == ["environment.NCCL_DEBUG"]
+    doc["environment"]["NCCL_DEBUG"] = "WARN"
+    doc["allocator"] = {"asked": {"expandable_segments": True}, "expandable_segments": True}
+    assert check_run(doc, params, phase) == []
+    doc["allocator"]["expandable_segments"] = False
+    with pytest.raises(UserError, match="allocator.expandable_segments: running False, params True"):
+        assert_run_conforms(doc, params, phase, "x")
+    assert "environment" not in expected(params, phase, "reference")  # the CPU reference starts no ranks
+
+
 def test_reference_backend_deviations_are_listed_and_nothing_else_passes(params):
     doc, phase = effective_like(params, backend="reference")
     doc.update(precision="float32")

@@ -149,20 +149,36 @@ def test_memory_estimate_matches_the_h100_measurement(params):
     assert mbs4.total_gib == pytest.approx(68.2, rel=0.05)
 
 
-def test_allocator_estimate_matches_the_2x_h200_long_context_measurements(params):
-    """`bench/train_throughput.py --scale long` (docs/benchmarks.md): the same reduced Nano 3 at micro-batch 1 on
-    2 H200s reserved 28.9 GiB at 4k with DP 2 and 83.2 GiB at 64k with CP 2 (`torch.cuda.max_memory_reserved`).
-    Issue 13 asks the plan to be within 5% of the reserved peak at each length; its earlier overhead term (3 GiB +
-    10% of everything) said 32.2 at 4k (+11%)."""
+# `bench/train_throughput.py --scale long` on 2 H200s (docs/benchmarks.md): the reduced Nano 3 at micro-batch 1
+# (4 where noted), DP 2 below 64k and CP 2 from 64k; (seq, micro-batch, MoE recompute, cross entropy): allocated and
+# reserved peak, GiB (`torch.cuda.max_memory_allocated` / `max_memory_reserved`; None: not recorded).
+LONG_CONTEXT_RUNS = {
+    (4096, 1, False, "te"): (24.8, 25.95), (16384, 1, False, "te"): (35.5, 37.74),
+    (65536, 1, False, "te"): (50.89, 59.21), (131072, 1, False, "te"): (81.65, 89.92),
+    (4096, 4, False, "te"): (35.51, 39.48), (65536, 1, True, "te"): (44.92, 55.86),
+    (196608, 1, True, "te"): (94.53, 117.14),
+    (4096, 1, False, "native"): (None, 28.9), (65536, 1, False, "native"): (74.9, 83.2),
+    (4096, 4, False, "native"): (47.5, 55.5), (16384, 1, True, "native"): (44.5, 53.4),
+}
+
+
+def test_memory_estimate_matches_the_2x_h200_long_context_measurements(params):
+    """Issue 13 asks the plan to be within 5% of the reserved peak at each length. The tensors (allocated) are
+    within 2% at every run; the allocator's cache above them varied by run (13-44% of the activations), so the
+    reserved estimate is within 5% at 4k, 16k, 64k and 128k and within 10% at every run."""
     p = production(params, nodes=1, gpus_per_node=2, global_batch_size=2, micro_batch_size=1,
                    parallel={"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": 1})
     p["model"]["overrides"] = {"hybrid_layer_pattern": "MEM*E", "num_moe_experts": 64}
     preset, layout = model_preset(p.settings.model), read_layout(p, "train")
-    short = estimate_memory(layout, preset, 131072, recompute_moe=False, cross_entropy="native")  # as they ran
-    long = estimate_memory(dataclasses.replace(layout, seq_length=65536, cp=2), preset, 131072, recompute_moe=False,
-                           cross_entropy="native")
-    assert short.reserved_gib == pytest.approx(28.9, rel=0.05) and long.reserved_gib == pytest.approx(83.2, rel=0.05)
-    assert long.total_gib - long.reserved_gib == short.total_gib - short.reserved_gib > 0  # the CUDA context
+    for (seq, mbs, recompute, ce), (allocated, reserved) in LONG_CONTEXT_RUNS.items():
+        at = dataclasses.replace(layout, seq_length=seq, cp=2 if seq >= 65536 else 1, micro_batch_size=mbs,
+                                 global_batch_size=8 if mbs == 4 else 2)
+        plan = estimate_memory(at, preset, 131072, recompute_moe=recompute, cross_entropy=ce)
+        if allocated is not None:
+            assert plan.allocated_gib == pytest.approx(allocated, rel=0.02), (seq, mbs, recompute, ce)
+        issue_lengths = mbs == 1 and not recompute and ce == "te"
+        assert plan.reserved_gib == pytest.approx(reserved, rel=0.05 if issue_lengths else 0.10), (seq, mbs, ce)
+        assert plan.total_gib - plan.reserved_gib == 1.5  # the CUDA context, outside the allocator
 
 
 def test_host_memory_per_rank_grows_linearly_with_the_sequence(params):
@@ -198,7 +214,7 @@ def test_pipeline_stages_hold_their_own_microbatches_and_only_the_last_holds_the
         return estimate_memory(dataclasses.replace(layout, **change), preset, vocab, recompute_moe=True).activations_gib
 
     assert activations(131072) == pytest.approx(activations(65536))  # the first stage is the busiest
-    assert activations(4 * 131072) > activations(131072)  # logits so large that the last stage is
+    assert activations(16 * 131072) > activations(131072)  # logits so large that the last stage is
     no_pp = activations(131072, pp=1)
     assert no_pp > activations(131072) > 0.5 * no_pp  # the logits leave stage 0; its 4 x 1/4 of the layers stay
     one_microbatch = activations(131072, global_batch_size=8)  # DP 1: 8 microbatches
@@ -208,7 +224,7 @@ def test_pipeline_stages_hold_their_own_microbatches_and_only_the_last_holds_the
 
 
 def test_the_plan_counts_the_cross_entropy_that_will_run(params):
-    """The Megatron path runs TE's cross entropy (6 bytes x vocab per token at the loss) unless
+    """The Megatron path runs TE's cross entropy (4 bytes x vocab per token at the loss) unless
     train.bridge_overrides picks megatron-core's native one (10); anything else stops the plan in one line."""
     p = production(params)
     p["model"]["vocab_size"] = 131072
@@ -217,7 +233,7 @@ def test_the_plan_counts_the_cross_entropy_that_will_run(params):
     native = build_plan(p, stages=("train",)).stages["train"]
     tokens = te.layout.micro_batch_size * te.layout.seq_length / te.layout.cp
     assert te.layout.pp == 1  # the output layer's activations are on the (only) busiest stage
-    extra = 4 * 131072 / te.layout.tp * tokens / 2**30  # the native path's fp32 softmax beside the fp32 logits
+    extra = 6 * 131072 / te.layout.tp * tokens / 2**30  # native: bf16 logits, fp32 copy, fp32 softmax; TE: fp32 grad
     assert native.memory.activations_gib - te.memory.activations_gib == pytest.approx(extra, rel=0.01)
     p["train"]["bridge_overrides"] = {"model.cross_entropy_fusion_impl": "apex"}
     with pytest.raises(UserError, match=r"cross_entropy_fusion_impl='apex': megatron-core knows native and te$"):
@@ -420,7 +436,7 @@ def test_dry_run_on_a_cpu_machine_plans_the_backend_that_will_run(tmp_path, spm_
 
 
 def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
-    """The production layout on one node (81.6 GiB) and LC at 1M without pipeline parallelism (87.1 GiB) do not
+    """The production layout on one node (85.2 GiB) and LC at 1M without pipeline parallelism (86.2 GiB) do not
     fit an 80 GB card: the plan refuses them in one line, with the nearest layouts that fit."""
     from nano3.train.plan import DEFAULT_GPU_MEMORY_GIB
 
@@ -430,7 +446,7 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
     with pytest.raises(UserError) as err:
         build_plan(p, stages=("train",), gpu_memory=h100)
     message = str(err.value)
-    assert message.startswith("train: the plan estimates 81.6 GiB per GPU") and "an H100 80GB has 79.6 GiB" in message
+    assert message.startswith("train: the plan estimates 85.2 GiB per GPU") and "an H100 80GB has 79.6 GiB" in message
     assert "nearest layouts that fit: train.parallel." in message and "\n" not in message
     first_fit = message.split("fit: ")[1].split(" (")[0]  # apply the first suggestion: it must plan and fit
     for key_value in first_fit.split():
@@ -447,7 +463,7 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
     lc = load_params(ROOT / "configs" / "nano3.yaml")
     lc["lc"]["seq_length"] = 1048576
     lc["lc"]["parallel"]["pp"] = 1
-    with pytest.raises(UserError, match=r"lc: the plan estimates 87.1 GiB .* nearest layouts that fit: lc\.parallel\.pp=4 "):
+    with pytest.raises(UserError, match=r"lc: the plan estimates 86.2 GiB .* nearest layouts that fit: lc\.parallel\.pp=4 "):
         build_plan(lc, stages=("lc",), gpu_memory=h100)
     lc["lc"]["parallel"]["pp"] = 4  # the recipe's layout
     assert build_plan(lc, stages=("lc",), gpu_memory=h100).stages["lc"].memory.total_gib < 79.6
@@ -486,7 +502,9 @@ def test_production_lc_layouts_say_which_fit_and_what_would(tmp_path):
     assert h100[524288]["fits"] and h100[524288]["gpus"] == 256 and not h100[524288]["alternatives"]
     assert h100[1048576]["fits"] and h100[1048576]["gpus"] == 512 and not h100[1048576]["alternatives"]
     assert h100[524288]["gib"] < h100[1048576]["gib"] < 79.6
-    tight = {r["seq_length"]: r for r in production_lc_layouts(params, 50.0)}  # a card too small for 1M
+    tight = {r["seq_length"]: r for r in production_lc_layouts(params, 62.0)}  # a card too small for 1M as laid out
     assert not tight[1048576]["fits"] and tight[1048576]["alternatives"]
-    assert all(gib <= 50.0 for _, gib in tight[1048576]["alternatives"])
+    assert all(gib <= 62.0 for _, gib in tight[1048576]["alternatives"])
+    # TP x CP cannot pass the 64 Mamba heads, so at 1M no layout brings a rank's activations under ~60 GiB
+    assert not any(r["alternatives"] for r in production_lc_layouts(params, 50.0) if not r["fits"])
     assert all(r["fits"] for r in production_lc_layouts(params, 139.8))  # an H200 holds both

@@ -161,6 +161,10 @@ class TrainConfig:
     measured_tflops_per_gpu: float = knob(183, "throughput (Bridge's formula) the plan's GPU-hours assume", positive)
     bridge_overrides: dict[str, Any] = knob(doc="any Megatron-Bridge field, `{section.field: value}` (on the command line: `bridge.section.field=value`)",
                                             factory=dict)
+    env: dict[str, Any] = knob(doc="environment variables for the GPU ranks, over the recipe's and the shell's "
+                                   "(README: The ranks' environment), e.g. `{PYTORCH_CUDA_ALLOC_CONF: \"\"}`", factory=dict,
+                               check=(lambda v: all(isinstance(x, (str, int, float, bool)) for x in v.values()),
+                                      "names to plain values (text or numbers)"))
 
 
 @dataclass(frozen=True)

@@ -93,8 +93,11 @@ def expected(params, phase, backend: str) -> dict:
     lr = schedule.lc_lr if phase.name == "lc" else schedule.pretrain_lr
     wd = float(cfg.train.weight_decay)
     blend = read_json(Path(cfg.blend.out_dir) / f"{phase.blend}.json", f"{phase.blend} blend")
+    ranks_env = {"environment": {str(k): str(v) for k, v in (cfg.train.env or {}).items()}} \
+        if backend == "megatron" else {}
     return {
         "backend": backend,
+        **ranks_env,
         "optimizer": {"weight_decay": wd, "no_decay_weight_decay": 0.0, "adam_beta1": float(cfg.train.adam_beta1),
                       "adam_beta2": float(cfg.train.adam_beta2), "adam_eps": float(cfg.train.adam_eps),
                       "clip_grad": float(cfg.train.clip_grad)},
@@ -132,9 +135,30 @@ def write(run_dir: str | Path, phase: str, doc: dict) -> Path:
 
 # ---- Megatron-Bridge: read from the live objects at on_train_start (GPU machines only) ----------------------------
 
-def from_megatron(context, phase: str, requested: dict | None = None) -> dict:
+def _environment(keys) -> dict:
+    import os
+
+    return {k: os.environ.get(k) for k in sorted(keys)}
+
+
+def _allocator() -> dict:
+    """What PYTORCH_CUDA_ALLOC_CONF asked of torch's CUDA allocator, and what it runs: a setting read after the
+    allocator started is ignored, so the segments it made say whether it took effect."""
+    import os
+
+    import torch
+
+    from nano3.train.environment import expandable_segments
+
+    flags = [s["is_expandable"] for s in torch.cuda.memory_snapshot() if "is_expandable" in s]
+    return {"asked": {"expandable_segments": expandable_segments(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))},
+            "expandable_segments": any(flags) if flags else None}
+
+
+def from_megatron(context, phase: str, requested: dict | None = None, env_keys=()) -> dict:
     """The effective configuration of a Bridge run, from the objects its training loop uses; `requested`:
-    what the phase's dataset provider asked megatron-core for (entry.PhaseWindow), None where it did not run."""
+    what the phase's dataset provider asked megatron-core for (entry.PhaseWindow), None where it did not run;
+    `env_keys`: the variables whose values the rank had are recorded (nano3.train.environment)."""
     cfg = context.state.cfg
     model_config = _unwrap(context.model[0]).config
     scheduler = context.scheduler
@@ -143,6 +167,7 @@ def from_megatron(context, phase: str, requested: dict | None = None) -> dict:
     summary = summarize_groups(groups)
     return {
         "backend": "megatron", "phase": phase, "source": "live objects at on_train_start (Megatron-Bridge)",
+        "environment": _environment(env_keys), "allocator": _allocator(),
         "optimizer": {**summary, "clip_grad": float(context.optimizer.config.clip_grad), "groups": groups},
         "weight_decay_applied": {"first_step": summary["weight_decay"]},
         "scheduler": {"max_lr": scheduler.max_lr, "min_lr": scheduler.min_lr, "lr_warmup_init": scheduler.init_lr,
@@ -268,11 +293,13 @@ class EffectiveConfigCallback:
         import torch.distributed as dist
 
         from nano3.train.conform import assert_run_conforms
+        from nano3.train.environment import training_environment
 
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         message = [None]
         if rank0:
-            self.doc = from_megatron(context, self.phase.name, self.requested or None)
+            env_keys = training_environment(self.params, self.layout_tp(), {})
+            self.doc = from_megatron(context, self.phase.name, self.requested or None, env_keys)
             write(self.run_dir, self.phase.name, self.doc)
             try:
                 assert_run_conforms(self.doc, self.params, self.phase, str(effective_path(self.run_dir, self.phase.name)))
@@ -284,6 +311,11 @@ class EffectiveConfigCallback:
             from nano3.errors import UserError
 
             raise UserError(message[0])
+
+    def layout_tp(self) -> int:
+        from nano3.train.plan import read_layout
+
+        return read_layout(self.params, phase_section(self.phase.name)).tp
 
     def on_train_step_start(self, context) -> None:
         if self.doc is None:

@@ -31,7 +31,7 @@ PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed"
 # train.* keys that do not change what is learned: a changed value resumes the same run.
 OPERATIONAL_KEYS = {"keep_checkpoints", "nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "live_dir",
                     "eval_interval", "eval_iters", "measured_tflops_per_gpu", "kernels", "recompute_modules",
-                    "precision", "bridge_overrides", "backend", "num_workers"}
+                    "precision", "bridge_overrides", "backend", "num_workers", "env"}
 
 
 def run_digest(params, stage: str, upstream: dict[str, str]) -> str:

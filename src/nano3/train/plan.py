@@ -159,6 +159,11 @@ class MemoryEstimate:
     context_gib: float  # outside it: CUDA context, NCCL, cuBLAS workspaces
 
     @property
+    def allocated_gib(self) -> float:
+        """The tensors' peak (`torch.cuda.max_memory_allocated`): the part the layout decides."""
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + SMALL_BUFFERS_GIB
+
+    @property
     def reserved_gib(self) -> float:
         """What the caching allocator reserves at its peak (`torch.cuda.max_memory_reserved`)."""
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib
@@ -171,12 +176,16 @@ class MemoryEstimate:
 
 # The Megatron path's cross entropy (train/mapping.py sets TE's), unless train.bridge_overrides sets
 # model.cross_entropy_fusion_impl back to megatron-core's native one. Bytes per token and vocabulary entry that the
-# output layer holds at the loss: native, bf16 logits (2), their fp32 copy (4) and the fp32 softmax kept for the
-# gradient (4), measured (counting 4 left the estimate 40% short of the activation slope on an H100); TE >= 2.18
-# (the lab stack has 2.20), the bf16 logits beside the fp32 gradient its forward computes and keeps (2 + 4), from
-# TE's source, not measured yet. Older TE writes the gradient into the bf16 logits (2): this is high there.
+# output layer holds at the loss, both measured on the reduced Nano 3 (2x H200, docs/benchmarks.md): native 10 (bf16
+# logits, their fp32 copy and the fp32 softmax kept for the gradient); TE 4, the fp32 gradient its forward computes
+# and keeps (TE >= 2.18; the bf16 logits are freed): at the same 16k tokens per GPU TE's runs allocated 12.0 GiB
+# = 6 x vocab bytes per token less than native's, with and without MoE recompute.
 CROSS_ENTROPY = "te"
-LOGITS_BYTES = {"native": 10, "te": 6}
+LOGITS_BYTES = {"native": 10, "te": 4}
+# With MoE recompute an E layer still keeps ~17.4 bytes per hidden unit per token (46.9 kB at h 2688), not just its
+# input (2 bytes): measured as the per-token slope of the allocated peak at 32k-98k tokens per GPU, with and without
+# the recompute; not derived term by term.
+MOE_RECOMPUTED_BYTES_PER_HIDDEN = 17.4
 
 
 def cross_entropy_impl(params) -> str:
@@ -197,22 +206,26 @@ def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompu
     mamba = 2 * (h + 7 * d_in + 4 * gn + preset.mamba_num_heads) / tp + 4 * d_in * preset.mamba_state_dim / 256 / tp
     attention = 2 * (2 * h + 3 * q + 2 * kv) / tp
     k = preset.moe_router_topk
-    moe = 2 * h if recompute_moe else 2 * (2 * h + k * (2 * h + 2 * preset.moe_ffn_hidden_size)
-                                           + 2 * preset.moe_shared_expert_intermediate_size / tp) + 4 * preset.num_moe_experts
+    # With TP > 1 MoE layers run sequence parallel (layout_errors), so a TP rank routes its own 1/TP of the tokens.
+    moe = (MOE_RECOMPUTED_BYTES_PER_HIDDEN * h if recompute_moe else
+           2 * (2 * h + k * (2 * h + 2 * preset.moe_ffn_hidden_size) + 2 * preset.moe_shared_expert_intermediate_size)
+           + 4 * preset.num_moe_experts) / tp
     mlp = 2 * (2 * h + 2 * preset.ffn_hidden_size / tp)
-    # The output layer at the loss (LOGITS_BYTES): at 131k vocab 0.8-1.25 MB per token, as much as 6-10 MoE layers.
+    # The output layer at the loss (LOGITS_BYTES): at 131k vocab 0.5-1.3 MB per token, as much as 4-10 MoE layers.
     logits = LOGITS_BYTES[cross_entropy] * vocab / tp
     n_m, n_a, n_e, n_d = (preset.count(c) for c in "M*E-")
     return n_m * mamba + n_a * attention + n_e * moe + n_d * mlp, logits
 
 
-# Measured on the bench's reduced Nano 3 (docs/benchmarks.md: H100 at 4k, micro-batch 2 and 4; 2x H200 at 4k with
-# DP 2 and at 64k with CP 2). The allocator's peak exceeds the counted tensors by 0.7-1.0 GiB in all four (small
-# buffers). Its reserved peak exceeds its allocated peak by what it frees and cannot reuse, which grows with the
-# activations it frees and reallocates: 1.7 GiB at 6.8 GiB of activations, 8.3 at 54.2; 8.8 with the CUDA
-# context at 27.1 (H100). Beside the allocator, nvidia-smi showed the process 1.4 GiB above its reserved peak.
+# Measured on the bench's reduced Nano 3 (docs/benchmarks.md, 2x H200, 13 runs: 4k-196k tokens, DP 2 or CP 2,
+# TE and native cross entropy, with and without MoE recompute). The allocated peak is the counted tensors plus
+# ~0.8 GiB of small buffers: within 2% at all 11 runs that report it. What the caching allocator reserves above
+# that varied from 13% to 44% of the activations, by run rather than by layout (two runs of one 64k layout: 15% and
+# 44%). 22% puts the estimate within 5% of the reserved peak at 11 of those 13 runs (4k to 196k); the two others
+# are recompute runs that kept 36-44% (-6% and -9%). Beside the allocator, nvidia-smi showed the process 1.4 GiB
+# above its reserved peak.
 SMALL_BUFFERS_GIB = 0.8
-FRAGMENTATION = 0.18
+FRAGMENTATION = 0.22
 CONTEXT_GIB = 1.5
 
 

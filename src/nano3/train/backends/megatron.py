@@ -9,6 +9,7 @@ import sys
 from nano3.config import section_name
 from nano3.errors import UserError
 from nano3.train.backends import TrainingRun
+from nano3.train.environment import training_environment
 from nano3.train.rundir import exit_if_stopped, failure_path, latest_iteration
 
 
@@ -28,7 +29,7 @@ def train(run: TrainingRun, log=print) -> None:
         cmd += [f"--override={o}" for o in run.overrides] + [f"--bridge={b}" for b in run.bridge]
         if run.pretrained:
             cmd += ["--pretrained", run.pretrained]
-        rc = run_forwarding_sigterm(cmd)
+        rc = run_forwarding_sigterm(cmd, {**os.environ, **training_environment(run.params, layout.tp, os.environ)})
         refused = failure_path(run.run_dir, phase.name)
         if rc != 0 and refused.exists():
             reason = refused.read_text().strip()
@@ -57,7 +58,7 @@ def torchrun_command(nproc: int) -> list[str]:
     return cmd + ["-m", "nano3.train.entry"]
 
 
-def run_forwarding_sigterm(cmd: list[str]) -> int:
+def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run torchrun in its own session; SIGTERM (Slurm's pre-time-limit signal, passed on by the
     sbatch script) or Ctrl-C goes straight to the training ranks as SIGTERM, and Bridge's handler
     saves a checkpoint and exits cleanly. torchrun itself is spared: its own SIGTERM handling kills
@@ -66,7 +67,7 @@ def run_forwarding_sigterm(cmd: list[str]) -> int:
 
     import psutil
 
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     def forward(signum, _frame):
         for child in psutil.Process(proc.pid).children(recursive=True):
