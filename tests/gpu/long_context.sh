@@ -3,7 +3,7 @@
 # command; poll with `status`:
 #   LC_TESTS="tiny or nano3 or lc_mix" \
 #   LC_BENCH="--lengths 4096,65536 --variants long,long_mbs4 --iters 8 --warmup 3;--lengths 131072 --variants recompute_moe --iters 8 --warmup 3" \
-#     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status
+#     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status (or wait 540)
 # LC_TESTS is a pytest -k expression (empty: no tests); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
 # (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs the tests on GPUs 0,1 and
@@ -57,5 +57,18 @@ case "${1:-}" in
       awk '/^[0-9a-f]+-[0-9a-f]+ /{n=($6==""?"[anon]":$6)} /^Rss:/{r[n]+=$2}
            END{for(n in r) if(r[n]>524288) printf "  %s %.1f GiB\n", n, r[n]/1048576}' /proc/$p/smaps 2>/dev/null
     done ;;
-  *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status" >&2; exit 2 ;;
+  wait)  # `wait SECONDS`: one remote call that holds the machine until the run ends or SECONDS pass, then prints
+    # `status` and copies what a run leaves (the logs, each bench set's JSON and logs' last lines) under $OUT/lc
+    end=$(( $(date +%s) + ${2:-500} ))
+    while [ "$(date +%s)" -lt "$end" ] && pgrep -f "long_context.sh run" > /dev/null; do sleep 10; done
+    bash "$0" status
+    if [ -n "${OUT:-}" ]; then
+      mkdir -p "$OUT/lc" && cp /root/lc.log /root/lc-tests.log "$OUT/lc/" 2> /dev/null
+      for d in /root/lcbench/bench/results/lc-* /root/lcdata/bench/results/lc-*; do
+        [ -f "$d/lc_throughput.json" ] || continue
+        cp "$d/lc_throughput.json" "$OUT/lc/$(basename "$d").json"
+        for f in "$d"/*.log; do tail -40 "$f"; done > "$OUT/lc/$(basename "$d").logs.txt"
+      done
+    fi ;;
+  *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status | wait SECONDS" >&2; exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""lc at long context on GPUs (issue 13): the tiny model at 64k and 128k tokens and the real Nano 3 widths at
+"""lc at long context on GPUs (issue 13): the tiny model at 64k, 128k and 1M tokens and the real Nano 3 widths at
 reduced depth at 64k, each from a short pretrain of its own, with CP 2 (CP 1 where the machine has one GPU), killed
 after its first checkpoint, resumed, run to its last iteration; the host memory of a rank stays within the plan's
 estimate (megatron-core's seq x seq mask once killed these ranks), and at the real widths the GPU memory too.
@@ -94,12 +94,14 @@ def lc_copy(base: Path, work: Path) -> Path:
     return work
 
 
-@pytest.mark.parametrize("model,seq", [("tiny", 65536), ("tiny", 131072), ("nano3-reduced", 65536)],
-                         ids=["tiny-64k", "tiny-128k", "nano3-reduced-64k"])
+@pytest.mark.parametrize("model,seq", [("tiny", 65536), ("tiny", 131072), ("tiny", 1048576), ("nano3-reduced", 65536)],
+                         ids=["tiny-64k", "tiny-128k", "tiny-1m", "nano3-reduced-64k"])
 def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path, model, seq):
     work = lc_copy(pretrained(model), tmp_path / "repo")
     cp = min(2, gpus())
     model_overrides, iterations, save_every = MODELS[model]
+    if seq > 131072:  # the longest length: a checkpoint, the kill, one more after the resume
+        iterations, save_every = 4, 2
     overrides = [*model_overrides, *MAMBA_PATH, f"lc.seq_length={seq}", f"lc.tokens={iterations * GLOBAL_BATCH * seq}",
                  f"lc.global_batch_size={GLOBAL_BATCH}", "lc.micro_batch_size=1", f"lc.gpus_per_node={cp}",
                  f"lc.parallel.cp={cp}", f"train.save_interval={save_every}", "train.log_interval=1",
