@@ -220,8 +220,8 @@ def activation_bytes_per_token(preset: ModelPreset, vocab: int, tp: int, recompu
 # Measured on the bench's reduced Nano 3 (docs/benchmarks.md, 2x H200, 13 runs: 4k-196k tokens, DP 2 or CP 2,
 # TE and native cross entropy, with and without MoE recompute). The allocated peak is the counted tensors plus
 # ~0.8 GiB of small buffers: within 2% at all 11 runs that report it. What the caching allocator reserves above
-# that varied from 13% to 44% of the activations, by run rather than by layout (two runs of one 64k layout: 15% and
-# 44%). 22% puts the estimate within 5% of the reserved peak at 11 of those 13 runs (4k to 196k); the two others
+# that varied from 13% to 44% of the activations, by run rather than by layout (two runs of one 64k layout: ~15%
+# and 44%). 22% puts the estimate within 5% of the reserved peak at 11 of those 13 runs (4k to 196k); the two others
 # are recompute runs that kept 36-44% (-6% and -9%). Beside the allocator, nvidia-smi showed the process 1.4 GiB
 # above its reserved peak.
 SMALL_BUFFERS_GIB = 0.8
