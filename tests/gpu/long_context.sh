@@ -4,7 +4,8 @@
 #   LC_TESTS="tiny or nano3 or lc_mix" \
 #   LC_BENCH="--lengths 4096,65536 --variants long,long_mbs4 --iters 8 --warmup 3;--lengths 131072 --variants recompute_moe --iters 8 --warmup 3" \
 #     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status (or wait 540)
-# LC_TESTS is a pytest -k expression (empty: no tests); LC_BENCH holds `bench/train_throughput.py --scale long`
+# LC_TESTS is a pytest -k expression (empty: no tests); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
+# part 4 after the tests from their tiny pretrain (needs a tiny test); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
 # (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs the tests on GPUs 0,1 and
 # the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
@@ -20,7 +21,7 @@ case "${1:-}" in
     fi
     rm -rf /root/snap && PYTHONPATH=$(pwd):$(pwd)/src python3 -c \
       "from pathlib import Path; from tests.conftest import copy_repo; copy_repo(Path('/root/snap'))" || exit 1
-    LC_TESTS=${LC_TESTS-"tiny or nano3 or lc_mix"} LC_BENCH=${LC_BENCH-} setsid nohup bash /root/snap/tests/gpu/long_context.sh run \
+    LC_TESTS=${LC_TESTS-"tiny or nano3 or lc_mix"} LC_BENCH=${LC_BENCH-} LC_MIX=${LC_MIX-} setsid nohup bash /root/snap/tests/gpu/long_context.sh run \
       > /root/lc.log 2>&1 < /dev/null &
     echo "started; log /root/lc.log" ;;
   run)
@@ -30,6 +31,11 @@ case "${1:-}" in
     tests() {
       [ -n "$LC_TESTS" ] || return 0
       python3 -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v -s -k "$LC_TESTS"; echo "tests exit $?"
+      # LC_MIX="--shares 0,0.5": then part 4 on Megatron from the tiny model's pretrain the tests made
+      if [ -n "${LC_MIX:-}" ] && [ -f /root/lcdata-pretrain-tiny/checkpoints/pretrain.json ]; then
+        (cd /root/lcdata-pretrain-tiny && rm -rf bench && cp -a /root/snap/bench . \
+          && python3 bench/lc_mix.py --backend megatron $LC_MIX); echo "lc_mix exit $?"
+      fi
     }
     bench() {  # each set writes /root/lcbench/bench/results/lc-<i>/lc_throughput.json
       rm -rf /root/lcbench && cp -a /root/lcdata /root/lcbench && rm -rf /root/lcbench/bench && cp -a /root/snap/bench /root/lcbench/
@@ -49,7 +55,7 @@ case "${1:-}" in
     echo "done at $(date +%T)" ;;
   status)
     if pgrep -f "long_context.sh run" > /dev/null; then echo "== running"; else echo "== finished"; fi
-    grep -hE "PASSED|FAILED|ERROR|passed|failed|lc of|packed micro|tok/s/GPU|exit|done at" /root/lc.log /root/lc-tests.log 2> /dev/null | tail -20
+    grep -hE "PASSED|FAILED|ERROR|passed|failed|lc of|packed micro|tok/s/GPU|exit|done at|after lc" /root/lc.log /root/lc-tests.log 2> /dev/null | tail -20
     tail -2 /root/lc.log | cut -c1-300
     nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
     for p in $(pgrep -f "nano3[./]train[./]entry"); do  # where a rank's host memory is: its mappings by name
@@ -64,6 +70,7 @@ case "${1:-}" in
     bash "$0" status
     if [ -n "${OUT:-}" ]; then
       mkdir -p "$OUT/lc" && cp /root/lc.log /root/lc-tests.log "$OUT/lc/" 2> /dev/null
+      cp /root/lcdata-pretrain-tiny/bench/results/lc_mix/lc_mix_megatron.json "$OUT/lc/" 2> /dev/null
       for d in /root/lcbench/bench/results/lc-* /root/lcdata/bench/results/lc-*; do
         [ -f "$d/lc_throughput.json" ] || continue
         cp "$d/lc_throughput.json" "$OUT/lc/$(basename "$d").json"
