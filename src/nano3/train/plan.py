@@ -159,14 +159,19 @@ class MemoryEstimate:
     context_gib: float  # outside it: CUDA context, NCCL, cuBLAS workspaces
 
     @property
+    def counted_gib(self) -> float:
+        """Weights, gradients, optimizer states and activations: the tensors the layout decides."""
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
+
+    @property
     def allocated_gib(self) -> float:
-        """The tensors' peak (`torch.cuda.max_memory_allocated`): the part the layout decides."""
-        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + SMALL_BUFFERS_GIB
+        """The tensors' peak (`torch.cuda.max_memory_allocated`): the counted ones and the small buffers."""
+        return self.counted_gib + SMALL_BUFFERS_GIB
 
     @property
     def reserved_gib(self) -> float:
         """What the caching allocator reserves at its peak (`torch.cuda.max_memory_reserved`)."""
-        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib + self.overhead_gib
+        return self.counted_gib + self.overhead_gib
 
     @property
     def total_gib(self) -> float:
