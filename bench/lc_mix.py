@@ -2,9 +2,10 @@
 
     python bench/lc_mix.py [--tokens 65536] [--shares 0,0.5] [--eval-interval 8]          # CPU, reference backend
     python bench/lc_mix.py --backend megatron [--shares 0,0.5] [--short-length 512]       # GPU, packed sequences
+        [--set lc.seq_length=65536 --set lc.global_batch_size=2 --set lc.tokens=8388608]  # any params override
 
 `--backend megatron` (a GPU machine with causal-conv1d, after the GPU `make smoke`): lc runs once per share with
-params.yaml's lc budget through Megatron (short sequences packed), then export and eval run on it in the same
+params.yaml's lc budget (or `--set`'s) through Megatron (short sequences packed), then export and eval run on it in the same
 scratch directory; printed per share is eval's loss by position of the lc model (its first bucket is the
 short-context loss) and the difference against the first share, measured in the same run.
 
@@ -45,7 +46,7 @@ def run_share(share: float, args, out: Path) -> dict:
     work = scratch(out / f"share-{share:g}")
     cmd = [sys.executable, str(ROOT / "stages" / "lc.py"), "train.backend=reference", f"lc.mix.short_share={share}",
            f"lc.reference.tokens={args.tokens}", f"train.eval_interval={args.eval_interval}", "train.eval_iters=4",
-           f"train.save_interval={10**9}", "train.log_interval=4"]
+           f"train.save_interval={10**9}", "train.log_interval=4", *args.set]
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
     (work / "lc.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -58,7 +59,7 @@ def run_share_megatron(share: float, args, out: Path) -> dict:
     """lc, export and eval of one share on the GPU, in a scratch directory; eval's loss by position of the lc model."""
     work = scratch(out / f"megatron-share-{share:g}")
     mix = [f"lc.mix.short_share={share}", f"lc.mix.short_length={args.short_length}", "lc.micro_batch_size=1",
-           "train.kernels.fused_mamba=true", "train.backend=megatron"]
+           "train.kernels.fused_mamba=true", "train.backend=megatron", *args.set]
     for stage in ("lc", "export", "eval"):
         proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *mix], cwd=work,
                               capture_output=True, text=True)
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/lc_mix")
     ap.add_argument("--backend", choices=["reference", "megatron"], default="reference")
     ap.add_argument("--short-length", type=int, default=512, help="--backend megatron: lc.mix.short_length")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params.yaml override for every share's stages (repeatable), e.g. lc.seq_length=65536")
     args = ap.parse_args()
     if not (ROOT / "checkpoints" / "pretrain.json").exists():
         sys.exit("error: checkpoints/pretrain.json: missing; run make smoke first")

@@ -80,11 +80,13 @@ VARIANTS = {
 }
 
 
-def layout_for(scale: str, seq: int, cp_from: int) -> list[str]:
-    """`--scale long`: CP 2 from `cp_from` tokens on (DP 1), data parallelism 2 below it."""
+def layout_for(scale: str, seq: int, cp_from: int, gpus_per_run: int = 2) -> list[str]:
+    """`--scale long`: CP 2 from `cp_from` tokens on (DP 1), data parallelism 2 below it; on one GPU
+    (`--gpus-per-run 1`) neither: the global batch of 2 is two accumulated micro-batches."""
     if scale != "long":
         return []
-    return ["train.parallel.cp=2"] if seq >= cp_from else ["train.parallel.cp=1"]
+    cp = 2 if seq >= cp_from and gpus_per_run >= 2 else 1
+    return [f"train.gpus_per_node={gpus_per_run}", f"train.parallel.cp={cp}"]
 
 
 def planned_gib(overrides: list[str]) -> tuple[float, float]:
@@ -98,11 +100,11 @@ def planned_gib(overrides: list[str]) -> tuple[float, float]:
 
 
 def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
-                scale: str = "reduced", seq: int = 4096, cp_from: int = 65536) -> dict:
+                scale: str = "reduced", seq: int = 4096, cp_from: int = 65536, gpus_per_run: int = 2) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
     gbs = int([o for o in [*SCALES[scale], *overrides] if o.startswith("train.global_batch_size=")][-1].split("=")[1])
-    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from),
+    cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from, gpus_per_run),
            f"train.seq_length={seq}", *overrides,
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
     plan_allocated_gib, plan_gib = planned_gib(cmd[2:])
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--lengths", default=None, help="comma-separated sequence lengths: every variant at each")
     ap.add_argument("--cp-from", type=int, default=65536, help="--scale long: CP 2 from this length on")
+    ap.add_argument("--gpus-per-run", type=int, choices=[1, 2], default=2,
+                    help="--scale long: GPUs of one run (1: no CP, no DP; for a machine with one GPU)")
     args = ap.parse_args()
     if args.lengths:
         return by_length(args)
@@ -190,13 +194,13 @@ def by_length(args) -> None:
         first = None
         for seq in lengths:
             r = run_variant(f"{name}-{seq}", VARIANTS[name], args.iters, args.warmup, out_dir, visible, args.scale,
-                            seq, args.cp_from)
+                            seq, args.cp_from, args.gpus_per_run)
             results.append(r)
             if "error" in r:
                 print(f"{name:14s} {seq:>8,}  FAILED: {r['error']}", flush=True)
                 continue
             first = first or r["tflops_per_gpu_true"]
-            layout = " ".join(layout_for(args.scale, seq, args.cp_from)) or "-"
+            layout = " ".join(o.split(".")[-1] for o in layout_for(args.scale, seq, args.cp_from, args.gpus_per_run)) or "-"
             print(f"{name:14s} {seq:>8,}  {layout:20s} {r['tokens_per_s_per_gpu']:9.0f} tok/s/GPU  "
                   f"{r['tflops_per_gpu_true']:6.1f} TFLOP/s (true)  {r['tflops_per_gpu_bridge']:6.1f} (Bridge)  "
                   f"{r['max_memory_gib']:5.1f} GiB allocated (plan x{r['plan_allocated_gib'] / r['max_memory_gib']:.2f}) "
