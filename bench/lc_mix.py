@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -67,13 +68,31 @@ def run_share_megatron(share: float, args, out: Path) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"error: share {share}: {stage} failed; see {work / f'{stage}.log'}")
     metrics = json.loads((work / "reports" / "eval" / "metrics.json").read_text())["long_context"]
-    return {"share": share, "by_position": metrics["loss_by_position"]["lc"],
+    return {"share": share, **what_lc_ran(work, share), "by_position": metrics["loss_by_position"]["lc"],
             "pretrain_by_position": metrics["loss_by_position"]["pretrain"]}
+
+
+def what_lc_ran(work: Path, share: float) -> dict:
+    """Read back from the lc run: the packed micro-batches Bridge's forward step built (rank 0's record), the
+    throughput and the last losses. A share > 0 that packed nothing would compare two equal runs: refused."""
+    run_dir = work / json.loads((work / "checkpoints" / "lc.json").read_text())["run_dir"]
+    packed_file = run_dir / "packed.lc.json"
+    packed = json.loads(packed_file.read_text()) if packed_file.exists() else None
+    if share > 0 and not (packed and packed["micro_batches"] > 0):
+        raise SystemExit(f"error: share {share}: lc built no packed micro-batch ({packed_file}: {packed}); "
+                         f"see {work / 'lc.log'}")
+    live = work / "dvclive" / "lc"
+    speed = [v for step, v in read_metric(live, "perf/tokens_per_s_per_gpu") if step > 2]
+    return {"packed": packed, "tokens_per_s_per_gpu": statistics.median(speed) if speed else None,
+            "train_loss": read_metric(live, "train/loss")[-1][1], "valid_loss": read_metric(live, "valid/loss")[-1][1]}
 
 
 def main_megatron(args, out: Path) -> None:
     results = [run_share_megatron(float(s), args, out) for s in args.shares.split(",")]
     base = results[0]
+    for r in results:
+        print(f"share {r['share']:g}: lc packed {r['packed']}, {r['tokens_per_s_per_gpu'] or 0:,.0f} tokens/s/GPU, "
+              f"last train loss {r['train_loss']:.4f}, valid loss {r['valid_loss']:.4f}")
     print(f"{'share':>6} {'positions':>12} {'lc loss':>8} {'pretrain':>9}")
     for r in results:
         for bucket, before in zip(r["by_position"], r["pretrain_by_position"]):

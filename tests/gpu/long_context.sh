@@ -5,7 +5,7 @@
 #   LC_BENCH="--lengths 4096,65536 --variants long,long_mbs4 --iters 8 --warmup 3;--lengths 131072 --variants recompute_moe --iters 8 --warmup 3" \
 #     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status (or wait 540)
 # LC_TESTS is a pytest -k expression (empty: no tests); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
-# part 4 after the tests from their tiny pretrain (needs a tiny test); LC_BENCH holds `bench/train_throughput.py --scale long`
+# part 4 first, from the smoke's pretrain (`dvc repro pretrain` in the data copy); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
 # (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs the tests on GPUs 0,1 and
 # the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
@@ -28,29 +28,33 @@ case "${1:-}" in
     cd /root/snap
     python3 -c "from pathlib import Path; from tests.gpu.conftest import blended_copy; blended_copy(Path('/root/lcdata'))" \
       || { echo "error: could not make the data copy /root/lcdata"; exit 1; }
+    mix() {  # LC_MIX="--shares 0,0.5 ...": part 4 on Megatron from the smoke's own pretrain (params.yaml's budget,
+      # a model that uses its context; the tests' short pretrains do not), in the data copy
+      [ -n "${LC_MIX:-}" ] || return 0
+      (cd /root/lcdata && dvc repro pretrain && rm -rf bench && cp -a /root/snap/bench . \
+        && python3 bench/lc_mix.py --backend megatron $LC_MIX); echo "lc_mix exit $?"
+    }
     tests() {
       [ -n "$LC_TESTS" ] || return 0
       python3 -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v -s -k "$LC_TESTS"; echo "tests exit $?"
-      # LC_MIX="--shares 0,0.5": then part 4 on Megatron from the tiny model's pretrain the tests made
-      if [ -n "${LC_MIX:-}" ] && [ -f /root/lcdata-pretrain-tiny/checkpoints/pretrain.json ]; then
-        (cd /root/lcdata-pretrain-tiny && rm -rf bench && cp -a /root/snap/bench . \
-          && python3 bench/lc_mix.py --backend megatron $LC_MIX); echo "lc_mix exit $?"
-      fi
     }
     bench() {  # each set writes /root/lcbench/bench/results/lc-<i>/lc_throughput.json
-      rm -rf /root/lcbench && cp -a /root/lcdata /root/lcbench && rm -rf /root/lcbench/bench && cp -a /root/snap/bench /root/lcbench/
+      # the data copy without its runs (part 4 may be training in it meanwhile)
+      rm -rf /root/lcbench && mkdir /root/lcbench && tar -C /root/lcdata --exclude=./checkpoints --exclude=./dvclive \
+        --exclude=./models --exclude=./reports --exclude=./bench -cf - . | tar -C /root/lcbench -xf - \
+        && cp -a /root/snap/bench /root/lcbench/ || { echo "bench exit 1 (no copy of the data)"; return; }
       IFS=';' read -ra SETS <<< "$LC_BENCH"
       for i in "${!SETS[@]}"; do
         (cd /root/lcbench && python3 bench/train_throughput.py --scale long ${SETS[$i]} "$@" --out bench/results/lc-$i)
         echo "bench exit $? (${SETS[$i]})"
       done
     }
-    if [ "${LC_LANES:-1}" = 2 ]; then  # 4 GPUs: the tests on 0,1 and the bench on 2,3 at the same time
-      CUDA_VISIBLE_DEVICES=0,1 tests > /root/lc-tests.log 2>&1 &
+    if [ "${LC_LANES:-1}" = 2 ]; then  # 4 GPUs: part 4 and the tests on 0,1, the bench on 2,3 at the same time
+      (export CUDA_VISIBLE_DEVICES=0,1; mix; tests) > /root/lc-tests.log 2>&1 &
       bench --gpus 2,3
       wait
     else
-      tests; bench
+      mix; tests; bench
     fi
     echo "done at $(date +%T)" ;;
   status)
@@ -70,8 +74,8 @@ case "${1:-}" in
     bash "$0" status
     if [ -n "${OUT:-}" ]; then
       mkdir -p "$OUT/lc" && cp /root/lc.log /root/lc-tests.log "$OUT/lc/" 2> /dev/null
-      cp /root/lcdata-pretrain-tiny/bench/results/lc_mix/lc_mix_megatron.json "$OUT/lc/" 2> /dev/null
-      for f in /root/lcdata-pretrain-tiny/bench/results/lc_mix/*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }; done \
+      cp /root/lcdata/bench/results/lc_mix/lc_mix_megatron.json "$OUT/lc/" 2> /dev/null
+      for f in /root/lcdata/bench/results/lc_mix/*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }; done \
         > "$OUT/lc/lc_mix.logs.txt" 2> /dev/null
       for d in /root/lcbench/bench/results/lc-* /root/lcdata/bench/results/lc-*; do
         [ -f "$d/lc_throughput.json" ] || continue
