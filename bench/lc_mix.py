@@ -6,8 +6,10 @@
 
 `--backend megatron` (a GPU machine with causal-conv1d, after the GPU `make smoke`): lc runs once per share with
 params.yaml's lc budget (or `--set`'s) through Megatron (short sequences packed), then export and eval run on it in the same
-scratch directory; printed per share is eval's loss by position of the lc model (its first bucket is the
-short-context loss) and the difference against the first share, measured in the same run.
+scratch directory; printed per share: what lc ran (its packed micro-batches read back, throughput, last losses),
+eval's loss by position of the lc model (its first bucket is the short-context loss) and eval's test loss of every
+dataset in `eval.seq_length` windows (short context on the data the blends draw from), and the differences against
+the first share, measured in the same run.
 
 From the embedded pipeline's pretrain checkpoint (run `make smoke` first), lc runs once per share on the CPU
 reference backend, each in a scratch directory (the same data, pretrain checkpoint, seed and token budget; only
@@ -67,9 +69,11 @@ def run_share_megatron(share: float, args, out: Path) -> dict:
         (work / f"{stage}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             raise SystemExit(f"error: share {share}: {stage} failed; see {work / f'{stage}.log'}")
-    metrics = json.loads((work / "reports" / "eval" / "metrics.json").read_text())["long_context"]
-    return {"share": share, **what_lc_ran(work, share), "by_position": metrics["loss_by_position"]["lc"],
-            "pretrain_by_position": metrics["loss_by_position"]["pretrain"]}
+    metrics = json.loads((work / "reports" / "eval" / "metrics.json").read_text())
+    by_position = metrics["long_context"]["loss_by_position"]
+    return {"share": share, **what_lc_ran(work, share), "by_position": by_position["lc"],
+            "pretrain_by_position": by_position["pretrain"],
+            "test_loss": {name: m["loss"] for name, m in sorted(metrics["test"].items())}}
 
 
 def what_lc_ran(work: Path, share: float) -> dict:
@@ -90,6 +94,11 @@ def what_lc_ran(work: Path, share: float) -> dict:
 
 def main_megatron(args, out: Path) -> None:
     results = [run_share_megatron(float(s), args, out) for s in args.shares.split(",")]
+    (out / "lc_mix_megatron.json").write_text(json.dumps(results, indent=2))
+    report_megatron(results)
+
+
+def report_megatron(results: list[dict]) -> None:
     base = results[0]
     for r in results:
         print(f"share {r['share']:g}: lc packed {r['packed']}, {r['tokens_per_s_per_gpu'] or 0:,.0f} tokens/s/GPU, "
@@ -105,7 +114,8 @@ def main_megatron(args, out: Path) -> None:
             r["by_position"])
         print(f"share {r['share']:g} vs {base['share']:g} after lc: first bucket (short context) {first:+.4f}, "
               f"mean over positions {mean:+.4f} (negative: better)")
-    (out / "lc_mix_megatron.json").write_text(json.dumps(results, indent=2))
+        print(f"share {r['share']:g} vs {base['share']:g} after lc, test loss in eval.seq_length windows: " + ", ".join(
+            f"{name} {loss - base['test_loss'][name]:+.4f}" for name, loss in r["test_loss"].items()))
 
 
 def main() -> None:
