@@ -181,6 +181,29 @@ def test_memory_estimate_matches_the_2x_h200_long_context_measurements(params):
         assert plan.total_gib - plan.reserved_gib == 1.5  # the CUDA context, outside the allocator
 
 
+# The lc GPU test's tiny model (tests/gpu/test_long_context_gpu.py; vocab 8192, TE cross entropy, expandable
+# segments, global batch 2, micro-batch 1): (seq, CP) -> allocated and reserved peak, GiB (None: not recorded).
+TINY_LC_RUNS = {(65536, 1): (5.96, 6.11),  # 1x H200, docs/benchmarks.md "Fourth run"
+                (131072, 2): (None, 6.29)}  # 2x H200, "Third run"
+
+
+def test_memory_estimate_is_an_upper_bound_for_the_tiny_model(params):
+    """The plan is calibrated on the real widths; on the tiny model its fixed terms make it high. It must stay an
+    upper bound there (a plan below the real peak lets a run start that then runs out of memory) and not so high
+    that it refuses lengths the GPU runs: within 1.5x of what the lc test measured."""
+    params["model"]["vocab_size"] = 8192
+    for (seq, cp), (allocated, reserved) in TINY_LC_RUNS.items():
+        p = load_params(ROOT / "params.yaml", [f"lc.seq_length={seq}", f"lc.tokens={12 * 2 * seq}",
+                                               "lc.global_batch_size=2", "lc.micro_batch_size=1",
+                                               f"lc.gpus_per_node={cp}", f"lc.parallel.cp={cp}"])
+        p["tokenizer"]["dir"], p["blend"]["out_dir"] = params["tokenizer"]["dir"], params["blend"]["out_dir"]
+        p["model"]["vocab_size"] = 8192
+        memory = build_plan(p, stages=("lc",)).stages["lc"].memory
+        if allocated is not None:
+            assert allocated <= memory.allocated_gib <= 1.5 * allocated, (seq, cp, memory.allocated_gib)
+        assert reserved <= memory.reserved_gib <= 1.5 * reserved, (seq, cp, memory.reserved_gib)
+
+
 def test_host_memory_per_rank_grows_linearly_with_the_sequence(params):
     """Issue 13: host memory must not grow as seq^2 (the attention mask mapping.py turns off); a rank holds its
     process, its data-loader workers' batches and, while saving, its checkpoint shard."""
