@@ -87,9 +87,13 @@ def what_lc_ran(work: Path, share: float) -> dict:
                          f"see {work / 'lc.log'}")
     live = work / "dvclive" / "lc"
     speed = [v for step, v in read_metric(live, "perf/tokens_per_s_per_gpu") if step > 2]
-    last = {key: (rows[-1][1] if (rows := read_metric(live, f"{key.split('_')[0]}/loss")) else float("nan"))
-            for key in ("train_loss", "valid_loss")}
-    return {"packed": packed, "tokens_per_s_per_gpu": statistics.median(speed) if speed else None, **last}
+
+    def last(metric: str) -> float:
+        rows = read_metric(live, metric)
+        return rows[-1][1] if rows else float("nan")
+
+    return {"packed": packed, "tokens_per_s_per_gpu": statistics.median(speed) if speed else None,
+            "train_loss": last("train/loss"), "valid_loss": last("valid/loss")}
 
 
 def main_megatron(args, out: Path) -> None:

@@ -7,8 +7,8 @@
 # LC_TESTS is a pytest -k expression (empty: no tests); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
 # part 4 first, from the smoke's pretrain (`dvc repro pretrain` in the data copy); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
-# (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs the tests on GPUs 0,1 and
-# the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
+# (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
+# 0,1 and the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
 # It runs from a snapshot of the checkout (/root/snap): every remote command re-copies the checkout, and a poll
 # that did so while torchrun started its ranks once took their modules away. The data copy is /root/lcdata
 # (NANO3_GPU_SMOKE_DIR: `dvc repro blend`, made once and reused by later calls, with each model's short pretrain).

@@ -193,12 +193,9 @@ def test_memory_estimate_is_an_upper_bound_for_the_tiny_model(params):
     that it refuses lengths the GPU runs: within 1.5x of what the lc test measured."""
     params["model"]["vocab_size"] = 8192
     for (seq, cp), (allocated, reserved) in TINY_LC_RUNS.items():
-        p = load_params(ROOT / "params.yaml", [f"lc.seq_length={seq}", f"lc.tokens={12 * 2 * seq}",
-                                               "lc.global_batch_size=2", "lc.micro_batch_size=1",
-                                               f"lc.gpus_per_node={cp}", f"lc.parallel.cp={cp}"])
-        p["tokenizer"]["dir"], p["blend"]["out_dir"] = params["tokenizer"]["dir"], params["blend"]["out_dir"]
-        p["model"]["vocab_size"] = 8192
-        memory = build_plan(p, stages=("lc",)).stages["lc"].memory
+        params["lc"].update(seq_length=seq, tokens=12 * 2 * seq, global_batch_size=2, micro_batch_size=1,
+                            gpus_per_node=cp, parallel={**params["lc"]["parallel"], "cp": cp})
+        memory = build_plan(params, stages=("lc",)).stages["lc"].memory
         if allocated is not None:
             assert allocated <= memory.allocated_gib <= 1.5 * allocated, (seq, cp, memory.allocated_gib)
         assert reserved <= memory.reserved_gib <= 1.5 * reserved, (seq, cp, memory.reserved_gib)
