@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from nano3.data.prep import prepare_dataset, split_of
+from nano3.data.prep import logic_digest, prepare_dataset, split_of
 from nano3.data.tokenizer import Encoder
 from nano3.errors import UserError
 from tests.conftest import ROOT
@@ -58,8 +59,6 @@ def test_every_document_reads_back_as_tokenizer_output_plus_eod(tmp_path, sample
 
 
 def test_int32_tokens_when_the_vocab_exceeds_65500(tmp_path, spm_dir, params_factory):
-    import shutil
-
     big = tmp_path / "big_tok"
     shutil.copytree(spm_dir, big)
     info = json.loads((big / "info.json").read_text())
@@ -113,6 +112,39 @@ def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, sample_d
     total = json.loads((tmp_path / "prepared" / "code" / "manifest.json").read_text())["source"]["units"]
     assert f"resuming, {done_before} of {total} units already done" in out.stdout
     assert tree_digest(tmp_path / "prepared" / "code") == tree_digest(tmp_path / "ref" / "code")
+
+
+def test_work_left_by_other_prep_code_is_redone_not_resumed(tmp_path, sample_dir, params_factory, capsys):
+    """DVC removes prep's out before rerunning it, but the work directory stays: its receipts must come from this
+    code, or the manifest would carry counts the old code wrote under the new code's name in dvc.lock."""
+    params = params_factory({"docs": {"source": str(sample_dir / "stdlib-docs")}}, prep={"unit_mb": 1, "workers": 1})
+    clean = prepare_dataset(params, "docs", show_progress=False)
+    out, work = tmp_path / "prepared" / "docs", tmp_path / "work" / "docs"
+    receipt_file = sorted(work.glob("unit_*.json"))[0]
+
+    def older_receipt_and_no_out():  # what a receipt of older code with another skipped reason looks like
+        receipt = json.loads(receipt_file.read_text())
+        receipt_file.write_text(json.dumps(receipt | {"skipped": receipt["skipped"] | {"retired_reason": 3}}))
+        shutil.rmtree(out)
+
+    older_receipt_and_no_out()  # same code: the receipt is resumed as it is (what resume is for)
+    resumed = prepare_dataset(params, "docs", show_progress=True)
+    assert "units already done" in capsys.readouterr().out and resumed["skipped"]["retired_reason"] == 3
+
+    older_receipt_and_no_out()
+    plan = json.loads((work / "plan.json").read_text())
+    (work / "plan.json").write_text(json.dumps(plan | {"code": "0" * 16}))  # written by other prep code
+    redone = prepare_dataset(params, "docs", show_progress=True)
+    printed = capsys.readouterr().out
+    assert "holds work of another plan or prep code; starting over" in printed and "already done" not in printed
+    assert redone == clean and "retired_reason" not in redone["skipped"]
+
+
+def test_the_code_digest_ignores_comments_and_docstrings_but_not_logic():
+    base = 'def f(x):\n    """Why."""\n    return x + 1\n'
+    assert logic_digest([base]) == logic_digest(['def f(x):  # note\n    """Why, reworded."""\n\n    return x + 1\n'])
+    assert logic_digest([base]) != logic_digest([base.replace("x + 1", "x + 2")])
+    assert logic_digest([base]) != logic_digest([base, "Y = 1\n"])
 
 
 def test_sample_takes_the_first_n_rows_and_force_redoes(tmp_path, sample_dir, params_factory):

@@ -8,12 +8,15 @@ Design, and why:
 - A document's split is chosen from a hash of its text: stable across reruns and worker counts,
   and duplicates never straddle train and test.
 - Each finished unit leaves a receipt in the work directory, written after its files are renamed
-  into place: a killed run restarts from the completed units, and nothing half-written is used.
+  into place: a killed run restarts from the completed units, and nothing half-written is used. Only
+  work of the same plan and the same prep code is resumed (`code_digest`): dvc.lock names the code that
+  wrote every byte and count.
 - The dataset directory is assembled in a temporary directory and renamed whole, manifest last.
 """
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures as cf
 import hashlib
 import json
@@ -173,6 +176,30 @@ def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
 # Orchestration
 
 
+CODE_MODULES = ("prep", "sources", "tokenizer", "binidx")  # what decides a unit's bytes and its receipt
+
+
+def logic_digest(sources) -> str:
+    """A digest of Python sources' syntax trees without docstrings: comments, layout and prose do not change it."""
+    h = hashlib.sha256()
+    for text in sources:
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(ast.dump(tree).encode())
+    return h.hexdigest()[:16]
+
+
+def code_digest() -> str:
+    """The prep code's logic. Receipts written by other code are not resumed: they would pair the bytes and counts
+    the old code wrote with the code dvc.lock records (a new `skipped` reason once went missing that way)."""
+    here = Path(__file__).parent
+    return logic_digest((here / f"{module}.py").read_text() for module in CODE_MODULES)
+
+
 def _plan_fingerprint(spec: DatasetSpec, units: list[Unit], tokenizer_fp: str, sample_rows: int | None) -> str:
     fields = asdict(spec)
     if not fields["min_chars"]:  # no filter: the fingerprint of datasets prepared before the filter existed
@@ -196,16 +223,22 @@ def _load_receipts(work_dir: Path, units: list[Unit]) -> dict[int, dict]:
     return done
 
 
+def _work_plan(fingerprint: str) -> dict:
+    return {"fingerprint": fingerprint, "code": code_digest()}
+
+
 def _plan_matches(work_dir: Path, fingerprint: str) -> bool:
     plan_file = work_dir / "plan.json"
-    return plan_file.exists() and json.loads(plan_file.read_text()).get("fingerprint") == fingerprint
+    return plan_file.exists() and json.loads(plan_file.read_text()) == _work_plan(fingerprint)
 
 
-def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool) -> None:
+def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool, show_progress: bool) -> None:
     if force or not _plan_matches(work_dir, fingerprint):
+        if show_progress and not force and (work_dir / "plan.json").exists():
+            print(f"prep: {work_dir} holds work of another plan or prep code; starting over")
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
-        atomic_write_json(work_dir / "plan.json", {"fingerprint": fingerprint})
+        atomic_write_json(work_dir / "plan.json", _work_plan(fingerprint))
     for tmp in work_dir.glob("*.tmp"):  # left by a killed run
         tmp.unlink()
 
@@ -383,12 +416,12 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
             return manifest
 
     if step in ("all", "plan"):
-        _prepare_work_dir(work_dir, fingerprint, force)
+        _prepare_work_dir(work_dir, fingerprint, force, show_progress)
         if step == "plan":
             return None
     else:  # array tasks and the assembly never reset the shared work directory: the plan step did
         if not _plan_matches(work_dir, fingerprint):
-            raise UserError(f"{work_dir / 'plan.json'}: missing or for another plan; run `stages/prep.py {name} --plan-only` "
+            raise UserError(f"{work_dir / 'plan.json'}: missing, or for another plan or prep code; run `stages/prep.py {name} --plan-only` "
                             f"before the array tasks (python -m nano3.launch does)")
         if sample_rows is not None:
             raise UserError("--sample is sequential by nature; run it as one job, not as an array")
