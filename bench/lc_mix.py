@@ -3,6 +3,7 @@
     python bench/lc_mix.py [--tokens 65536] [--shares 0,0.5] [--eval-interval 8]          # CPU, reference backend
     python bench/lc_mix.py --backend megatron [--shares 0,0.5] [--short-length 512]       # GPU, packed sequences
         [--set lc.seq_length=65536 --set lc.global_batch_size=2 --set lc.tokens=8388608]  # any params override
+        [--seeds 1234,1235]                                     # every share once per train.seed: the noise floor
 
 `--backend megatron` (a GPU machine with causal-conv1d, after the GPU `make smoke`): lc runs once per share with
 params.yaml's lc budget (or `--set`'s) through Megatron (short sequences packed), then export and eval run on it in the same
@@ -58,11 +59,13 @@ def run_share(share: float, args, out: Path) -> dict:
     return {"share": share, "valid": read_metric(live, "valid/loss"), "valid_short": read_metric(live, "valid/loss_short")}
 
 
-def run_share_megatron(share: float, args, out: Path) -> dict:
-    """lc, export and eval of one share on the GPU, in a scratch directory; eval's loss by position of the lc model."""
-    work = scratch(out / f"megatron-share-{share:g}")
+def run_share_megatron(share: float, seed: int | None, args, out: Path) -> dict:
+    """lc, export and eval of one share on the GPU, in a scratch directory; eval's loss by position of the lc model.
+    `seed` (train.seed: lc's data order) replicates the comparison; None keeps params.yaml's."""
+    work = scratch(out / (f"megatron-share-{share:g}" + ("" if seed is None else f"-seed-{seed}")))
     mix = [f"lc.mix.short_share={share}", f"lc.mix.short_length={args.short_length}", "lc.micro_batch_size=1",
-           "train.kernels.fused_mamba=true", "train.backend=megatron", *args.set]
+           "train.kernels.fused_mamba=true", "train.backend=megatron", *args.set,
+           *([] if seed is None else [f"train.seed={seed}"])]
     for stage in ("lc", "export", "eval"):
         proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *mix], cwd=work,
                               capture_output=True, text=True)
@@ -71,7 +74,7 @@ def run_share_megatron(share: float, args, out: Path) -> dict:
             raise SystemExit(f"error: share {share}: {stage} failed; see {work / f'{stage}.log'}")
     metrics = json.loads((work / "reports" / "eval" / "metrics.json").read_text())
     by_position = metrics["long_context"]["loss_by_position"]
-    return {"share": share, **what_lc_ran(work, share), "by_position": by_position["lc"],
+    return {"share": share, "seed": seed, **what_lc_ran(work, share), "by_position": by_position["lc"],
             "pretrain_by_position": by_position["pretrain"],
             "test_loss": {name: m["loss"] for name, m in sorted(metrics["test"].items())}}
 
@@ -97,13 +100,36 @@ def what_lc_ran(work: Path, share: float) -> dict:
 
 
 def main_megatron(args, out: Path) -> None:
-    results = [run_share_megatron(float(s), args, out) for s in args.shares.split(",")]
-    (out / "lc_mix_megatron.json").write_text(json.dumps(results, indent=2))
-    report_megatron(results)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    results = []
+    for seed in seeds:
+        results += [run_share_megatron(float(s), seed, args, out) for s in args.shares.split(",")]
+        (out / "lc_mix_megatron.json").write_text(json.dumps(results, indent=2))  # each seed's pair as it ends
+    for seed in seeds:
+        report_megatron([r for r in results if r.get("seed") == seed])
+    if len(seeds) > 1:
+        report_spread(results, seeds)
+
+
+def first_bucket(r: dict) -> float:
+    return r["by_position"][0]["loss"]
+
+
+def report_spread(results: list[dict], seeds: list[int]) -> None:
+    """Each share's first-bucket difference against the first share at every seed: an effect is the part that
+    exceeds the spread between seeds."""
+    by_seed = {seed: [r for r in results if r["seed"] == seed] for seed in seeds}
+    for i, share in enumerate(r["share"] for r in by_seed[seeds[0]][1:]):
+        diffs = [first_bucket(runs[i + 1]) - first_bucket(runs[0]) for runs in by_seed.values()]
+        print(f"share {share:g} vs {by_seed[seeds[0]][0]['share']:g}, first bucket, by seed: "
+              + ", ".join(f"{d:+.4f}" for d in diffs) + f" (mean {statistics.mean(diffs):+.4f}, "
+              f"spread {max(diffs) - min(diffs):.4f})")
 
 
 def report_megatron(results: list[dict]) -> None:
     base = results[0]
+    if base.get("seed") is not None:
+        print(f"== train.seed {base['seed']}")
     for r in results:
         print(f"share {r['share']:g}: lc packed {r['packed']}, {r['tokens_per_s_per_gpu'] or 0:,.0f} tokens/s/GPU, "
               f"last train loss {r['train_loss']:.4f}, valid loss {r['valid_loss']:.4f}")
@@ -113,7 +139,7 @@ def report_megatron(results: list[dict]) -> None:
             span = f"{bucket['from']}-{bucket['to']}"
             print(f"{r['share']:>6g} {span:>12} {bucket['loss']:>8.4f} {before['loss']:>9.4f}")
     for r in results[1:]:
-        first = r["by_position"][0]["loss"] - base["by_position"][0]["loss"]
+        first = first_bucket(r) - first_bucket(base)
         mean = (sum(b["loss"] for b in r["by_position"]) - sum(b["loss"] for b in base["by_position"])) / len(
             r["by_position"])
         print(f"share {r['share']:g} vs {base['share']:g} after lc: first bucket (short context) {first:+.4f}, "
@@ -130,6 +156,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/lc_mix")
     ap.add_argument("--backend", choices=["reference", "megatron"], default="reference")
     ap.add_argument("--short-length", type=int, default=512, help="--backend megatron: lc.mix.short_length")
+    ap.add_argument("--seeds", default="", help="--backend megatron: train.seed values, each running every share")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml override for every share's stages (repeatable), e.g. lc.seq_length=65536")
     args = ap.parse_args()
