@@ -4,6 +4,7 @@
     python bench/lc_mix.py --backend megatron [--shares 0,0.5] [--short-length 512]       # GPU, packed sequences
         [--set lc.seq_length=65536 --set lc.global_batch_size=2 --set lc.tokens=8388608]  # any params override
         [--seeds 1234,1235]                                     # every share once per train.seed: the noise floor
+    python bench/lc_mix.py --report bench/results/lc_mix/lc_mix_megatron.json              # print and plot a saved run
 
 `--backend megatron` (a GPU machine with causal-conv1d, after the GPU `make smoke`): lc runs once per share with
 params.yaml's lc budget (or `--set`'s) through Megatron (short sequences packed), then export and eval run on it in the same
@@ -105,10 +106,46 @@ def main_megatron(args, out: Path) -> None:
     for seed in seeds:
         results += [run_share_megatron(float(s), seed, args, out) for s in args.shares.split(",")]
         (out / "lc_mix_megatron.json").write_text(json.dumps(results, indent=2))  # each seed's pair as it ends
+    report_all(results, out / "lc_mix_megatron.png")
+
+
+def report_all(results: list[dict], png: Path) -> None:
+    """Every seed's comparison, the spread between seeds, and the plot (also from a saved JSON: --report)."""
+    seeds = list(dict.fromkeys(r.get("seed") for r in results))
     for seed in seeds:
         report_megatron([r for r in results if r.get("seed") == seed])
     if len(seeds) > 1:
         report_spread(results, seeds)
+    plot_megatron(results, png)
+    print(f"plot: {png}")
+
+
+def plot_megatron(results: list[dict], path: Path) -> None:
+    """Loss by position after lc per share (the pretrain model dashed), and what lc changed in each bucket."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nano3.files import atomic_save_figure
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    mids = [(b["from"] + b["to"]) / 2 for b in results[0]["by_position"]]
+    width = (mids[1] - mids[0]) * 0.8 / len(results) if len(mids) > 1 else 10
+    left.plot(mids, [b["loss"] for b in results[0]["pretrain_by_position"]], "k--", label="pretrain model")
+    for i, r in enumerate(results):
+        name = f"share {r['share']:g}" + ("" if r.get("seed") is None else f", seed {r['seed']}")
+        left.plot(mids, [b["loss"] for b in r["by_position"]], marker="o", label=f"after lc, {name}")
+        change = [b["loss"] - p["loss"] for b, p in zip(r["by_position"], r["pretrain_by_position"])]
+        right.bar([m + (i - (len(results) - 1) / 2) * width for m in mids], change, width=width, label=name)
+    left.set(xlabel="position in the eval window (tokens)", ylabel="loss", title="Loss by position (eval)")
+    right.set(xlabel="position in the eval window (tokens)", ylabel="lc model minus pretrain model",
+              title="What lc changed (negative: better)")
+    right.axhline(0, color="k", lw=0.5)
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def first_bucket(r: dict) -> float:
@@ -159,7 +196,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="", help="--backend megatron: train.seed values, each running every share")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params.yaml override for every share's stages (repeatable), e.g. lc.seq_length=65536")
+    ap.add_argument("--report", metavar="JSON", help="print and plot a saved lc_mix_megatron.json, run nothing")
     args = ap.parse_args()
+    if args.report:
+        return report_all(json.loads(Path(args.report).read_text()), Path(args.report).with_suffix(".png"))
     if not (ROOT / "checkpoints" / "pretrain.json").exists():
         sys.exit("error: checkpoints/pretrain.json: missing; run make smoke first")
     out = ROOT / args.out

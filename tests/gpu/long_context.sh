@@ -74,7 +74,7 @@ case "${1:-}" in
     bash "$0" status
     if [ -n "${OUT:-}" ]; then
       mkdir -p "$OUT/lc" && cp /root/lc.log /root/lc-tests.log "$OUT/lc/" 2> /dev/null
-      cp /root/lcdata/bench/results/lc_mix/lc_mix_megatron.json "$OUT/lc/" 2> /dev/null
+      cp /root/lcdata/bench/results/lc_mix/lc_mix_megatron.{json,png} "$OUT/lc/" 2> /dev/null
       for f in /root/lcdata/bench/results/lc_mix/*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }; done \
         > "$OUT/lc/lc_mix.logs.txt" 2> /dev/null
       for d in /root/lcbench/bench/results/lc-* /root/lcdata/bench/results/lc-*; do
