@@ -6,8 +6,8 @@
 #     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status (or wait 540)
 # LC_TESTS is a pytest -k expression (empty: no tests); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
 # part 4 first, from the smoke's pretrain (`dvc repro pretrain` in the data copy); LC_BENCH holds `bench/train_throughput.py --scale long`
-# argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; a causal-conv1d wheel in .dev7/
-# (carried) is installed first, for the fused Mamba path. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
+# argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; causal-conv1d (the fused Mamba
+# path) is built by `WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh`, or unpacked from .dev7/ (carried), which `stash` makes. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
 # 0,1 and the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
 # It runs from a snapshot of the checkout (/root/snap): every remote command re-copies the checkout, and a poll
 # that did so while torchrun started its ranks once took their modules away. The data copy is /root/lcdata
@@ -16,8 +16,9 @@ set -uo pipefail
 export PYTHONPATH=/root/snap/src:/root/snap NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=/root/lcdata PYTHONUNBUFFERED=1
 case "${1:-}" in
   start)
-    if ls .dev7/causal_conv1d-*.whl > /dev/null 2>&1 && ! python3 -c "import causal_conv1d" 2> /dev/null; then
-      python3 -m pip install -q --no-index --no-deps --no-cache-dir .dev7/causal_conv1d-*.whl || exit 1
+    if ls .dev7/causal_conv1d.tgz.part* > /dev/null 2>&1 && ! python3 -c "import causal_conv1d" 2> /dev/null; then
+      cat $(ls .dev7/causal_conv1d.tgz.part* | sort) | tar -C "$(python3 -c 'import site; print(site.getsitepackages()[0])')" -xzf - \
+        && python3 -c "import causal_conv1d_cuda" || { echo "error: .dev7's causal-conv1d did not import"; exit 1; }
     fi
     rm -rf /root/snap && PYTHONPATH=$(pwd):$(pwd)/src python3 -c \
       "from pathlib import Path; from tests.conftest import copy_repo; copy_repo(Path('/root/snap'))" || exit 1
@@ -83,5 +84,10 @@ case "${1:-}" in
         for f in "$d"/*.log; do tail -40 "$f"; done > "$OUT/lc/$(basename "$d").logs.txt"
       done
     fi ;;
-  *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status | wait SECONDS" >&2; exit 2 ;;
+  stash)  # causal-conv1d as built here (~400 s), back under $OUT/cc in parts that fit $OUT's 16 MiB per file; put
+    # them in .dev7/ and carry it (its own call) before `start`, then install.sh needs no WITH_CAUSAL_CONV1D
+    cd "$(python3 -c 'import site; print(site.getsitepackages()[0])')" || exit 1
+    mkdir -p "$OUT/cc" && tar -czf - causal_conv1d causal_conv1d-*.dist-info causal_conv1d_cuda*.so \
+      | split -b 15m -d - "$OUT/cc/causal_conv1d.tgz.part" && ls -l "$OUT/cc" ;;
+  *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status | wait SECONDS | stash" >&2; exit 2 ;;
 esac
