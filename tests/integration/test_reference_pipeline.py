@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from nano3.code import code_digest
 from nano3.train.metrics import read_metric
+from nano3.train.rundir import TRAINING_CODE
 from tests.conftest import copy_repo
 from tests.integration.test_dvc_data import dvc, ran
 
@@ -137,6 +139,7 @@ def test_killed_reference_training_resumes_to_the_same_loss(smoke):
     assert resumed["metrics"]["train"]["loss"] == whole["metrics"]["train"]["loss"]
     steps = [s for s, _ in read_metric(repo / "live_killed" / "pretrain", "train/loss")]
     assert steps == list(range(1, 11))  # rows the killed run logged after its checkpoint were replaced, not doubled
+    assert resumed["code"] == whole["code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]
 
 
 def test_reference_runs_write_effective_configs_that_conform(smoke):
@@ -172,6 +175,11 @@ def test_checkpoint_root_retention_and_the_stopped_phase(smoke, tmp_path):
     again = run(repo, sys.executable, "stages/pretrain.py", *budget, f"train.checkpoint_dir={root}",
                 "train.keep_checkpoints=2", "train.live_dir=live_ck")
     assert "pretrain phase1" not in again.stderr and json.loads((root / "pretrain.json").read_text())["iteration"] == 10
+    (run_dir / "code.json").write_text(json.dumps([{"code": "older", "from_iteration": 1}]))  # trained by other code
+    again = run(repo, sys.executable, "stages/pretrain.py", *budget, f"train.checkpoint_dir={root}",
+                "train.keep_checkpoints=2", "train.live_dir=live_ck")
+    assert "finished at iteration 10 with other training code (older; now" in again.stdout, again.stdout[-2000:]
+    assert json.loads((root / "pretrain.json").read_text())["code"] == [{"code": "older", "from_iteration": 1}]
 
     cmd = [sys.executable, "stages/pretrain.py", *budget, f"train.checkpoint_dir={tmp_path / 'ck2'}", "train.live_dir=live2"]
     proc, tracker = start_until_checkpoint(repo, cmd, tmp_path / "ck2" / "pretrain", 2, log=tmp_path / "term.log")

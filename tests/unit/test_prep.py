@@ -16,7 +16,7 @@ import pytest
 import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from nano3.data.prep import logic_digest, prepare_dataset, split_of
+from nano3.data.prep import prepare_dataset, split_of
 from nano3.data.tokenizer import Encoder
 from nano3.errors import UserError
 from tests.conftest import ROOT
@@ -138,13 +138,6 @@ def test_work_left_by_other_prep_code_is_redone_not_resumed(tmp_path, sample_dir
     printed = capsys.readouterr().out
     assert "holds work of another plan or prep code; starting over" in printed and "already done" not in printed
     assert redone == clean and "retired_reason" not in redone["skipped"]
-
-
-def test_the_code_digest_ignores_comments_and_docstrings_but_not_logic():
-    base = 'def f(x):\n    """Why."""\n    return x + 1\n'
-    assert logic_digest([base]) == logic_digest(['def f(x):  # note\n    """Why, reworded."""\n\n    return x + 1\n'])
-    assert logic_digest([base]) != logic_digest([base.replace("x + 1", "x + 2")])
-    assert logic_digest([base]) != logic_digest([base, "Y = 1\n"])
 
 
 def test_sample_takes_the_first_n_rows_and_force_redoes(tmp_path, sample_dir, params_factory):

@@ -16,7 +16,6 @@ Design, and why:
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures as cf
 import hashlib
 import json
@@ -32,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from nano3.code import code_digest
 from nano3.config.sections import PrepConfig
 from nano3.data.binidx import BinIdxWriter
 from nano3.data.sources import DatasetSpec, Source, Unit
@@ -176,28 +176,13 @@ def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
 # Orchestration
 
 
-CODE_MODULES = ("prep", "sources", "tokenizer", "binidx")  # what decides a unit's bytes and its receipt
+CODE_MODULES = ("data/prep.py", "data/sources.py", "data/tokenizer.py", "data/binidx.py")  # a unit's bytes, receipt
 
 
-def logic_digest(sources) -> str:
-    """A digest of Python sources' syntax trees without docstrings: comments, layout and prose do not change it."""
-    h = hashlib.sha256()
-    for text in sources:
-        tree = ast.parse(text)
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]
-        h.update(ast.dump(tree).encode())
-    return h.hexdigest()[:16]
-
-
-def code_digest() -> str:
-    """The prep code's logic. Receipts written by other code are not resumed: they would pair the bytes and counts
-    the old code wrote with the code dvc.lock records (a new `skipped` reason once went missing that way)."""
-    here = Path(__file__).parent
-    return logic_digest((here / f"{module}.py").read_text() for module in CODE_MODULES)
+def prep_code_digest() -> str:
+    """Receipts written by other prep code are not resumed: they would pair the bytes and counts the old code wrote
+    with the code dvc.lock records (a new `skipped` reason once went missing that way)."""
+    return code_digest(CODE_MODULES)
 
 
 def _plan_fingerprint(spec: DatasetSpec, units: list[Unit], tokenizer_fp: str, sample_rows: int | None) -> str:
@@ -224,7 +209,7 @@ def _load_receipts(work_dir: Path, units: list[Unit]) -> dict[int, dict]:
 
 
 def _work_plan(fingerprint: str) -> dict:
-    return {"fingerprint": fingerprint, "code": code_digest()}
+    return {"fingerprint": fingerprint, "code": prep_code_digest()}
 
 
 def _plan_matches(work_dir: Path, fingerprint: str) -> bool:

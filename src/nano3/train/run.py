@@ -3,7 +3,7 @@
 Checkpoints go to `checkpoints/<stage>/<run digest>/` (mapping.run_digest): a killed or preempted run
 restarts in the same directory and Bridge resumes from its latest checkpoint; a run with different
 hyperparameters gets a fresh directory. The DVC out is `checkpoints/<stage>.json`, a small manifest
-pointing at the checkpoint, never the checkpoint tree itself.
+pointing at the checkpoint, never the checkpoint tree itself, and naming the code that trained it (rundir.record_code).
 """
 
 from __future__ import annotations
@@ -181,13 +181,15 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
             raise UserError(f"{manifest_path(params.settings.train, 'pretrain')}: pretrained with the {pre.get('backend', 'megatron')} "
                             f"backend but lc would run on {backend}; rerun pretrain with train.backend={backend}")
     phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
+    node0 = os.environ.get("SLURM_NODEID", "0") == "0"
+    code = rundir.record_code(run_dir, stage, latest_iteration(run_dir), phases[-1].end_iter, log) if node0 else []
     training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir, live_dir=live_dir,
                            pretrained=pretrained, params_file=params_file, overrides=list(our_overrides),
                            bridge=list(bridge_cli))
     train_on(backend, training, log)
     exit_if_stopped(run_dir, stage, phases, log)
 
-    if os.environ.get("SLURM_NODEID", "0") != "0":
+    if not node0:
         return None  # every node ran the same phases; node 0 writes the manifest
     iteration = latest_iteration(run_dir)
     summary_file = live_dir / "metrics.json"
@@ -195,6 +197,7 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
                 "checkpoint": str(run_dir), "upstream": upstream, "backend": backend,
                 "format": "hf" if backend == "reference" else "megatron",
                 "phases": [{"name": p.name, "end_iter": p.end_iter, "blend": p.blend} for p in phases],
+                "code": code,
                 "metrics": json.loads(summary_file.read_text()) if summary_file.exists() else {}}
     atomic_write_json(manifest_path(params.settings.train, stage), manifest)
     return manifest

@@ -3,6 +3,7 @@
     <train.checkpoint_dir>/<stage>.json                        the DVC out: which run and iteration a stage ended at
     <train.checkpoint_dir>/<stage>/<run digest>/iter_0000048/  a checkpoint (Megatron's layout; the reference
     <train.checkpoint_dir>/<stage>/<run digest>/latest_checkpointed_iteration.txt   backend writes the same)
+    <train.checkpoint_dir>/<stage>/<run digest>/code.json      which training code trained which iterations
     <train.live_dir>/<stage>/                                  dvclive metrics and plots
 """
 
@@ -10,10 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nano3.code import code_digest
 from nano3.config.sections import TrainConfig
-from nano3.files import atomic_write_text
+from nano3.files import atomic_write_json, atomic_write_text, read_json
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CODE_RECORD = "code.json"
+# The package code a training run's weights depend on: the pretrain stage's code deps in dvc.yaml
+TRAINING_CODE = ("train", "model", "data/megatron.py", "data/lc_mix.py", "data/tokenizer.py", "data/binidx.py",
+                 "schedule.py", "config", "megatron_compat.py")
 
 
 def manifest_path(train: TrainConfig, stage: str) -> Path:
@@ -63,3 +69,24 @@ def exit_if_stopped(run_dir: Path, stage: str, phases: list, log) -> None:
     if stopped is not None:
         log(f"{stage}: {stopped.name} stopped at iteration {done}; rerun to resume")
         raise SystemExit(3)
+
+
+def record_code(run: str | Path, stage: str, done: int, end: int, log) -> list[dict]:
+    """Which training code trained which iterations of this run: `[{code, from_iteration}, ...]` (code null: trained
+    before runs recorded it). The run's identity is its hyperparameters, so a run killed under one version of the
+    code resumes under the next (a fix mid-run must not cost the run); the record keeps that visible. A finished
+    run that DVC reruns for a code change is reused, and said so: its weights came from the code recorded."""
+    path = Path(run) / CODE_RECORD
+    segments = read_json(path, "code record") if path.exists() else [{"code": None, "from_iteration": 1}] if done else []
+    now = code_digest(TRAINING_CODE)
+    if done >= end:
+        if segments and segments[-1]["code"] != now:
+            log(f"{stage}: run {Path(run).name} finished at iteration {done} with other training code "
+                f"({segments[-1]['code'] or 'unrecorded'}; now {now}): reused as recorded in {stage}.json; to "
+                f"retrain with this code, remove {run}")
+        return segments
+    segments = [s for s in segments if s["from_iteration"] <= done]  # a start that trained nothing is forgotten
+    if not segments or segments[-1]["code"] != now:
+        segments.append({"code": now, "from_iteration": done + 1})
+    atomic_write_json(path, segments)
+    return segments
