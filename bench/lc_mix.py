@@ -203,6 +203,8 @@ def main() -> None:
     if not (ROOT / "checkpoints" / "pretrain.json").exists():
         sys.exit("error: checkpoints/pretrain.json: missing; run make smoke first")
     out = ROOT / args.out
+    if args.seeds and args.backend != "megatron":
+        sys.exit("error: --seeds is for --backend megatron; the CPU comparison runs params.yaml's train.seed only")
     if args.backend == "megatron":
         return main_megatron(args, out)
     results = [run_share(float(s), args, out) for s in args.shares.split(",")]
