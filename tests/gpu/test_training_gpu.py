@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from nano3.code import code_digest
 from nano3.config import load_params
 from nano3.schedule import build_schedule
 from nano3.train.metrics import read_metric
-from nano3.train.rundir import latest_iteration
+from nano3.train.rundir import TRAINING_CODE, latest_iteration
 from tests.gpu.conftest import edit_params, env, gpus, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
@@ -135,6 +136,7 @@ def test_exported_model_gives_megatrons_logits(smoke):
     check = record["logits_check"]
     print(f"logits check: {check}")
     assert record["source"] == "lc" and record["format"] == "megatron"
+    assert record["training_code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]
     assert check["tokens"] >= 4096
     assert check["rel_l2"] < 0.02 and check["top1_agreement"] > 0.98
     model = AutoModelForCausalLM.from_pretrained(repo / "models" / "hf")

@@ -73,6 +73,7 @@ def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
     assert lc_loss and lc_loss[0][1] < loss[0][1] - 1.0  # lc starts from the pretrained weights
     export = json.loads((repo / "models" / "hf" / "nano3_export.json").read_text())
     assert export["source"] == "lc" and export["format"] == "hf"
+    assert export["training_code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]  # the weights' code
     metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
     assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs", "stdlib-long", "retrieval"}
     for name, r in metrics["test"].items():

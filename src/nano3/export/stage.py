@@ -70,7 +70,8 @@ def export_checkpoint(params, source: str, out_dir: Path) -> dict:
             raise UserError(f"{manifest_file}: unknown checkpoint format {fmt!r}")
         save_hf_tokenizer(tokenizer_dir, tmp)
         record = {"source": manifest["stage"], "checkpoint": str(ckpt), "iteration": manifest["iteration"],
-                  "run_digest": manifest["digest"], "format": fmt, "logits_check": check}
+                  "run_digest": manifest["digest"], "training_code": manifest.get("code"), "format": fmt,
+                  "logits_check": check}
         limit = params.settings.export.max_rel_l2
         if check and not check["rel_l2"] <= limit:  # refused before the directory replaces the last good one
             raise UserError(f"{out_dir}: transformers' logits differ from Megatron's by {check['rel_l2']:.4f} "
