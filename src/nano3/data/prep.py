@@ -208,22 +208,18 @@ def _load_receipts(work_dir: Path, units: list[Unit]) -> dict[int, dict]:
     return done
 
 
-def _work_plan(fingerprint: str) -> dict:
-    return {"fingerprint": fingerprint, "code": prep_code_digest()}
-
-
-def _plan_matches(work_dir: Path, fingerprint: str) -> bool:
+def _plan_matches(work_dir: Path, work_plan: dict) -> bool:
     plan_file = work_dir / "plan.json"
-    return plan_file.exists() and json.loads(plan_file.read_text()) == _work_plan(fingerprint)
+    return plan_file.exists() and json.loads(plan_file.read_text()) == work_plan
 
 
-def _prepare_work_dir(work_dir: Path, fingerprint: str, force: bool, show_progress: bool) -> None:
-    if force or not _plan_matches(work_dir, fingerprint):
+def _prepare_work_dir(work_dir: Path, work_plan: dict, force: bool, show_progress: bool) -> None:
+    if force or not _plan_matches(work_dir, work_plan):
         if show_progress and not force and (work_dir / "plan.json").exists():
             print(f"prep: {work_dir} holds work of another plan or prep code; starting over")
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
-        atomic_write_json(work_dir / "plan.json", _work_plan(fingerprint))
+        atomic_write_json(work_dir / "plan.json", work_plan)
     for tmp in work_dir.glob("*.tmp"):  # left by a killed run
         tmp.unlink()
 
@@ -393,6 +389,7 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
     source = Source(spec, prep.hf_mirror)
     units = source.plan(unit_bytes(prep.unit_mb, source))
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
+    work_plan = {"fingerprint": fingerprint, "code": prep_code_digest()}  # what the work directory's receipts are of
 
     existing = out_dir / MANIFEST
     if step in ("all", "plan") and not force and existing.exists():
@@ -401,11 +398,11 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
             return manifest
 
     if step in ("all", "plan"):
-        _prepare_work_dir(work_dir, fingerprint, force, show_progress)
+        _prepare_work_dir(work_dir, work_plan, force, show_progress)
         if step == "plan":
             return None
     else:  # array tasks and the assembly never reset the shared work directory: the plan step did
-        if not _plan_matches(work_dir, fingerprint):
+        if not _plan_matches(work_dir, work_plan):
             raise UserError(f"{work_dir / 'plan.json'}: missing, or for another plan or prep code; run `stages/prep.py {name} --plan-only` "
                             f"before the array tasks (python -m nano3.launch does)")
         if sample_rows is not None:
