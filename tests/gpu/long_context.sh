@@ -14,10 +14,11 @@
 # (NANO3_GPU_SMOKE_DIR: `dvc repro blend`, made once and reused by later calls, with each model's short pretrain).
 set -uo pipefail
 export PYTHONPATH=/root/snap/src:/root/snap NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=/root/lcdata PYTHONUNBUFFERED=1
+site_packages() { python3 -c 'import site; print(site.getsitepackages()[0])'; }  # where causal-conv1d is installed
 case "${1:-}" in
   start)
     if ls .dev7/causal_conv1d.tgz.part* > /dev/null 2>&1 && ! python3 -c "import causal_conv1d" 2> /dev/null; then
-      cat $(ls .dev7/causal_conv1d.tgz.part* | sort) | tar -C "$(python3 -c 'import site; print(site.getsitepackages()[0])')" -xzf - \
+      cat $(ls .dev7/causal_conv1d.tgz.part* | sort) | tar -C "$(site_packages)" -xzf - \
         && python3 -c "import causal_conv1d_cuda" || { echo "error: .dev7's causal-conv1d did not import"; exit 1; }
     fi
     rm -rf /root/snap && PYTHONPATH=$(pwd):$(pwd)/src python3 -c \
@@ -86,7 +87,7 @@ case "${1:-}" in
     fi ;;
   stash)  # causal-conv1d as built here (~400 s), back under $OUT/cc in parts that fit $OUT's 16 MiB per file; put
     # them in .dev7/ and carry it (its own call) before `start`, then install.sh needs no WITH_CAUSAL_CONV1D
-    cd "$(python3 -c 'import site; print(site.getsitepackages()[0])')" || exit 1
+    cd "$(site_packages)" || exit 1
     mkdir -p "$OUT/cc" && tar -czf - causal_conv1d causal_conv1d-*.dist-info causal_conv1d_cuda*.so \
       | split -b 15m -d - "$OUT/cc/causal_conv1d.tgz.part" && ls -l "$OUT/cc" ;;
   *) echo "usage: [LC_TESTS=...] [LC_BENCH=...] $0 start | status | wait SECONDS | stash" >&2; exit 2 ;;

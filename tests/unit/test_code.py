@@ -9,8 +9,7 @@ import yaml
 
 from nano3.code import code_digest, logic_digest
 from nano3.train.rundir import CODE_RECORD, TRAINING_CODE, record_code
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def test_the_digest_ignores_comments_and_docstrings_but_not_logic():
