@@ -48,6 +48,26 @@ def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
     return log
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a stage and every process under it at once, as a node failure would: its torchrun and the ranks run
+    in sessions of their own, which killing the stage's process group does not reach (until 2026-11-29 the
+    kill/resume tests left them training beside the resume). Returns once all are gone."""
+    import signal
+
+    import psutil
+
+    stage = psutil.Process(proc.pid)
+    tree = [*reversed(stage.children(recursive=True)), stage]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"still running after SIGKILL: {alive}"
+
+
 def blended_copy(repo: Path) -> Path:
     """A fresh copy of the repository (its params set for the machine's GPUs) with its data made: `dvc repro blend`
     (sample -> tokenizer -> retrieval -> prep -> blend; CPU only). The smoke's first half, and all that the

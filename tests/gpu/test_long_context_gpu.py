@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan, local_gpu_memory
 from nano3.train.rundir import TRAINING_CODE, latest_iteration
-from tests.gpu.conftest import env, gpus, run
+from tests.gpu.conftest import env, gpus, kill_tree, run
 
 pytestmark = pytest.mark.gpu
 
@@ -128,8 +127,7 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
         if trackers and latest_iteration(trackers[0].parent) >= save_every:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun tree, as a node failure would
-    proc.wait()
+    kill_tree(proc)  # the stage, its torchrun and ranks, as a node failure would
     first_log = first_log_file.read_text()
     killed_at = latest_iteration(next(runs.glob("*")))
     assert save_every <= killed_at < iterations, first_log[-4000:]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from nano3.config import load_params
 from nano3.schedule import build_schedule
 from nano3.train.metrics import read_metric
 from nano3.train.rundir import TRAINING_CODE, latest_iteration
-from tests.gpu.conftest import edit_params, env, gpus, run  # noqa: F401  (both_stacks.sh imports edit_params here)
+from tests.gpu.conftest import edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
 
@@ -92,8 +91,7 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
         if dirs and latest_iteration(dirs[0].parent) >= 75:
             break
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun tree, as a node failure would
-    proc.wait()
+    kill_tree(proc)  # the stage, its torchrun and ranks, as a node failure would
     killed_at = latest_iteration(next(run_root.glob("*")))
     assert 75 <= killed_at < sched.switch_iter
     log = run(repo, cmd)

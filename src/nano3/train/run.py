@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from nano3.config import section_name
@@ -171,22 +172,25 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     upstream = upstream_digests(params, stage)
     digest = run_digest(params, stage, {**upstream, "backend": backend})
     run_dir = rundir.run_dir(params.settings.train, stage, digest)
-    live_dir = rundir.live_dir(params.settings.train, stage)
-    prepare_live_dir(live_dir, digest)
-    pretrained = None
-    if stage == "lc":
-        pre = read_json(manifest_path(params.settings.train, "pretrain"), "pretrain manifest (run make pretrain)")
-        pretrained = pre["checkpoint"]
-        if pre.get("backend", "megatron") != backend:
-            raise UserError(f"{manifest_path(params.settings.train, 'pretrain')}: pretrained with the {pre.get('backend', 'megatron')} "
-                            f"backend but lc would run on {backend}; rerun pretrain with train.backend={backend}")
-    phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
     node0 = os.environ.get("SLURM_NODEID", "0") == "0"
-    code = rundir.record_code(run_dir, stage, latest_iteration(run_dir), phases[-1].end_iter, log) if node0 else []
-    training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir, live_dir=live_dir,
-                           pretrained=pretrained, params_file=params_file, overrides=list(our_overrides),
-                           bridge=list(bridge_cli))
-    train_on(backend, training, log)
+    phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
+    # node 0 holds the stage's lock (the other nodes' processes are the same training)
+    with rundir.hold_stage(params.settings.train, stage) if node0 else nullcontext() as lock_fd:
+        live_dir = rundir.live_dir(params.settings.train, stage)
+        prepare_live_dir(live_dir, digest)
+        pretrained = None
+        if stage == "lc":
+            pre = read_json(manifest_path(params.settings.train, "pretrain"), "pretrain manifest (run make pretrain)")
+            pretrained = pre["checkpoint"]
+            if pre.get("backend", "megatron") != backend:
+                raise UserError(f"{manifest_path(params.settings.train, 'pretrain')}: pretrained with the "
+                                f"{pre.get('backend', 'megatron')} backend but lc would run on {backend}; rerun "
+                                f"pretrain with train.backend={backend}")
+        code = rundir.record_code(run_dir, stage, latest_iteration(run_dir), phases[-1].end_iter, log) if node0 else []
+        training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir,
+                               live_dir=live_dir, pretrained=pretrained, params_file=params_file,
+                               overrides=list(our_overrides), bridge=list(bridge_cli), lock_fd=lock_fd)
+        train_on(backend, training, log)
     exit_if_stopped(run_dir, stage, phases, log)
 
     if not node0:

@@ -4,15 +4,23 @@
     <train.checkpoint_dir>/<stage>/<run digest>/iter_0000048/  a checkpoint (Megatron's layout; the reference
     <train.checkpoint_dir>/<stage>/<run digest>/latest_checkpointed_iteration.txt   backend writes the same)
     <train.checkpoint_dir>/<stage>/<run digest>/code.json      which training code trained which iterations
+    <train.checkpoint_dir>/<stage>.lock                        held while the stage trains (hold_stage)
     <train.live_dir>/<stage>/                                  dvclive metrics and plots
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nano3.code import code_digest
 from nano3.config.sections import TrainConfig
+from nano3.errors import UserError
 from nano3.files import atomic_write_json, atomic_write_text, read_json
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -24,6 +32,32 @@ TRAINING_CODE = ("train", "model", "data/megatron.py", "data/lc_mix.py", "data/t
 
 def manifest_path(train: TrainConfig, stage: str) -> Path:
     return Path(train.checkpoint_dir) / f"{stage}.json"
+
+
+@contextmanager
+def hold_stage(train: TrainConfig, stage: str) -> Iterator[int | None]:
+    """One training of a stage at a time per checkout: two would write one run directory and one metrics directory.
+    The lock's descriptor is handed to torchrun, so a stage killed mid-run still holds it until its ranks have
+    stopped, and a rerun meanwhile is refused in one line. Yields the descriptor (None where the file system has no
+    flock, e.g. some Lustre mounts: then nothing is guarded)."""
+    path = Path(train.checkpoint_dir) / f"{stage}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "unknown"
+            raise UserError(f"{path}: another {stage} training holds this checkout ({holder}); wait until it ends "
+                            f"(a killed stage's ranks stop within a minute) or stop it, then rerun") from None
+        except OSError:
+            yield None
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"started by pid {os.getpid()} on {socket.gethostname()} at {time.strftime('%F %T')}\n".encode())
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def run_dir(train: TrainConfig, stage: str, digest: str) -> Path:

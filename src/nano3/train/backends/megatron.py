@@ -29,7 +29,8 @@ def train(run: TrainingRun, log=print) -> None:
         cmd += [f"--override={o}" for o in run.overrides] + [f"--bridge={b}" for b in run.bridge]
         if run.pretrained:
             cmd += ["--pretrained", run.pretrained]
-        rc = run_forwarding_sigterm(cmd, {**os.environ, **training_environment(run.params, layout.tp, os.environ)})
+        rc = run_forwarding_sigterm(cmd, {**os.environ, **training_environment(run.params, layout.tp, os.environ)},
+                                    keep_fds=() if run.lock_fd is None else (run.lock_fd,))
         refused = failure_path(run.run_dir, phase.name)
         if rc != 0 and refused.exists():
             reason = refused.read_text().strip()
@@ -58,16 +59,21 @@ def torchrun_command(nproc: int) -> list[str]:
     return cmd + ["-m", "nano3.train.entry"]
 
 
-def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None) -> int:
+def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None, keep_fds: tuple[int, ...] = ()) -> int:
     """Run torchrun in its own session; SIGTERM (Slurm's pre-time-limit signal, passed on by the
     sbatch script) or Ctrl-C goes straight to the training ranks as SIGTERM, and Bridge's handler
     saves a checkpoint and exits cleanly. torchrun itself is spared: its own SIGTERM handling kills
-    the ranks after a grace period that a large checkpoint can outlast."""
+    the ranks after a grace period that a large checkpoint can outlast.
+
+    If this process dies without a word (SIGKILL, the OOM killer), torchrun gets SIGTERM from the kernel and stops
+    its ranks (SIGTERM, then SIGKILL after 30 s) instead of training on, orphaned, beside the rerun. `keep_fds` (the
+    stage's lock, rundir.hold_stage) stay open in torchrun, so the lock is held until its ranks have stopped."""
     import signal
 
     import psutil
 
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, pass_fds=keep_fds,
+                            preexec_fn=stop_when_parent_dies(signal.SIGTERM))
 
     def forward(signum, _frame):
         for child in psutil.Process(proc.pid).children(recursive=True):
@@ -79,3 +85,20 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None) ->
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def stop_when_parent_dies(signum: int):
+    """A Popen preexec_fn: the child gets `signum` when this process dies (Linux's PR_SET_PDEATHSIG); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+    pr_set_pdeathsig = 1
+
+    def in_child() -> None:
+        prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signum)
+
+    return in_child
