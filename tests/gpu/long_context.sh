@@ -7,7 +7,7 @@
 # LC_TESTS is a pytest -k expression (empty: no tests); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
 # part 4 first, from the smoke's pretrain (`dvc repro pretrain` in the data copy); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; causal-conv1d (the fused Mamba
-# path) is built by `WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh`, or unpacked from .dev7/ (carried), which `stash` makes. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
+# path) is built by `WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh`, or unpacked from .dev7/ (carried with .dev6: 26 + 30 MB), which `stash` makes. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
 # 0,1 and the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
 # It runs from a snapshot of the checkout (/root/snap): every remote command re-copies the checkout, and a poll
 # that did so while torchrun started its ranks once took their modules away. The data copy is /root/lcdata
@@ -86,7 +86,7 @@ case "${1:-}" in
       done
     fi ;;
   stash)  # causal-conv1d as built here (~400 s), back under $OUT/cc in parts that fit $OUT's 16 MiB per file; put
-    # them in .dev7/ and carry it (its own call) before `start`, then install.sh needs no WITH_CAUSAL_CONV1D
+    # them in .dev7/ and carry it with .dev6 into the call that runs install.sh (no WITH_CAUSAL_CONV1D) and `start`
     cd "$(site_packages)" || exit 1
     mkdir -p "$OUT/cc" && tar -czf - causal_conv1d causal_conv1d-*.dist-info causal_conv1d_cuda*.so \
       | split -b 15m -d - "$OUT/cc/causal_conv1d.tgz.part" && ls -l "$OUT/cc" ;;

@@ -143,6 +143,39 @@ def test_killed_reference_training_resumes_to_the_same_loss(smoke):
     assert resumed["code"] == whole["code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]
 
 
+def test_an_lc_run_again_writes_the_same_checkpoint_bytes(smoke):
+    """The run's checkpoint, optimizer and RNG state included (a resume restores that RNG), is a function of the
+    inputs: lc from the same pretrain checkpoint twice gives the same files (the RNG once differed run to run)."""
+    repo, _ = smoke
+    (repo / "ck_again").mkdir()
+    (repo / "ck_again" / "pretrain.json").write_bytes((repo / "checkpoints" / "pretrain.json").read_bytes())
+    run(repo, sys.executable, "stages/lc.py", "train.checkpoint_dir=ck_again", "train.live_dir=live_again")
+    first = Path(json.loads((repo / "checkpoints" / "lc.json").read_text())["run_dir"])
+    again = Path(json.loads((repo / "ck_again" / "lc.json").read_text())["run_dir"])
+    assert first.name == again.name  # the same run, by its hyperparameters and inputs
+    files = sorted(p.relative_to(repo / first) for p in (repo / first).glob("iter_*/*"))
+    assert any(f.name == "optimizer.pt" for f in files) and any(f.name == "model.safetensors" for f in files)
+    assert [f for f in files if (repo / first / f).read_bytes() != (repo / again / f).read_bytes()] == []
+
+
+def test_a_second_start_of_a_run_in_training_is_refused_and_leaves_the_first_alone(smoke):
+    """Two trainings of one run would write one run directory and one metrics directory (a kill/resume GPU test
+    once did, its first ranks orphaned): the second is refused in one line."""
+    repo, _ = smoke
+    cmd = [sys.executable, "stages/pretrain.py", "train.reference.tokens=409600", "train.save_interval=2",
+           "train.checkpoint_dir=ck_twice", "train.live_dir=live_twice"]
+    first, tracker = start_until_checkpoint(repo, cmd, repo / "ck_twice" / "pretrain", 2)
+    try:
+        second = run(repo, *cmd, check=False)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
+        assert f"{tracker.parent.relative_to(repo)}: another training of this run is going on (started by pid" in errors[0]
+        assert first.poll() is None  # still training, undisturbed
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
 def test_reference_runs_write_effective_configs_that_conform(smoke):
     """Issue 11 on the CPU backend: each phase's effective configuration comes from the reference's own objects,
     weight decay 0.1 at the first and last step, and `make conform` passes (its deviations listed)."""

@@ -1,4 +1,4 @@
-"""A training stage and its torchrun (nano3.train.backends.megatron, nano3.train.rundir.hold_stage). A stage that dies
+"""A training stage and its torchrun (nano3.train.backends.megatron, nano3.train.rundir.hold_run). A stage that dies
 without a word (SIGKILL, the OOM killer) takes its ranks down instead of leaving them training, orphaned, beside
 the rerun; the rerun is refused while they stop. Real torchrun on this CPU; the rank stands in for Bridge's: it
 sleeps and, on SIGTERM, "saves a checkpoint" for 3 s."""
@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
 
 from nano3.errors import UserError
-from nano3.train.rundir import hold_stage
+from nano3.train.rundir import hold_run
 
 RANK = """
 import os, pathlib, signal, sys, time
@@ -31,10 +30,9 @@ time.sleep(600)
 
 STAGE = """
 import sys
-from types import SimpleNamespace
 from nano3.train.backends.megatron import run_forwarding_sigterm
-from nano3.train.rundir import hold_stage
-with hold_stage(SimpleNamespace(checkpoint_dir=sys.argv[1]), "lc") as lock_fd:
+from nano3.train.rundir import hold_run
+with hold_run(sys.argv[1]) as lock_fd:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     sys.exit(run_forwarding_sigterm(torchrun + sys.argv[2:], keep_fds=(lock_fd,)))
 """
@@ -49,37 +47,37 @@ def wait_for(path: Path, seconds: float) -> str:
     raise AssertionError(f"{path} did not appear in {seconds} s")
 
 
-def test_a_second_training_of_a_stage_is_refused_while_the_first_holds_it(tmp_path):
-    train = SimpleNamespace(checkpoint_dir=str(tmp_path / "checkpoints"))
-    with hold_stage(train, "lc") as fd:
+def test_a_second_training_of_a_run_is_refused_while_the_first_holds_it(tmp_path):
+    run = tmp_path / "checkpoints" / "lc" / "0123abcd"
+    with hold_run(run) as fd:
         assert fd is not None
-        with pytest.raises(UserError, match=r"checkpoints/lc\.lock: another lc training holds this checkout "
-                                            r"\(started by pid \d+ on .+\); wait until it ends"):
-            with hold_stage(train, "lc"):
+        with pytest.raises(UserError, match=r"lc/0123abcd: another training of this run is going on \(started by "
+                                            r"pid \d+ on .+; train.lock\); wait until it ends"):
+            with hold_run(run):
                 pass
-        with hold_stage(train, "pretrain"):  # another stage is another lock
+        with hold_run(run.parent / "4567ef01"):  # a run of other hyperparameters is not held up
             pass
-    with hold_stage(train, "lc"):  # released with the stage
+    with hold_run(run):  # released with the stage
         pass
 
 
 def test_a_stage_killed_without_a_word_stops_its_ranks_and_holds_the_lock_until_they_have(tmp_path):
     (tmp_path / "rank.py").write_text(RANK)
-    checkpoints = tmp_path / "checkpoints"
-    stage = subprocess.Popen([sys.executable, "-c", STAGE, str(checkpoints), str(tmp_path / "rank.py"),
+    run = tmp_path / "checkpoints" / "lc" / "0123abcd"
+    stage = subprocess.Popen([sys.executable, "-c", STAGE, str(run), str(tmp_path / "rank.py"),
                               str(tmp_path)], start_new_session=True)
     try:
         rank = psutil.Process(int(wait_for(tmp_path / "rank.pid", 120)))
         torchrun = psutil.Process(stage.pid).children()[0]
         stage.kill()  # the stage alone, as `kill -9` or the OOM killer would
         stage.wait()
-        with pytest.raises(UserError, match="another lc training holds this checkout"):
-            with hold_stage(SimpleNamespace(checkpoint_dir=str(checkpoints)), "lc"):
+        with pytest.raises(UserError, match="another training of this run is going on"):
+            with hold_run(run):
                 pass  # the rank is still saving: a rerun now would train beside it
         rank.wait(timeout=60)
         assert (tmp_path / "stopped").read_text() == "SIGTERM"  # stopped as Slurm stops it: Bridge saves first
         torchrun.wait(timeout=60)
-        with hold_stage(SimpleNamespace(checkpoint_dir=str(checkpoints)), "lc"):
+        with hold_run(run):
             pass
     finally:
         for p in psutil.Process().children(recursive=True):

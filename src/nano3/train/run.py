@@ -174,8 +174,8 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     run_dir = rundir.run_dir(params.settings.train, stage, digest)
     node0 = os.environ.get("SLURM_NODEID", "0") == "0"
     phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
-    # node 0 holds the stage's lock (the other nodes' processes are the same training)
-    with rundir.hold_stage(params.settings.train, stage) if node0 else nullcontext() as lock_fd:
+    # node 0 holds the run's lock (the other nodes' processes are the same training)
+    with rundir.hold_run(run_dir) if node0 else nullcontext() as lock_fd:
         live_dir = rundir.live_dir(params.settings.train, stage)
         prepare_live_dir(live_dir, digest)
         pretrained = None

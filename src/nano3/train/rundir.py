@@ -4,7 +4,7 @@
     <train.checkpoint_dir>/<stage>/<run digest>/iter_0000048/  a checkpoint (Megatron's layout; the reference
     <train.checkpoint_dir>/<stage>/<run digest>/latest_checkpointed_iteration.txt   backend writes the same)
     <train.checkpoint_dir>/<stage>/<run digest>/code.json      which training code trained which iterations
-    <train.checkpoint_dir>/<stage>.lock                        held while the stage trains (hold_stage)
+    <train.checkpoint_dir>/<stage>/<run digest>/train.lock     held while a stage trains the run (hold_run)
     <train.live_dir>/<stage>/                                  dvclive metrics and plots
 """
 
@@ -25,6 +25,7 @@ from nano3.files import atomic_write_json, atomic_write_text, read_json
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CODE_RECORD = "code.json"
+LOCK = "train.lock"
 # The package code a training run's weights depend on: the pretrain stage's code deps in dvc.yaml
 TRAINING_CODE = ("train", "model", "data/megatron.py", "data/lc_mix.py", "data/tokenizer.py", "data/binidx.py",
                  "schedule.py", "config", "megatron_compat.py")
@@ -35,12 +36,12 @@ def manifest_path(train: TrainConfig, stage: str) -> Path:
 
 
 @contextmanager
-def hold_stage(train: TrainConfig, stage: str) -> Iterator[int | None]:
-    """One training of a stage at a time per checkout: two would write one run directory and one metrics directory.
-    The lock's descriptor is handed to torchrun, so a stage killed mid-run still holds it until its ranks have
-    stopped, and a rerun meanwhile is refused in one line. Yields the descriptor (None where the file system has no
-    flock, e.g. some Lustre mounts: then nothing is guarded)."""
-    path = Path(train.checkpoint_dir) / f"{stage}.lock"
+def hold_run(run: str | Path) -> Iterator[int | None]:
+    """One training of a run at a time: two would write one run directory (and its stage's metrics). The lock's
+    descriptor is handed to torchrun, so a stage killed mid-run still holds it until its ranks have stopped, and a
+    rerun meanwhile is refused in one line. Runs of other hyperparameters (other directories) are not held up.
+    Yields the descriptor (None where the file system has no flock, e.g. some Lustre mounts: nothing is guarded)."""
+    path = Path(run) / LOCK
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -48,8 +49,8 @@ def hold_stage(train: TrainConfig, stage: str) -> Iterator[int | None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = path.read_text().strip() or "unknown"
-            raise UserError(f"{path}: another {stage} training holds this checkout ({holder}); wait until it ends "
-                            f"(a killed stage's ranks stop within a minute) or stop it, then rerun") from None
+            raise UserError(f"{run}: another training of this run is going on ({holder}; {LOCK}); wait until it "
+                            f"ends (a killed stage's ranks stop within a minute) or stop it, then rerun") from None
         except OSError:
             yield None
             return

@@ -32,7 +32,7 @@ class TrainingRun:
     params_file: str          # what the Megatron ranks reload, with ...
     overrides: list[str]      # ... these params overrides
     bridge: list[str]         # Megatron-Bridge fields from the command line (`section.field=value`)
-    lock_fd: int | None = None  # the stage's lock (rundir.hold_stage), kept open in torchrun
+    lock_fd: int | None = None  # the run's lock (rundir.hold_run), kept open in torchrun
 
 
 def train_on(backend: str, run: TrainingRun, log=print) -> None:

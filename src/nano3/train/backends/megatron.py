@@ -67,7 +67,7 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None, ke
 
     If this process dies without a word (SIGKILL, the OOM killer), torchrun gets SIGTERM from the kernel and stops
     its ranks (SIGTERM, then SIGKILL after 30 s) instead of training on, orphaned, beside the rerun. `keep_fds` (the
-    stage's lock, rundir.hold_stage) stay open in torchrun, so the lock is held until its ranks have stopped."""
+    run's lock, rundir.hold_run) stay open in torchrun, so the lock is held until its ranks have stopped."""
     import signal
 
     import psutil

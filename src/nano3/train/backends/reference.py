@@ -85,10 +85,10 @@ def build_model(params, plan, init_from: Path | None):
         raise UserError(f"{params.source}: model.preset={plan.preset_name} has {plan.params_total / 1e9:.1f}B "
                         f"parameters; the CPU reference backend trains tiny presets only (set train.backend=megatron "
                         f"and run on GPUs)")
+    torch.manual_seed(params.settings.train.seed)
     if init_from is not None:
         model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     else:
-        torch.manual_seed(params.settings.train.seed)
         info = read_info(params.settings.tokenizer.dir)
         positions = max(params.settings.train.seq_length, params.settings.lc.seq_length)
         config = nemotron_h_config(plan.preset, plan.vocab, info.eod_id, positions, dtype="float32")
