@@ -174,18 +174,18 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     run_dir = rundir.run_dir(params.settings.train, stage, digest)
     node0 = os.environ.get("SLURM_NODEID", "0") == "0"
     phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
+    pretrained = None
+    if stage == "lc":
+        pre = read_json(manifest_path(params.settings.train, "pretrain"), "pretrain manifest (run make pretrain)")
+        pretrained = pre["checkpoint"]
+        if pre.get("backend", "megatron") != backend:
+            raise UserError(f"{manifest_path(params.settings.train, 'pretrain')}: pretrained with the "
+                            f"{pre.get('backend', 'megatron')} backend but lc would run on {backend}; rerun "
+                            f"pretrain with train.backend={backend}")
     # node 0 holds the run's lock (the other nodes' processes are the same training)
     with rundir.hold_run(run_dir) if node0 else nullcontext() as lock_fd:
         live_dir = rundir.live_dir(params.settings.train, stage)
         prepare_live_dir(live_dir, digest)
-        pretrained = None
-        if stage == "lc":
-            pre = read_json(manifest_path(params.settings.train, "pretrain"), "pretrain manifest (run make pretrain)")
-            pretrained = pre["checkpoint"]
-            if pre.get("backend", "megatron") != backend:
-                raise UserError(f"{manifest_path(params.settings.train, 'pretrain')}: pretrained with the "
-                                f"{pre.get('backend', 'megatron')} backend but lc would run on {backend}; rerun "
-                                f"pretrain with train.backend={backend}")
         code = rundir.record_code(run_dir, stage, latest_iteration(run_dir), phases[-1].end_iter, log) if node0 else []
         training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir,
                                live_dir=live_dir, pretrained=pretrained, params_file=params_file,
