@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a stage and every process under it at once, as a node failure would: its torchrun and the ranks run
     in sessions of their own, which killing the stage's process group does not reach (until 2026-11-29 the
-    kill/resume tests left them training beside the resume). Returns once all are gone."""
+    kill/resume tests left them training beside the resume). Returns once all are gone (`gone`: a zombie counts, as an
+    init that does not reap would keep it)."""
     import signal
 
     import psutil
@@ -64,8 +66,27 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=60)
+    alive = wait_gone(tree, 60)
     assert not alive, f"still running after SIGKILL: {alive}"
+
+
+def wait_gone(processes: list, seconds: float) -> list:
+    """Wait until every process is `gone`, at most `seconds`; return those that are not."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and not all(map(gone, processes)):
+        time.sleep(0.1)
+    return [p for p in processes if not gone(p)]
+
+
+def gone(process) -> bool:
+    """Exited: no such process, or a zombie whose threads have all exited too (until the last one has, the
+    process's files, the run's lock among them, are still open)."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE and len(os.listdir(f"/proc/{process.pid}/task")) <= 1
+    except (psutil.NoSuchProcess, FileNotFoundError):
+        return True
 
 
 def blended_copy(repo: Path) -> Path:

@@ -15,6 +15,7 @@ import pytest
 
 from nano3.errors import UserError
 from nano3.train.rundir import hold_run
+from tests.gpu.conftest import gone, kill_tree, wait_gone
 
 RANK = """
 import os, pathlib, signal, sys, time
@@ -74,11 +75,30 @@ def test_a_stage_killed_without_a_word_stops_its_ranks_and_holds_the_lock_until_
         with pytest.raises(UserError, match="another training of this run is going on"):
             with hold_run(run):
                 pass  # the rank is still saving: a rerun now would train beside it
-        rank.wait(timeout=60)
+        assert wait_gone([rank], 60) == []
         assert (tmp_path / "stopped").read_text() == "SIGTERM"  # stopped as Slurm stops it: Bridge saves first
-        torchrun.wait(timeout=60)
+        assert wait_gone([torchrun], 60) == []
         with hold_run(run):
             pass
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
+
+
+def test_the_gpu_tests_kill_reaches_torchrun_and_the_ranks(tmp_path):
+    """tests/gpu's kill/resume tests stand for a node failure: every process of the stage dies at once, no rank
+    gets to save, and the run is free for the resume (their earlier os.killpg reached the stage alone)."""
+    (tmp_path / "rank.py").write_text(RANK)
+    run = tmp_path / "checkpoints" / "lc" / "0123abcd"
+    stage = subprocess.Popen([sys.executable, "-c", STAGE, str(run), str(tmp_path / "rank.py"), str(tmp_path)],
+                             start_new_session=True)
+    try:
+        rank = psutil.Process(int(wait_for(tmp_path / "rank.pid", 120)))
+        kill_tree(stage)
+        assert gone(rank)
+        with hold_run(run):
+            pass
+        assert not (tmp_path / "stopped").exists()
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
