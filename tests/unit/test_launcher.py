@@ -62,43 +62,42 @@ def test_a_second_training_of_a_run_is_refused_while_the_first_holds_it(tmp_path
         pass
 
 
-def test_a_stage_killed_without_a_word_stops_its_ranks_and_holds_the_lock_until_they_have(tmp_path):
-    (tmp_path / "rank.py").write_text(RANK)
-    run = tmp_path / "checkpoints" / "lc" / "0123abcd"
-    stage = subprocess.Popen([sys.executable, "-c", STAGE, str(run), str(tmp_path / "rank.py"),
-                              str(tmp_path)], start_new_session=True)
-    try:
-        rank = psutil.Process(int(wait_for(tmp_path / "rank.pid", 120)))
-        torchrun = psutil.Process(stage.pid).children()[0]
-        stage.kill()  # the stage alone, as `kill -9` or the OOM killer would
-        stage.wait()
-        with pytest.raises(UserError, match="another training of this run is going on"):
-            with hold_run(run):
-                pass  # the rank is still saving: a rerun now would train beside it
-        assert wait_gone([rank], 60) == []
-        assert (tmp_path / "stopped").read_text() == "SIGTERM"  # stopped as Slurm stops it: Bridge saves first
-        assert wait_gone([torchrun], 60) == []
-        with hold_run(run):
-            pass
-    finally:
-        for p in psutil.Process().children(recursive=True):
-            p.kill()
-
-
-def test_the_gpu_tests_kill_reaches_torchrun_and_the_ranks(tmp_path):
-    """tests/gpu's kill/resume tests stand for a node failure: every process of the stage dies at once, no rank
-    gets to save, and the run is free for the resume (their earlier os.killpg reached the stage alone)."""
+@pytest.fixture
+def stage_with_rank(tmp_path):
+    """A stage holding its run's lock, under it torchrun and one rank: (stage, rank, run directory); every process
+    left is killed afterwards."""
     (tmp_path / "rank.py").write_text(RANK)
     run = tmp_path / "checkpoints" / "lc" / "0123abcd"
     stage = subprocess.Popen([sys.executable, "-c", STAGE, str(run), str(tmp_path / "rank.py"), str(tmp_path)],
                              start_new_session=True)
     try:
-        rank = psutil.Process(int(wait_for(tmp_path / "rank.pid", 120)))
-        kill_tree(stage)
-        assert gone(rank)
-        with hold_run(run):
-            pass
-        assert not (tmp_path / "stopped").exists()
+        yield stage, psutil.Process(int(wait_for(tmp_path / "rank.pid", 120))), run
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
+
+
+def test_a_stage_killed_without_a_word_stops_its_ranks_and_holds_the_lock_until_they_have(stage_with_rank, tmp_path):
+    stage, rank, run = stage_with_rank
+    torchrun = psutil.Process(stage.pid).children()[0]
+    stage.kill()  # the stage alone, as `kill -9` or the OOM killer would
+    stage.wait()
+    with pytest.raises(UserError, match="another training of this run is going on"):
+        with hold_run(run):
+            pass  # the rank is still saving: a rerun now would train beside it
+    assert wait_gone([rank], 60) == []
+    assert (tmp_path / "stopped").read_text() == "SIGTERM"  # stopped as Slurm stops it: Bridge saves first
+    assert wait_gone([torchrun], 60) == []
+    with hold_run(run):
+        pass
+
+
+def test_the_gpu_tests_kill_reaches_torchrun_and_the_ranks(stage_with_rank, tmp_path):
+    """tests/gpu's kill/resume tests stand for a node failure: every process of the stage dies at once, no rank
+    gets to save, and the run is free for the resume (their earlier os.killpg reached the stage alone)."""
+    stage, rank, run = stage_with_rank
+    kill_tree(stage)
+    assert gone(rank)
+    with hold_run(run):
+        pass
+    assert not (tmp_path / "stopped").exists()
