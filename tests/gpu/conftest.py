@@ -49,6 +49,19 @@ def run(repo: Path, cmd: list[str], timeout: int = 1200) -> str:
     return log
 
 
+def after_the_kill(run_dir: Path, save_every: int) -> tuple[int, int, str | None]:
+    """A killed run's tracked iteration, the one its rerun resumes from, and why the tracked checkpoint is unfinished
+    (None: whole). A kill as the tracker appears can land before Bridge has written the checkpoint's run_config.yaml
+    (seen on an H200); the stage then resumes from the checkpoint before (backends.megatron.set_aside_unfinished_save)."""
+    from nano3.train.backends.megatron import unfinished_save
+    from nano3.train.rundir import iteration_dir, latest_iteration
+
+    killed_at = latest_iteration(run_dir)
+    cut_short = unfinished_save(iteration_dir(run_dir, killed_at))
+    print(f"killed with checkpoint {killed_at} {'cut short: ' + cut_short if cut_short else 'whole'}")
+    return killed_at, killed_at - save_every if cut_short else killed_at, cut_short
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a stage and every process under it at once, as a node failure would: its torchrun and the ranks run
     in sessions of their own, which killing the stage's process group does not reach (until 2026-11-29 the

@@ -4,7 +4,7 @@
 #   LC_TESTS="tiny or nano3 or lc_mix" \
 #   LC_BENCH="--lengths 4096,65536 --variants long,long_mbs4 --iters 8 --warmup 3;--lengths 131072 --variants recompute_moe --iters 8 --warmup 3" \
 #     bash tests/gpu/long_context.sh start          then          bash tests/gpu/long_context.sh status (or wait 540)
-# LC_TESTS is a pytest -k expression (empty: no tests); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
+# LC_TESTS is a pytest -k expression (empty: no tests) over LC_FILES (default tests/gpu/test_long_context_gpu.py); LC_MIX, `bench/lc_mix.py --backend megatron` arguments, runs
 # part 4 first, from the smoke's pretrain (`dvc repro pretrain` in the data copy); LC_BENCH holds `bench/train_throughput.py --scale long`
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; causal-conv1d (the fused Mamba
 # path) is built by `WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh`, or unpacked from .dev7/ (carried with .dev6: 26 + 30 MB), which `stash` makes. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
@@ -19,11 +19,11 @@ case "${1:-}" in
   start)
     if ls .dev7/causal_conv1d.tgz.part* > /dev/null 2>&1 && ! python3 -c "import causal_conv1d" 2> /dev/null; then
       cat $(ls .dev7/causal_conv1d.tgz.part* | sort) | tar -C "$(site_packages)" -xzf - \
-        && python3 -c "import causal_conv1d_cuda" || { echo "error: .dev7's causal-conv1d did not import"; exit 1; }
+        && python3 -c "import torch, causal_conv1d_cuda" || { echo "error: .dev7's causal-conv1d did not import"; exit 1; }
     fi
     rm -rf /root/snap && PYTHONPATH=$(pwd):$(pwd)/src python3 -c \
       "from pathlib import Path; from tests.conftest import copy_repo; copy_repo(Path('/root/snap'))" || exit 1
-    LC_TESTS=${LC_TESTS-"tiny or nano3 or lc_mix"} LC_BENCH=${LC_BENCH-} LC_MIX=${LC_MIX-} setsid nohup bash /root/snap/tests/gpu/long_context.sh run \
+    LC_TESTS=${LC_TESTS-"tiny or nano3 or lc_mix"} LC_FILES=${LC_FILES-} LC_BENCH=${LC_BENCH-} LC_MIX=${LC_MIX-} setsid nohup bash /root/snap/tests/gpu/long_context.sh run \
       > /root/lc.log 2>&1 < /dev/null &
     echo "started; log /root/lc.log" ;;
   run)
@@ -38,7 +38,7 @@ case "${1:-}" in
     }
     tests() {
       [ -n "$LC_TESTS" ] || return 0
-      python3 -m pytest -m gpu tests/gpu/test_long_context_gpu.py -v -s -k "$LC_TESTS"; echo "tests exit $?"
+      python3 -m pytest -m gpu ${LC_FILES:-tests/gpu/test_long_context_gpu.py} -v -s -k "$LC_TESTS"; echo "tests exit $?"
     }
     bench() {  # each set writes /root/lcbench/bench/results/lc-<i>/lc_throughput.json
       # the data copy without its runs (part 4 may be training in it meanwhile)

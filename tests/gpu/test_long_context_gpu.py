@@ -27,8 +27,8 @@ from nano3.errors import UserError
 from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan, local_gpu_memory
-from nano3.train.rundir import TRAINING_CODE, latest_iteration
-from tests.gpu.conftest import env, gpus, kill_tree, run
+from nano3.train.rundir import TRAINING_CODE, iteration_dir, latest_iteration
+from tests.gpu.conftest import after_the_kill, env, gpus, kill_tree, run
 
 pytestmark = pytest.mark.gpu
 
@@ -129,12 +129,14 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
         time.sleep(0.2)
     kill_tree(proc)  # the stage, its torchrun and ranks, as a node failure would
     first_log = first_log_file.read_text()
-    killed_at = latest_iteration(next(runs.glob("*")))
+    run_dir = next(runs.glob("*"))
+    killed_at, resumed_at, cut_short = after_the_kill(run_dir, save_every)
     assert save_every <= killed_at < iterations, first_log[-4000:]
 
     log = run(work, cmd)
     print(log[-2500:])
-    assert f"lc: lc iterations {killed_at + 1}..{iterations}" in log
+    assert f"lc: lc iterations {resumed_at + 1}..{iterations}" in log
+    assert (f"warning: {iteration_dir(run_dir.relative_to(work), killed_at)}: {cut_short}" in log) == bool(cut_short)
     assert "exited unexpectedly" not in first_log + log
     manifest = json.loads((work / "checkpoints" / "lc.json").read_text())
     assert manifest["iteration"] == iterations

@@ -18,9 +18,10 @@ import pytest
 from nano3.code import code_digest
 from nano3.config import load_params
 from nano3.schedule import build_schedule
+from nano3.train.backends.megatron import unfinished_save
 from nano3.train.metrics import read_metric
-from nano3.train.rundir import TRAINING_CODE, latest_iteration
-from tests.gpu.conftest import edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
+from nano3.train.rundir import TRAINING_CODE, iteration_dir, iteration_dirs, latest_iteration
+from tests.gpu.conftest import after_the_kill, edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
 
@@ -92,10 +93,11 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
             break
         time.sleep(1)
     kill_tree(proc)  # the stage, its torchrun and ranks, as a node failure would
-    killed_at = latest_iteration(next(run_root.glob("*")))
+    killed_at, resumed_at, cut_short = after_the_kill(next(run_root.glob("*")), save_every=25)
     assert 75 <= killed_at < sched.switch_iter
     log = run(repo, cmd)
-    assert f"phase1 iterations {killed_at + 1}..{sched.switch_iter}" in log
+    assert f"phase1 iterations {resumed_at + 1}..{sched.switch_iter}" in log
+    assert (f"{killed_at:07d}: {cut_short}" in log) == bool(cut_short)
     resumed = read_metric(repo / "dvclive" / "pretrain", "train/loss")
     reference = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
     ref_loss = reference["metrics"]["train"]["loss"]
@@ -103,6 +105,26 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
     assert final[0] == sched.pretrain_iters
     print(f"final loss: uninterrupted {ref_loss:.5f}, killed at {killed_at} and resumed {final[1]:.5f}")
     assert final[1] == pytest.approx(ref_loss, abs=0.02)
+
+    # The last save cut short as the kill on the H200 left one (Bridge writes its trackers before the checkpoint's
+    # run_config.yaml; there the file stopped at 16,385 of 27,782 bytes): the next start sets it aside and trains
+    # again from the checkpoint before, to the same loss, where Bridge alone would die on every resume.
+    run_dir = next(run_root.glob("*"))
+    last = iteration_dir(run_dir, sched.pretrain_iters)
+    config = last / "run_config.yaml"
+    text = config.read_text()
+    config.write_text(text[:text.rindex("\n", 0, len(text) * 16385 // 27782) + 1])
+    assert unfinished_save(last)
+    back = max(int(d.name.removeprefix("iter_")) for d in iteration_dirs(run_dir) if d != last)
+    log = run(repo, cmd)
+    assert f"{last.name}: run_config.yaml is cut short" in log and f"resuming from iteration {back};" in log
+    assert f"iterations {back + 1}.." in log
+    assert json.loads((run_root.parent / "pretrain.json").read_text())["iteration"] == sched.pretrain_iters
+    again = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    steps = [s for s, _ in again]
+    assert steps == sorted(set(steps)) and steps[-1] == sched.pretrain_iters  # the retrained rows once each
+    print(f"final loss after the save cut short: {again[-1][1]:.5f} (from iteration {back})")
+    assert again[-1][1] == pytest.approx(ref_loss, abs=0.02)
 
 
 @pytest.mark.skipif("gpus() < 2", reason="needs 2 GPUs")

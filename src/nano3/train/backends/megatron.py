@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import yaml
 
 from nano3.config import section_name
 from nano3.errors import UserError
+from nano3.files import atomic_copy
+from nano3.train import rundir
 from nano3.train.backends import TrainingRun
 from nano3.train.environment import training_environment
 from nano3.train.rundir import exit_if_stopped, failure_path, latest_iteration
+
+# Bridge's files in a run directory beside Megatron's tracker (rundir.TRACKER), and in each checkpoint
+BRIDGE_TRACKER = "latest_train_state.pt"
+TRAIN_STATE = "train_state.pt"
+RUN_CONFIG = "run_config.yaml"
+# What Bridge reads from a checkpoint's run_config.yaml when it loads it (resume: the TP/PP check, RNG and optimizer
+# state; export: the model section), and the sections every Bridge ConfigContainer writes
+LOADED_KEYS = {"model": ("tensor_model_parallel_size", "pipeline_model_parallel_size"),
+               "checkpoint": ("save_rng", "save_optim", "fully_parallel_save")}
+SECTIONS = ("checkpoint", "dataset", "logger", "model", "optimizer", "scheduler", "tokenizer", "train")
 
 
 def train(run: TrainingRun, log=print) -> None:
     """Run each phase not yet done; a rank's one-line refusal (failure_path) becomes this stage's UserError."""
     layout = run.plan.stages[section_name(run.stage)].layout
+    if os.environ.get("SLURM_NODEID", "0") == "0":  # before any node's ranks start, so none reads the tracker first
+        set_aside_unfinished_save(run.run_dir, log)
     for phase in run.phases:
         done = latest_iteration(run.run_dir)
         if done >= phase.end_iter:
@@ -42,6 +60,58 @@ def train(run: TrainingRun, log=print) -> None:
         if phase.exit_interval:
             log(f"{run.stage}: {phase.name} stopped at iteration {phase.end_iter} as planned (Bridge reports its "
                 f"exit_interval stop as 'SystemExit: 0' with a traceback; not an error)")
+
+
+def unfinished_save(checkpoint: Path) -> str | None:
+    """Why Bridge could not load this checkpoint, or None. Bridge (0.6, save_checkpoint's finalize) points its
+    trackers at a new checkpoint before it writes the checkpoint's run_config.yaml, so a node lost in between leaves
+    the trackers on a checkpoint whose config is missing or cut short, and every resume dies loading it (seen on an
+    H200: a KeyError on `tensor_model_parallel_size`, the file cut at 16 of its 27 KB)."""
+    config = checkpoint / RUN_CONFIG
+    if not (checkpoint / TRAIN_STATE).is_file():
+        return f"has no {TRAIN_STATE}"
+    if not config.is_file():
+        return f"has no {RUN_CONFIG}"
+    try:
+        written = yaml.safe_load(config.read_text())
+    except yaml.YAMLError:
+        return f"{RUN_CONFIG} is cut short (not valid YAML)"
+    if not isinstance(written, dict):
+        return f"{RUN_CONFIG} is empty"
+    missing = [s for s in SECTIONS if not isinstance(written.get(s), dict)]
+    missing += [f"{s}.{k}" for s, keys in LOADED_KEYS.items() if isinstance(written.get(s), dict)
+                for k in keys if k not in written[s]]
+    return f"{RUN_CONFIG} is cut short (no {', '.join(missing)})" if missing else None
+
+
+def set_aside_unfinished_save(run_dir: Path, log) -> None:
+    """A run whose last save was cut short resumes from its newest whole checkpoint (from the start, or lc's
+    pretrained model, when there is none); the unfinished one is renamed, not deleted: its tensors were written
+    whole (Bridge's barrier precedes the trackers), only its config is not. Idempotent: the rename comes first,
+    and a tracker on a missing directory is handled the same way, so a stage killed midway redoes it."""
+    done = latest_iteration(run_dir)
+    if not done:
+        return
+    checkpoint = rundir.iteration_dir(run_dir, done)
+    reason = unfinished_save(checkpoint) if checkpoint.is_dir() else "is missing"
+    if reason is None:
+        return
+    aside = run_dir / f"unfinished_{checkpoint.name}"
+    if checkpoint.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(checkpoint, aside)
+    whole = [d for d in rundir.iteration_dirs(run_dir) if unfinished_save(d) is None]
+    if whole:
+        back = int(whole[-1].name.removeprefix("iter_"))
+        atomic_copy(whole[-1] / TRAIN_STATE, run_dir / BRIDGE_TRACKER)
+        rundir.mark_latest(run_dir, back)
+    else:
+        back = 0
+        for tracker in (BRIDGE_TRACKER, rundir.TRACKER):
+            (run_dir / tracker).unlink(missing_ok=True)
+    kept = f"; kept as {aside.name} (remove it to free its space)" if aside.exists() else ""
+    log(f"warning: {checkpoint}: {reason}: the stage was stopped while Bridge saved it; resuming from "
+        f"{f'iteration {back}' if back else 'the start'}{kept}")
 
 
 def torchrun_command(nproc: int) -> list[str]:
