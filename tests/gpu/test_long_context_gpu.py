@@ -24,6 +24,7 @@ import pytest
 from nano3.code import code_digest
 from nano3.config import load_params
 from nano3.errors import UserError
+from nano3.train.backends.megatron import unfinished_save
 from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan, local_gpu_memory
@@ -140,6 +141,7 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
     assert "exited unexpectedly" not in first_log + log
     manifest = json.loads((work / "checkpoints" / "lc.json").read_text())
     assert manifest["iteration"] == iterations
+    assert unfinished_save(iteration_dir(run_dir, iterations)) is None  # what the real Bridge wrote whole counts as whole
     assert manifest["code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]  # one code, killed or not
     over = json.loads((work / manifest["run_dir"] / "bridge_overrides.lc.json").read_text())
     assert over["model.seq_length"] == seq and over["model.context_parallel_size"] == cp

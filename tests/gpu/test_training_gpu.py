@@ -111,6 +111,7 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
     # again from the checkpoint before, to the same loss, where Bridge alone would die on every resume.
     run_dir = next(run_root.glob("*"))
     last = iteration_dir(run_dir, sched.pretrain_iters)
+    assert unfinished_save(last) is None  # what the real Bridge wrote whole counts as whole
     config = last / "run_config.yaml"
     text = config.read_text()
     config.write_text(text[:text.rindex("\n", 0, len(text) * 16385 // 27782) + 1])

@@ -63,10 +63,11 @@ def train(run: TrainingRun, log=print) -> None:
 
 
 def unfinished_save(checkpoint: Path) -> str | None:
-    """Why Bridge could not load this checkpoint, or None. Bridge (0.6, save_checkpoint's finalize) points its
-    trackers at a new checkpoint before it writes the checkpoint's run_config.yaml, so a node lost in between leaves
-    the trackers on a checkpoint whose config is missing or cut short, and every resume dies loading it (seen on an
-    H200: a KeyError on `tensor_model_parallel_size`, the file cut at 16 of its 27 KB)."""
+    """Why Bridge could not load this checkpoint, or None. Bridge points its trackers at a new checkpoint before it
+    writes the checkpoint's run_config.yaml (save_checkpoint's finalize, in every release from 0.2 to 0.6 and the
+    recipe's nano-v3 branch), so a node lost in between leaves the trackers on a checkpoint whose config is missing
+    or cut short, and every resume dies loading it (seen on an H200: a KeyError on `tensor_model_parallel_size`,
+    the file cut at 16 of its 27 KB). SECTIONS are the ConfigContainer fields without a default in all of those."""
     config = checkpoint / RUN_CONFIG
     if not (checkpoint / TRAIN_STATE).is_file():
         return f"has no {TRAIN_STATE}"
@@ -100,10 +101,10 @@ def set_aside_unfinished_save(run_dir: Path, log) -> None:
     if checkpoint.is_dir():
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(checkpoint, aside)
-    whole = [d for d in rundir.iteration_dirs(run_dir) if unfinished_save(d) is None]
+    whole = next((d for d in reversed(rundir.iteration_dirs(run_dir)) if unfinished_save(d) is None), None)
     if whole:
-        back = int(whole[-1].name.removeprefix("iter_"))
-        atomic_copy(whole[-1] / TRAIN_STATE, run_dir / BRIDGE_TRACKER)
+        back = int(whole.name.removeprefix("iter_"))
+        atomic_copy(whole / TRAIN_STATE, run_dir / BRIDGE_TRACKER)
         rundir.mark_latest(run_dir, back)
     else:
         back = 0
