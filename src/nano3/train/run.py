@@ -20,6 +20,7 @@ from nano3.errors import UserError
 from nano3.files import atomic_write_json, read_json
 from nano3.train import rundir
 from nano3.train.backends import TrainingRun, for_backend, resolve_backend, train_on
+from nano3.train.backends.megatron import set_aside_unfinished_save
 from nano3.train.mapping import file_digest, run_digest
 from nano3.train.plan import Plan, build_plan, local_gpus
 from nano3.train.rundir import exit_if_stopped, latest_iteration, manifest_path
@@ -184,6 +185,8 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
                             f"pretrain with train.backend={backend}")
     # node 0 holds the run's lock (the other nodes' processes are the same training)
     with rundir.hold_run(run_dir) if node0 else nullcontext() as lock_fd:
+        if node0 and backend == "megatron":  # before the iteration is read below, and before any node's ranks start
+            set_aside_unfinished_save(run_dir, log)
         live_dir = rundir.live_dir(params.settings.train, stage)
         prepare_live_dir(live_dir, digest)
         code = rundir.record_code(run_dir, stage, latest_iteration(run_dir), phases[-1].end_iter, log) if node0 else []

@@ -32,8 +32,6 @@ SECTIONS = ("checkpoint", "dataset", "logger", "model", "optimizer", "scheduler"
 def train(run: TrainingRun, log=print) -> None:
     """Run each phase not yet done; a rank's one-line refusal (failure_path) becomes this stage's UserError."""
     layout = run.plan.stages[section_name(run.stage)].layout
-    if os.environ.get("SLURM_NODEID", "0") == "0":  # before any node's ranks start, so none reads the tracker first
-        set_aside_unfinished_save(run.run_dir, log)
     for phase in run.phases:
         done = latest_iteration(run.run_dir)
         if done >= phase.end_iter:
