@@ -62,6 +62,14 @@ def after_the_kill(run_dir: Path, save_every: int) -> tuple[int, int, str | None
     return killed_at, killed_at - save_every if cut_short else killed_at, cut_short
 
 
+def cut_as_on_the_h200(checkpoint: Path) -> None:
+    """Cut a whole checkpoint's run_config.yaml where the kill on the H200 cut one (Bridge writes its trackers before
+    that file; there it stopped at 16,385 of 27,782 bytes), at a line end, so that the set-aside path runs for sure."""
+    config = checkpoint / "run_config.yaml"
+    text = config.read_text()
+    config.write_text(text[:text.rindex("\n", 0, len(text) * 16385 // 27782) + 1])
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a stage and every process under it at once, as a node failure would: its torchrun and the ranks run
     in sessions of their own, which killing the stage's process group does not reach (until 2026-11-29 the

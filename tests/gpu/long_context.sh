@@ -9,6 +9,7 @@
 # argument sets separated by ';' (empty: no bench). Needs ../shared/gpu's stack; causal-conv1d (the fused Mamba
 # path) is built by `WITH_CAUSAL_CONV1D=1 bash .dev6/install.sh`, or unpacked from .dev7/ (carried with .dev6: 26 + 30 MB), which `stash` makes. LC_LANES=2 (a 4-GPU machine) runs part 4 and the tests on GPUs
 # 0,1 and the bench on 2,3 at once; the bench runs in its own copy of the data (/root/lcbench).
+# LC_LANES=shared runs part 4 and the tests side by side on the same GPU(s).
 # It runs from a snapshot of the checkout (/root/snap): every remote command re-copies the checkout, and a poll
 # that did so while torchrun started its ranks once took their modules away. The data copy is /root/lcdata
 # (NANO3_GPU_SMOKE_DIR: `dvc repro blend`, made once and reused by later calls, with each model's short pretrain).
@@ -51,7 +52,11 @@ case "${1:-}" in
         echo "bench exit $? (${SETS[$i]})"
       done
     }
-    if [ "${LC_LANES:-1}" = 2 ]; then  # 4 GPUs: part 4 and the tests on 0,1, the bench on 2,3 at the same time
+    if [ "${LC_LANES:-1}" = shared ]; then  # one GPU with room for both: part 4 and the tests at once (their
+      # timings then share it), the tests in a data copy of their own, as both take DVC's lock in theirs
+      (export NANO3_GPU_SMOKE_DIR=/root/lctests; tests) > /root/lc-tests.log 2>&1 &
+      mix; wait; bench
+    elif [ "${LC_LANES:-1}" = 2 ]; then  # 4 GPUs: part 4 and the tests on 0,1, the bench on 2,3 at the same time
       (export CUDA_VISIBLE_DEVICES=0,1; mix; tests) > /root/lc-tests.log 2>&1 &
       bench --gpus 2,3
       wait

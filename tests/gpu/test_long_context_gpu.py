@@ -28,8 +28,8 @@ from nano3.train.backends.megatron import unfinished_save
 from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan, local_gpu_memory
-from nano3.train.rundir import TRAINING_CODE, iteration_dir, latest_iteration
-from tests.gpu.conftest import after_the_kill, env, gpus, kill_tree, run
+from nano3.train.rundir import TRAINING_CODE, iteration_dir, iteration_dirs, latest_iteration
+from tests.gpu.conftest import after_the_kill, cut_as_on_the_h200, env, gpus, kill_tree, run
 
 pytestmark = pytest.mark.gpu
 
@@ -174,6 +174,21 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
         # cache above them varies by run (docs/benchmarks.md), so the reserved peak within 10%
         assert abs(plan.memory.allocated_gib / allocated - 1) <= 0.05, (plan.memory.allocated_gib, allocated)
         assert abs(plan.memory.reserved_gib / reserved - 1) <= 0.10, (plan.memory.reserved_gib, reserved)
+
+    # The last save cut short as the kill on the H200 left one at 64k (before this repair, every resume died with
+    # KeyError: 'tensor_model_parallel_size'): the next start sets it aside, resumes from the checkpoint before and
+    # runs to the end again.
+    last = iteration_dir(run_dir, iterations)
+    cut_as_on_the_h200(last)
+    back = max(int(d.name.removeprefix("iter_")) for d in iteration_dirs(run_dir) if d != last)
+    log = run(work, cmd)
+    print(log[-1500:])
+    assert f"warning: {last.relative_to(work)}: run_config.yaml is cut short" in log
+    assert f"resuming from iteration {back}; kept as unfinished_{last.name}" in log
+    assert f"lc: lc iterations {back + 1}..{iterations}" in log
+    assert json.loads((work / "checkpoints" / "lc.json").read_text())["iteration"] == iterations
+    assert unfinished_save(last) is None and (run_dir / f"unfinished_{last.name}").is_dir()
+    assert [s for s, _ in read_metric(live, "train/loss")] == list(range(1, iterations + 1))  # retrained rows once
 
 
 @pytest.mark.parametrize("cp", [1, 2], ids=["cp1", "cp2"])

@@ -21,7 +21,7 @@ from nano3.schedule import build_schedule
 from nano3.train.backends.megatron import unfinished_save
 from nano3.train.metrics import read_metric
 from nano3.train.rundir import TRAINING_CODE, iteration_dir, iteration_dirs, latest_iteration
-from tests.gpu.conftest import after_the_kill, edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
+from tests.gpu.conftest import after_the_kill, cut_as_on_the_h200, edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
 
@@ -112,9 +112,7 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
     run_dir = next(run_root.glob("*"))
     last = iteration_dir(run_dir, sched.pretrain_iters)
     assert unfinished_save(last) is None  # what the real Bridge wrote whole counts as whole
-    config = last / "run_config.yaml"
-    text = config.read_text()
-    config.write_text(text[:text.rindex("\n", 0, len(text) * 16385 // 27782) + 1])
+    cut_as_on_the_h200(last)
     assert unfinished_save(last)
     back = max(int(d.name.removeprefix("iter_")) for d in iteration_dirs(run_dir) if d != last)
     log = run(repo, cmd)
