@@ -132,7 +132,9 @@ def plot_megatron(results: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     mids = [(b["from"] + b["to"]) / 2 for b in results[0]["by_position"]]
     width = (mids[1] - mids[0]) * 0.8 / len(results) if len(mids) > 1 else 10
-    left.plot(mids, [b["loss"] for b in results[0]["pretrain_by_position"]], "k--", label="pretrain model")
+    seed = results[0].get("seed")  # each seed's pair may come from a pretrain of its own: the first one's is drawn
+    left.plot(mids, [b["loss"] for b in results[0]["pretrain_by_position"]], "k--",
+              label="pretrain model" + ("" if seed is None else f" (seed {seed}'s run)"))
     for i, r in enumerate(results):
         name = f"share {r['share']:g}" + ("" if r.get("seed") is None else f", seed {r['seed']}")
         left.plot(mids, [b["loss"] for b in r["by_position"]], marker="o", label=f"after lc, {name}")

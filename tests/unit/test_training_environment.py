@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,19 @@ def test_the_launcher_starts_torchrun_with_that_environment(params):
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["expandable_segments:True", "32"]
     assert run_forwarding_sigterm([sys.executable, "-c", "import sys; sys.exit(3)"], env) == 3
+
+
+def test_the_ranks_compile_triton_kernels_into_a_cache_beside_the_checkpoints(params, tmp_path):
+    """Triton's own cache manager, in a child the launcher started, writes under train.checkpoint_dir: a cache that
+    outlives the job (the pyxis container's home directory does not), so a requeued job skips the compile."""
+    params["train"]["checkpoint_dir"] = str(tmp_path / "ckpts")
+    env = {"PATH": "/usr/bin:/bin", **training_environment(params, 1, {})}
+    code = ("from triton.runtime.cache import get_cache_manager; "
+            "print(get_cache_manager('c0ffee').put(b'kernel', 'k.cubin'))")
+    child = (f"import sys; from nano3.train.backends.megatron import run_forwarding_sigterm as r; "
+             f"sys.exit(r([sys.executable, '-c', {code!r}], {env!r}))")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+    written = Path(out.stdout.strip())
+    assert written.read_bytes() == b"kernel" and written.is_relative_to(tmp_path / "ckpts" / ".triton-cache")
+    site = {"TRITON_CACHE_DIR": "/scratch/triton"}  # a site's own cache wins, as any shell setting
+    assert training_environment(params, 1, site)["TRITON_CACHE_DIR"] == "/scratch/triton"

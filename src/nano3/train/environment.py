@@ -10,6 +10,7 @@ every stack. Precedence: the recipe's value < the shell's (site settings, as Bri
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 # Bridge 0.6's Nemotron 3 Nano recipes (recipes/nemotronh/h100/nemotron_3_nano.py with COMMON_RECIPE_ENV_VARS):
 # the expandable-segment allocator (its graph registration off), no NVLS, NCCL on its high-priority stream,
@@ -32,6 +33,17 @@ MAX_CONNECTIONS = {"tp1": "32", "tp>1": "1"}
 HYBRID_EP_ENV = {"NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN": "8", "NUM_OF_TOKENS_PER_CHUNK_COMBINE_API": "128",
                  "NVLINK_DOMAIN_SIZE": "8", "USE_MNNVL": "0"}
 
+# Triton compiles mamba-ssm's Mamba-2 kernels in a rank's first iteration: 118 s of it against 24 s with its cache
+# warm (tiny at 64k on an H200, docs/benchmarks.md). Its default cache, ~/.triton, is gone with the container of a
+# pyxis job (slurm.sh does not mount the home directory), so every requeue and resume paid it again. Beside the
+# checkpoints (shared storage, kept between jobs) it is paid once per kernel version; Triton writes each cache entry
+# by an atomic rename, so ranks and nodes share it safely.
+TRITON_CACHE = ".triton-cache"
+
+
+def triton_cache_dir(params) -> str:
+    return str((Path(params.settings.train.checkpoint_dir) / TRITON_CACHE).resolve())
+
 
 def recipe_environment(params, tp: int) -> dict[str, str]:
     """The recipe's values for a layout with this tensor-parallel size and params' kernels."""
@@ -43,7 +55,7 @@ def recipe_environment(params, tp: int) -> dict[str, str]:
 
 def training_environment(params, tp: int, shell: Mapping[str, str]) -> dict[str, str]:
     """The variables this repository decides for the ranks (the rest of `shell` passes through unchanged)."""
-    env = recipe_environment(params, tp)
+    env = {**recipe_environment(params, tp), "TRITON_CACHE_DIR": triton_cache_dir(params)}
     env.update({k: shell[k] for k in env if k in shell})
     env.update({str(k): str(v) for k, v in (params.settings.train.env or {}).items()})
     return env
