@@ -62,12 +62,16 @@ def after_the_kill(run_dir: Path, save_every: int) -> tuple[int, int, str | None
     return killed_at, killed_at - save_every if cut_short else killed_at, cut_short
 
 
-def cut_as_on_the_h200(checkpoint: Path) -> None:
+def cut_as_on_the_h200(checkpoint: Path) -> int:
     """Cut a whole checkpoint's run_config.yaml where the kill on the H200 cut one (Bridge writes its trackers before
-    that file; there it stopped at 16,385 of 27,782 bytes), at a line end, so that the set-aside path runs for sure."""
+    that file; there it stopped at 16,385 of 27,782 bytes), at a line end, so that the set-aside path runs for sure.
+    Returns the iteration of the newest checkpoint before it: where the stage must resume."""
+    from nano3.train.rundir import iteration_dirs, iteration_of
+
     config = checkpoint / "run_config.yaml"
     text = config.read_text()
     config.write_text(text[:text.rindex("\n", 0, len(text) * 16385 // 27782) + 1])
+    return max(iteration_of(d) for d in iteration_dirs(checkpoint.parent) if d != checkpoint)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

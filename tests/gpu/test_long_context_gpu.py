@@ -28,7 +28,7 @@ from nano3.train.backends.megatron import unfinished_save
 from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan, local_gpu_memory
-from nano3.train.rundir import TRAINING_CODE, iteration_dir, iteration_dirs, latest_iteration
+from nano3.train.rundir import TRAINING_CODE, iteration_dir, latest_iteration
 from tests.gpu.conftest import after_the_kill, cut_as_on_the_h200, env, gpus, kill_tree, run
 
 pytestmark = pytest.mark.gpu
@@ -179,8 +179,7 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
     # KeyError: 'tensor_model_parallel_size'): the next start sets it aside, resumes from the checkpoint before and
     # runs to the end again.
     last = iteration_dir(run_dir, iterations)
-    cut_as_on_the_h200(last)
-    back = max(int(d.name.removeprefix("iter_")) for d in iteration_dirs(run_dir) if d != last)
+    back = cut_as_on_the_h200(last)
     log = run(work, cmd)
     print(log[-1500:])
     assert f"warning: {last.relative_to(work)}: run_config.yaml is cut short" in log

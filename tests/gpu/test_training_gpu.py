@@ -20,7 +20,7 @@ from nano3.config import load_params
 from nano3.schedule import build_schedule
 from nano3.train.backends.megatron import unfinished_save
 from nano3.train.metrics import read_metric
-from nano3.train.rundir import TRAINING_CODE, iteration_dir, iteration_dirs, latest_iteration
+from nano3.train.rundir import TRAINING_CODE, iteration_dir, latest_iteration
 from tests.gpu.conftest import after_the_kill, cut_as_on_the_h200, edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
@@ -112,9 +112,8 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
     run_dir = next(run_root.glob("*"))
     last = iteration_dir(run_dir, sched.pretrain_iters)
     assert unfinished_save(last) is None  # what the real Bridge wrote whole counts as whole
-    cut_as_on_the_h200(last)
+    back = cut_as_on_the_h200(last)
     assert unfinished_save(last)
-    back = max(int(d.name.removeprefix("iter_")) for d in iteration_dirs(run_dir) if d != last)
     log = run(repo, cmd)
     assert f"{last.name}: run_config.yaml is cut short" in log and f"resuming from iteration {back};" in log
     assert f"iterations {back + 1}.." in log

@@ -81,6 +81,11 @@ def iteration_dirs(run: str | Path) -> list[Path]:
     return sorted(Path(run).glob("iter_[0-9]*"))
 
 
+def iteration_of(checkpoint: Path) -> int:
+    """The iteration a checkpoint directory (iteration_dir's name) holds."""
+    return int(checkpoint.name.removeprefix("iter_"))
+
+
 def latest_iteration(run: str | Path) -> int:
     """The last saved iteration (0 when none): Megatron's tracker file."""
     tracker = Path(run) / TRACKER

@@ -101,7 +101,7 @@ def set_aside_unfinished_save(run_dir: Path, log) -> None:
         os.replace(checkpoint, aside)
     whole = next((d for d in reversed(rundir.iteration_dirs(run_dir)) if unfinished_save(d) is None), None)
     if whole:
-        back = int(whole.name.removeprefix("iter_"))
+        back = rundir.iteration_of(whole)
         atomic_copy(whole / TRAIN_STATE, run_dir / BRIDGE_TRACKER)
         rundir.mark_latest(run_dir, back)
     else:
