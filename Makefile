@@ -53,10 +53,21 @@ prep: setup  ## tokenize every dataset of params.yaml (on CLUSTER: a job or job 
 all: setup  ## the whole pipeline: here through DVC, or on CLUSTER as jobs chained with afterok
 	$(if $(CLUSTER),$(LAUNCH) all --cluster $(CLUSTER),dvc repro eval)
 
+exps: setup  ## the experiments as a table that fits the terminal: changed params, headline metrics
+	$(LAUNCH) exps
+
+apply: setup  ## EXP=<name>: make the workspace that experiment's, models included (dvc exp apply, then dvc repro)
+	@test -n "$(EXP)" || { echo "error: make apply EXP=<experiment name> (dvc exp show lists them)" >&2; exit 2; }
+	dvc exp apply $(EXP) && dvc repro eval
+
+clean-runs: setup  ## remove checkpoints no commit, experiment or workspace refers to (DRY=1 lists them)
+	python -m nano3.train.reclaim $(if $(DRY),--dry-run)
+
 status cancel logs: setup  ## this repo's Slurm jobs, last checkpoints and metrics | cancel them | follow a log
 	$(LAUNCH) $@ $(JOB)
 
 container:  ## build the image (FROM the NeMo container) with docker, enroot or apptainer (RUNTIME=...)
 	containers/build.sh $(RUNTIME)
 
-.PHONY: help setup test smoke plan conform sample retrieval tokenizer prep blend pretrain lc export eval all status cancel logs container
+.PHONY: help setup test smoke plan conform sample retrieval tokenizer prep blend pretrain lc export eval all exps apply \
+        clean-runs status cancel logs container

@@ -73,7 +73,7 @@ def run_share_megatron(share: float, seed: int | None, args, out: Path) -> dict:
         (work / f"{stage}.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
             raise SystemExit(f"error: share {share}: {stage} failed; see {work / f'{stage}.log'}")
-    metrics = json.loads((work / "reports" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((work / "reports" / "eval" / "results.json").read_text())
     by_position = metrics["long_context"]["loss_by_position"]
     return {"share": share, "seed": seed, **what_lc_ran(work, share), "by_position": by_position["lc"],
             "pretrain_by_position": by_position["pretrain"],

@@ -8,44 +8,54 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 mkdir -p logs
 export NANO3_PARAMS=${NANO3_PARAMS:-params.yaml} PYTHONUNBUFFERED=1 DVC_NO_ANALYTICS=1
+# The job asks its training to checkpoint and stop by creating this file (nano3.train.stopping); not by signalling
+# the step, which Slurm delivers to every process of it, DataLoader workers and torchrun included.
+export NANO3_STOP_FILE="$PWD/logs/.stop-${SLURM_JOB_ID:-$$}"
+rm -f "$NANO3_STOP_FILE"  # a requeued job keeps its id: an old request must not stop the new run
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the package, where no .venv installed it (containers)
+STAGES=${NANO3_FROZEN:-$PWD}/stages  # the stage scripts the job runs
+if [ -n "${NANO3_FROZEN:-}" ]; then  # the code, stage scripts and params as they were at submission (every restart)
+  export PYTHONPATH="$NANO3_FROZEN/src:$PYTHONPATH"
+  echo "nano3: code and params frozen at submission: $NANO3_FROZEN"
+fi
 echo "nano3: job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) on ${SLURM_JOB_NODELIST:-?}, restart ${SLURM_RESTART_COUNT:-0}," \
      "runtime ${NANO3_RUNTIME:-none}, $(date -Is)"
+
+# Every step: the job's CPUs per task (Slurm >= 22.05 no longer hands a step the job's --cpus-per-task; prep starts
+# that many workers), and one task that fails ends the others (no node left waiting for a rendezvous).
+STEP_ARGS=(--kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK})
 
 # Run a command on every task of a job step, inside the container (exec: the caller's process is srun),
 # after stages/in_image.sh has checked (or, with image_extras = "install", completed) the image.
 in_container() {
   case "${NANO3_RUNTIME:-none}" in
-    pyxis) exec srun --container-image="$NANO3_IMAGE" --container-workdir="$PWD" --no-container-mount-home \
-             --container-mounts="$PWD:$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" bash stages/in_image.sh "$@" ;;
-    apptainer) exec srun apptainer exec --nv --pwd "$PWD" --bind "$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" "$NANO3_IMAGE" \
-                 bash stages/in_image.sh "$@" ;;
-    none) exec srun bash stages/in_image.sh "$@" ;;
+    pyxis) exec srun "${STEP_ARGS[@]}" --container-image="$NANO3_IMAGE" --container-workdir="$PWD" --no-container-mount-home \
+             --container-mounts="$PWD:$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" bash "$STAGES/in_image.sh" "$@" ;;
+    apptainer) exec srun "${STEP_ARGS[@]}" apptainer exec --nv --pwd "$PWD" --bind "$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" "$NANO3_IMAGE" \
+                 bash "$STAGES/in_image.sh" "$@" ;;
+    none) exec srun "${STEP_ARGS[@]}" bash "$STAGES/in_image.sh" "$@" ;;
     *) echo "error: NANO3_RUNTIME='${NANO3_RUNTIME}' is not pyxis, apptainer or none" >&2; exit 2 ;;
   esac
 }
 
 # Multi-node rendezvous (node 0 of the allocation). The ranks' CUDA, NCCL and TE settings are the recipe's, set by
 # the stage where it starts torchrun (nano3.train.environment); a value exported here or by the site wins.
+# The rendezvous is this job's first node, whatever MASTER_ADDR the submitting shell had (sbatch exports it);
+# NANO3_MASTER_ADDR / NANO3_MASTER_PORT set them on purpose.
 training_env() {
-  export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-  export MASTER_PORT=${MASTER_PORT:-29500}
+  export MASTER_ADDR=${NANO3_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  export MASTER_PORT=${NANO3_MASTER_PORT:-29500}
   export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 }
 
-# Send SIGTERM to the tasks of this job's steps (not the batch script): the stage then checkpoints.
-signal_steps() {
-  local steps
-  steps=$(squeue -h -s -j "$SLURM_JOB_ID" -o %i | grep -vE '\.(batch|extern)$' || true)
-  [ -n "$steps" ] && scancel --signal=TERM $steps
-}
 
 # Run "$@" as the job's step. On the pre-time-limit signal (#SBATCH --signal=B:USR1@...), ask the
-# step to checkpoint (SIGTERM), wait for it, and requeue the job if it stopped early (exit 3), up to
+# training to checkpoint (the stop file: each node's stage sends SIGTERM to its ranks alone), wait for it, and requeue the job if it stopped early (exit 3), up to
 # NANO3_MAX_REQUEUES times. A step that fails is never requeued.
 run_requeueable() {
   local step rc signalled=0
-  trap 'signalled=1; echo "nano3: time limit near: asking the step to checkpoint"; signal_steps' USR1
+  trap 'signalled=1; echo "nano3: time limit near: asking the training to checkpoint ($NANO3_STOP_FILE)";
+        touch "$NANO3_STOP_FILE" || echo "nano3: could not write $NANO3_STOP_FILE" >&2' USR1
   ("$@") & step=$!
   while true; do
     rc=0; wait "$step" || rc=$?

@@ -125,6 +125,70 @@ def test_killed_pretraining_resumes_and_matches_the_uninterrupted_run(smoke):
     assert again[-1][1] == pytest.approx(ref_loss, abs=0.02)
 
 
+def start_and_stop(repo: Path, cmd: list[str], stop_file: Path, at: int, log: Path, every_process: bool) -> int:
+    """Start a stage, let it train to iteration `at` (its run's own metrics say so), then ask it to stop as a job
+    does at its time limit (the stop file) and, with `every_process`, also as Slurm's preemption does (SIGTERM to
+    every process of the stage: torchrun, the ranks, their DataLoader workers). Returns the stage's exit status."""
+    import signal
+
+    import psutil
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=repo, env={**env(), "NANO3_STOP_FILE": str(stop_file)}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 900
+    root = repo / "checkpoints" / "stop-test" / "pretrain"
+    while not any(len(p.read_text().splitlines()) > at for p in root.glob("*/live/plots/metrics/train/loss.tsv")):
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.5)
+    stage = psutil.Process(proc.pid)
+    ranks = [p for p in stage.children(recursive=True) if "nano3.train.entry" in " ".join(p.cmdline())]
+    workers = [w for r in ranks for w in r.children() if "pt_data_worker" in w.name() or "python" in w.name()]
+    assert ranks and len(workers) >= 2, (ranks, workers)
+    stop_file.touch()
+    if every_process:
+        for p in [stage, *stage.children(recursive=True)]:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+    rc = proc.wait(timeout=600)
+    stop_file.unlink()
+    return rc
+
+
+def test_a_stop_at_the_time_limit_saves_with_dataloader_workers_and_the_rerun_finishes(smoke):
+    """Issue 30 on a real Bridge with train.num_workers=2: the job's stop request reaches the ranks alone, which
+    save where they are (on an H200: at iteration 22) and exit. A SIGTERM to every process (preemption) still ends
+    in a stop at a whole checkpoint, but not a new one: it also kills Bridge's checkpoint writer processes, so the
+    save it starts is cut (on the H200: BrokenPipeError saving 61, resumed from 50) and set aside at the rerun.
+    Each time the stage exits 3; the rerun ends the run, its metric rows once each."""
+    repo, _ = smoke
+    sched = build_schedule(load_params(repo / "params.yaml").settings)
+    cmd = [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/stop-test", "train.num_workers=2",
+           "train.log_interval=1"]
+    stopped = []
+    for every_process, at in ((False, 20), (True, 60)):
+        log = repo / "logs" / f"stop-test-{'all' if every_process else 'file'}.log"
+        rc = start_and_stop(repo, cmd, repo / "logs" / ".stop-test", at, log, every_process)
+        text = log.read_text()
+        run_dir = next((repo / "checkpoints" / "stop-test" / "pretrain").glob("*"))
+        done = latest_iteration(run_dir)
+        print(f"stopped ({'SIGTERM to every process' if every_process else 'stop file'}): exit {rc} at {done}")
+        assert rc == 3, text[-4000:]
+        assert f"phase1 stopped at iteration {done}; rerun to resume" in text
+        assert "DataLoader worker" not in text and unfinished_save(iteration_dir(run_dir, done)) is None
+        assert every_process or done > at  # the stop request saved where the ranks were
+        stopped.append(done)
+    assert stopped[0] <= stopped[-1] < sched.switch_iter
+    log = run(repo, cmd)
+    assert f"phase1 iterations {stopped[-1] + 1}..{sched.switch_iter}" in log
+    assert json.loads((repo / "checkpoints" / "stop-test" / "pretrain.json").read_text())["iteration"] == \
+        sched.pretrain_iters
+    steps = [s for s, _ in read_metric(repo / "dvclive" / "pretrain", "train/loss")]
+    assert steps == list(range(1, sched.pretrain_iters + 1))
+
+
 @pytest.mark.skipif("gpus() < 2", reason="needs 2 GPUs")
 def test_two_gpu_smoke_pretrained_with_ep2_and_extended_with_cp2(smoke):
     repo, log = smoke
@@ -168,7 +232,7 @@ def test_eval_scores_the_exported_model_on_the_gpu(smoke):
     """`make smoke` ends with `eval`: transformers' NemotronH (BF16, mamba-ssm kernels) on each dataset's test
     split, mixed with the lc blend's validation weights, scores what Megatron's own validation measured."""
     repo, _ = smoke
-    metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((repo / "reports" / "eval" / "results.json").read_text())
     lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
     assert metrics["model"] == {"source": "lc", "iteration": lc["iteration"], "format": "megatron"}
     mixed, valid_loss = eval_loss_mixed_like_validation(repo, metrics), lc["metrics"]["valid"]["loss"]

@@ -1,5 +1,6 @@
 """The whole pipeline on the CPU reference backend, under real DVC in a temporary git repository:
-`make smoke`'s command, resume after a kill, eval's errors, and `dvc exp run -S train.lr=...`."""
+`make smoke`'s command, resume after a kill, eval's errors, and the experiment loop (`dvc exp run -S train.lr=...`
+back and forth, apply, the table, reclaiming checkpoints, Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nano3.code import code_digest
 from nano3.train.metrics import read_metric
@@ -74,7 +76,7 @@ def test_smoke_trains_every_stage_on_the_cpu_and_the_loss_falls(smoke):
     export = json.loads((repo / "models" / "hf" / "nano3_export.json").read_text())
     assert export["source"] == "lc" and export["format"] == "hf"
     assert export["training_code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]  # the weights' code
-    metrics = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())
+    metrics = json.loads((repo / "reports" / "eval" / "results.json").read_text())
     assert set(metrics["test"]) == {"stdlib-code", "stdlib-docs", "stdlib-long", "retrieval"}
     for name, r in metrics["test"].items():
         assert r["tokens"] > 1000 and 1 < r["perplexity"] < 8192, (name, r)  # better than uniform over the vocab
@@ -91,7 +93,7 @@ def test_long_context_is_measured_before_and_after_lc(smoke):
     blend = json.loads((repo / "data" / "blend" / "lc.json").read_text())
     assert any("/retrieval/" in str(entry) for entry in blend["train"])
     assert json.loads((repo / "models" / "hf-pretrain" / "nano3_export.json").read_text())["source"] == "pretrain"
-    result = json.loads((repo / "reports" / "eval" / "metrics.json").read_text())["long_context"]
+    result = json.loads((repo / "reports" / "eval" / "results.json").read_text())["long_context"]
     assert result["lengths"] == [256, 512, 1024] and result["documents"] >= 1
     for name in ("pretrain", "lc"):
         by_length = result["retrieval"][name]
@@ -224,13 +226,111 @@ def test_checkpoint_root_retention_and_the_stopped_phase(smoke, tmp_path):
     assert f"pretrain: phase1 stopped at iteration {stopped}; rerun to resume" in log
 
 
-def test_exp_run_with_another_lr_reruns_training_export_and_eval_only(smoke):
-    """Last: it changes the copy's workspace."""
+def manifest(repo: Path, stage: str) -> dict:
+    return json.loads((repo / "checkpoints" / f"{stage}.json").read_text())
+
+
+def model_bytes(repo: Path) -> bytes:
+    return (repo / "models" / "hf" / "model.safetensors").read_bytes()
+
+
+def exp_run(repo: Path, name: str, *sets: str) -> str:
+    return dvc(repo, "exp", "run", "-n", name, *[a for s in sets for a in ("-S", s)], "eval", timeout=1800)
+
+
+def make(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", *args], cwd=repo, env={**env(), "NANO3_SYSTEM_PYTHON": "1"}, capture_output=True,
+                          text=True, timeout=1800)
+
+
+def test_the_experiment_loop_goes_back_and_forth(smoke):
+    """Issue 36: exp run A, exp run B (here: the smoke's own values, trained already), exp run A again, exp apply,
+    the table, removing experiments and their checkpoints. Going back to a trained configuration reuses its run and
+    brings its metrics back; the workspace ends consistent (dvc status clean, the model the applied one's). Last but
+    one: it changes the copy's workspace."""
     repo, _ = smoke
-    before = read_metric(repo / "dvclive" / "pretrain", "train/loss")
-    out = dvc(repo, "exp", "run", "-S", "train.lr=3e-4", "eval", timeout=1800)
+    base = {s: manifest(repo, s)["digest"] for s in ("pretrain", "lc")}
+    base_loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    base_model = model_bytes(repo)
+
+    out = exp_run(repo, "low", "train.lr=3e-4")
     assert ran(out) == {"pretrain", "lc", "export", "eval"}, out[-2000:]
-    after = read_metric(repo / "dvclive" / "pretrain", "train/loss")
-    assert [s for s, _ in after] == [s for s, _ in before] and after != before
-    lr = dict(read_metric(repo / "dvclive" / "pretrain", "train/lr"))
-    assert max(lr.values()) == pytest.approx(3e-4)
+    low_loss = read_metric(repo / "dvclive" / "pretrain", "train/loss")
+    assert [s for s, _ in low_loss] == [s for s, _ in base_loss] and low_loss != base_loss
+    assert max(dict(read_metric(repo / "dvclive" / "pretrain", "train/lr")).values()) == pytest.approx(3e-4)
+    low = {s: manifest(repo, s)["digest"] for s in ("pretrain", "lc")}
+    low_model = model_bytes(repo)
+    assert low["pretrain"] != base["pretrain"] and low["lc"] != base["lc"]
+
+    out = exp_run(repo, "back", "train.lr=1e-3")  # the smoke's value: back to a run trained before
+    assert ran(out) - {"eval"} == {"pretrain", "lc", "export"}, out[-2000:]  # eval: may come from DVC's run cache
+    for stage in ("pretrain", "lc"):
+        assert f"{stage}: run {base[stage]} finished at iteration" in out and "reused, not retrained" in out
+    assert read_metric(repo / "dvclive" / "pretrain", "train/loss") == base_loss  # its own metrics, back
+    assert "Traceback" not in out
+
+    out = exp_run(repo, "low-again", "train.lr=3e-4")
+    assert f"pretrain: run {low['pretrain']} finished at iteration" in out, out[-2000:]
+    assert read_metric(repo / "dvclive" / "pretrain", "train/loss") == low_loss and model_bytes(repo) == low_model
+
+    table = make(repo, "exps")
+    assert table.returncode == 0, table.stderr[-2000:]
+    lines = table.stdout.splitlines()
+    print(table.stdout)  # what a user sees (pytest -s)
+    assert max(len(line) for line in lines) <= 80, table.stdout
+    assert "train.lr" in table.stdout and "0.0003" in table.stdout and "low-again" in table.stdout
+
+    dvc(repo, "exp", "apply", "back")  # the model in models/ (not in DVC's cache) is still low's ...
+    assert model_bytes(repo) == low_model and "models/hf" in dvc(repo, "status")
+    for name, model, runs in (("back", base_model, base), ("low", low_model, low), ("back", base_model, base)):
+        applied = make(repo, "apply", f"EXP={name}")  # ... so `make apply` re-exports the applied run's
+        assert applied.returncode == 0, applied.stderr[-2000:]
+        assert ran(applied.stdout + applied.stderr) == {"export"}, applied.stdout[-2000:]
+        assert model_bytes(repo) == model and manifest(repo, "pretrain")["digest"] == runs["pretrain"]
+        assert "Data and pipelines are up to date." in dvc(repo, "status")
+
+    dvc(repo, "exp", "remove", "low", "low-again")
+    runs = {s: repo / "checkpoints" / s / low[s] for s in ("pretrain", "lc")}
+    listed = make(repo, "clean-runs", "DRY=1")
+    assert all(f"would remove checkpoints/{s}/{low[s]}" in listed.stdout for s in runs), listed.stdout
+    assert all(path.is_dir() for path in runs.values())
+    freed = make(repo, "clean-runs")
+    assert freed.returncode == 0 and "clean-runs: 2 run(s)" in freed.stdout, freed.stdout + freed.stderr
+    assert not any(path.exists() for path in runs.values())
+    assert all((repo / "checkpoints" / s / base[s]).is_dir() for s in base)  # the workspace's and "back"'s runs
+    assert "Data and pipelines are up to date." in dvc(repo, "status")
+
+
+def test_ctrl_c_in_pretrain_checkpoints_and_the_rerun_resumes(smoke):
+    """Issue 36: Ctrl-C (SIGINT to the terminal's process group: dvc, the launcher and the stage) saves a checkpoint
+    as SIGTERM does; each process says one line, no traceback; `dvc repro` resumes there. Last: it edits params."""
+    repo, _ = smoke
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = 5e-4
+    params["train"]["reference"]["tokens"] = 10240  # 10 iterations
+    params["train"]["log_interval"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = repo / "interrupted.log"
+    before = {p.name for p in (repo / "checkpoints" / "pretrain").iterdir()}
+    proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=repo, env=env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 600
+    while not (logged := [p for p in (repo / "checkpoints" / "pretrain").glob("*/live/plots/metrics/train/loss.tsv")
+                          if p.parents[4].name not in before and len(p.read_text().splitlines()) > 3]):
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does, after iteration 3
+    proc.wait(timeout=300)
+    text = log.read_text()
+    tracker = logged[0].parents[4] / "latest_checkpointed_iteration.txt"
+    stopped = int(tracker.read_text())
+    assert proc.returncode != 0 and stopped < 10, text[-3000:]
+    assert f"pretrain: stopped by Ctrl-C at iteration {stopped} (checkpoint saved)" in text, text[-3000:]
+    assert "nano3: pretrain ended with exit status 3 (stopped; rerun to resume)" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    saved = (tracker.parent / f"iter_{stopped:07d}").stat().st_ino
+    out = dvc(repo, "repro", "pretrain")
+    assert (tracker.parent / f"iter_{stopped:07d}").stat().st_ino == saved  # resumed after it, not redone
+    assert int(tracker.read_text()) == 10 and manifest(repo, "pretrain")["iteration"] == 10, out[-2000:]
+    steps = [s for s, _ in read_metric(repo / "dvclive" / "pretrain", "train/loss")]
+    assert steps == list(range(1, 11))

@@ -5,6 +5,8 @@ sleeps and, on SIGTERM, "saves a checkpoint" for 3 s."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +37,28 @@ from nano3.train.backends.megatron import run_forwarding_sigterm
 from nano3.train.rundir import hold_run
 with hold_run(sys.argv[1]) as lock_fd:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    sys.exit(run_forwarding_sigterm(torchrun + sys.argv[2:], keep_fds=(lock_fd,)))
+    sys.exit(run_forwarding_sigterm(torchrun + sys.argv[2:], keep_fds=(lock_fd,))[0])
+"""
+
+
+# A rank reading batches through a DataLoader with 2 workers, as Bridge's ranks do (train.num_workers: 2): on SIGTERM
+# it reads the next batch (the step in flight), then "saves" and exits.
+RANK_WITH_WORKERS = """
+import os, pathlib, signal, sys, time
+from torch.utils.data import DataLoader, Dataset
+out = pathlib.Path(sys.argv[1])
+class Slow(Dataset):
+    def __len__(self): return 10**6
+    def __getitem__(self, i): time.sleep(0.05); return i
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+loader = iter(DataLoader(Slow(), batch_size=None, num_workers=2))
+next(loader)
+(out / "rank.pid").write_text(str(os.getpid()))
+while not stop:
+    next(loader)
+next(loader)
+(out / "stopped").write_text("saved")
 """
 
 
@@ -101,3 +124,29 @@ def test_the_gpu_tests_kill_reaches_torchrun_and_the_ranks(stage_with_rank, tmp_
     with hold_run(run):
         pass
     assert not (tmp_path / "stopped").exists()
+
+
+@pytest.mark.parametrize("ask", ["the job's stop file", "SIGTERM to the stage"])
+def test_a_stop_reaches_the_ranks_and_spares_their_dataloader_workers(tmp_path, ask):
+    """Issue 30: the time-limit save used to SIGTERM every process under torchrun, DataLoader workers too, and the
+    rank died on "DataLoader worker ... killed by signal" (exit 1: no save, no requeue). The stop goes to the
+    ranks only, whether the job asks by its stop file or by signalling the stage."""
+    (tmp_path / "rank.py").write_text(RANK_WITH_WORKERS)
+    stop_file = tmp_path / "stop-request"
+    run = tmp_path / "checkpoints" / "pretrain" / "0123abcd"
+    stage = subprocess.Popen([sys.executable, "-c", STAGE, str(run), str(tmp_path / "rank.py"), str(tmp_path)],
+                             env={**os.environ, "NANO3_STOP_FILE": str(stop_file)}, start_new_session=True,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        rank = psutil.Process(int(wait_for(tmp_path / "rank.pid", 120)))
+        workers = rank.children()
+        assert len(workers) == 2
+        if ask == "SIGTERM to the stage":
+            stage.send_signal(signal.SIGTERM)
+        else:
+            stop_file.touch()
+        assert stage.wait(timeout=60) == 0, stage.stderr.read()[-2000:]
+        assert (tmp_path / "stopped").read_text() == "saved"
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()

@@ -114,3 +114,27 @@ def test_a_node_without_the_host_memory_for_its_ranks_is_refused_before_submissi
     large = get_profile("big", profile_file(tmp_path, GOOD + "host_memory_gib = 2000\n"))
     assert "--nodes=2" in build_request("pretrain", production, large).sbatch_args
     assert "--nodes=2" in build_request("pretrain", production, get_profile("big", profile_file(tmp_path, GOOD))).sbatch_args
+
+
+def test_jobs_get_the_hub_and_wandb_credentials_and_printing_hides_them(tmp_path, monkeypatch):
+    """Issue 30: the container does not mount the home directory, where `hf auth login` and `wandb login` keep
+    them: the request forwards them (the shell's, else the files'), and `--print` shows neither."""
+    hf_home = tmp_path / "hf"
+    hf_home.mkdir()
+    (hf_home / "token").write_text("hf_from_login\n")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password wandb_from_login\n")
+    for key in ("HF_TOKEN", "WANDB_API_KEY", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    import huggingface_hub.constants  # it reads HF_HOME once, when first imported
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(hf_home / "token"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    profile = get_profile("big", profile_file(tmp_path, GOOD))
+    request = build_request("prep", load_params(ROOT / "params.yaml"), profile, ["stdlib-code"])
+    assert request.env["HF_TOKEN"] == "hf_from_login" and request.env["WANDB_API_KEY"] == "wandb_from_login"
+    assert request.env["HF_HOME"] == str(hf_home)
+    line = request.shell_line()
+    assert "hf_from_login" not in line and "wandb_from_login" not in line and "HF_TOKEN=<hidden>" in line
+    monkeypatch.setenv("HF_TOKEN", "hf_from_shell")
+    assert build_request("prep", load_params(ROOT / "params.yaml"), profile, ["x"]).env["HF_TOKEN"] == "hf_from_shell"

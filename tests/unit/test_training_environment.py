@@ -59,10 +59,10 @@ def test_the_launcher_starts_torchrun_with_that_environment(params):
     env = {"PATH": "/usr/bin:/bin", **training_environment(params, 1, {})}
     code = "import os; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'], os.environ['CUDA_DEVICE_MAX_CONNECTIONS'])"
     out = subprocess.run([sys.executable, "-c", f"import subprocess, sys; from nano3.train.backends.megatron import "
-                          f"run_forwarding_sigterm as r; sys.exit(r([sys.executable, '-c', {code!r}], {env!r}))"],
+                          f"run_forwarding_sigterm as r; sys.exit(r([sys.executable, '-c', {code!r}], {env!r})[0])"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["expandable_segments:True", "32"]
-    assert run_forwarding_sigterm([sys.executable, "-c", "import sys; sys.exit(3)"], env) == 3
+    assert run_forwarding_sigterm([sys.executable, "-c", "import sys; sys.exit(3)"], env) == (3, False)
 
 
 def test_the_ranks_compile_triton_kernels_into_a_cache_beside_the_checkpoints(params, tmp_path):
@@ -73,7 +73,7 @@ def test_the_ranks_compile_triton_kernels_into_a_cache_beside_the_checkpoints(pa
     code = ("from triton.runtime.cache import get_cache_manager; "
             "print(get_cache_manager('c0ffee').put(b'kernel', 'k.cubin'))")
     child = (f"import sys; from nano3.train.backends.megatron import run_forwarding_sigterm as r; "
-             f"sys.exit(r([sys.executable, '-c', {code!r}], {env!r}))")
+             f"sys.exit(r([sys.executable, '-c', {code!r}], {env!r})[0])")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
     written = Path(out.stdout.strip())
     assert written.read_bytes() == b"kernel" and written.is_relative_to(tmp_path / "ckpts" / ".triton-cache")

@@ -4,6 +4,7 @@ The run directories are laid out as Bridge 0.6.2 wrote them there (file names an
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
@@ -119,3 +120,46 @@ def test_a_stage_killed_while_setting_aside_finishes_it_on_the_next_start(tmp_pa
     assert latest_iteration(run) == 4 and torch.load(run / BRIDGE_TRACKER)["step"] == 4
     assert "iter_0000006: is missing" in said[0] and "resuming from iteration 4" in said[0]
     assert (run / "unfinished_iter_0000006" / "__0_0.distcp").exists()
+
+
+def test_other_nodes_read_the_run_only_once_node_0_has_readied_it(tmp_path, monkeypatch):
+    """Issue 30: node 0 may be setting a cut save aside while node 1 reads the tracker; node 1 waits for node 0's
+    marker of this job and restart (a requeue waits anew), and says so in one line if it never comes."""
+    import threading
+    import time
+
+    from nano3.errors import UserError
+    from nano3.train import rundir
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    run = tmp_path / "pretrain" / "0123abcd"
+    waiter = threading.Thread(target=rundir.wait_for_node0, args=(run, 30, 0.05))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # node 1 holds back ...
+    run.mkdir(parents=True)
+    rundir.node0_ready(run).touch()  # ... until node 0 has the run in order
+    waiter.join(5)
+    assert not waiter.is_alive()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with pytest.raises(UserError, match=r"node 0 of job 77 has not readied the run in 0 s \(ready.77.3 missing\)"):
+        rundir.wait_for_node0(run, 0, 0.01)
+
+
+def test_a_save_cut_before_its_trackers_is_set_aside_and_the_tracked_checkpoint_kept(tmp_path):
+    """Seen on an H200: a SIGTERM to every process (as a preempted job gets it) killed Bridge's checkpoint writers
+    in the middle of saving iteration 61; the trackers stayed at 50, the half-written iter_0000061 remained, and
+    the resume would save iteration 61 into it again. It is set aside; 50 stays the resume point."""
+    run = tmp_path / "pretrain" / "run"
+    save(run, 50, whole(50))
+    partial = run / "iter_0000061"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"cut")
+    lines = []
+    set_aside_unfinished_save(run, lines.append)
+    assert latest_iteration(run) == 50 and (run / "iter_0000050" / RUN_CONFIG).exists()
+    assert not partial.exists() and (run / "unfinished_iter_0000061" / "__0_0.distcp").read_bytes() == b"cut"
+    assert len(lines) == 1 and "iter_0000061: written after the last tracked checkpoint (50)" in lines[0]
+    set_aside_unfinished_save(run, lines.append)  # idempotent
+    assert len(lines) == 1

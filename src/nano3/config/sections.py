@@ -157,7 +157,7 @@ class TrainConfig:
     precision: Literal["bf16", "fp8", "mxfp8"] = knob("bf16", "`bf16`, `fp8` (H100 current scaling) or `mxfp8` (Blackwell)")
     recompute_modules: list[str] = knob(doc="selective activation recompute (recipe: `[moe, layernorm]`)", factory=tuple)
     kernels: Kernels = knob(doc="what the machine's stack supports (the NeMo container has all of it)", factory=Kernels)
-    num_workers: int = knob(2, "data loader workers per rank", non_negative)
+    num_workers: int = knob(2, "data loader workers per rank (the reference backend's too)", non_negative)
     measured_tflops_per_gpu: float = knob(183, "throughput (Bridge's formula) the plan's GPU-hours assume", positive)
     bridge_overrides: dict[str, Any] = knob(doc="any Megatron-Bridge field, `{section.field: value}` (on the command line: `bridge.section.field=value`)",
                                             factory=dict)
@@ -234,7 +234,7 @@ class LongContextEval:
 @dataclass(frozen=True)
 class EvalConfig:
     """Stage `eval`: the exported model with transformers (GPU if present, else CPU)."""
-    out_dir: str = knob("reports/eval", "metrics.json (DVC metrics), report.md, continuations.json")
+    out_dir: str = knob("reports/eval", "results.json, its headline metrics.json (DVC metrics), report.md, continuations.json")
     seq_length: int = knob(1024, "window for test-split perplexity", positive)
     max_tokens: int = knob(8192, "test tokens per dataset (every dataset a blend phase draws from)", positive)
     batch_size: int = knob(4, "windows per forward pass", positive)

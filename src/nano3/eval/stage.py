@@ -87,8 +87,15 @@ def eval_stage(params, log=print) -> dict:
     long_context.plot(metrics["long_context"], out / "long_context.png")
     atomic_write_json(out / "continuations.json", samples)
     atomic_write_text(out / "report.md", report(metrics, samples))
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "results.json", metrics)
+    atomic_write_json(out / "metrics.json", headline(metrics))
     return metrics
+
+
+def headline(results: dict) -> dict:
+    """What `dvc exp show` lists (metrics.json): each dataset's test perplexity (columns ppl.<dataset>). The rest,
+    pass-key retrieval and loss by position included, stays in results.json, report.md and long_context.png."""
+    return {"ppl": {name: r["perplexity"] for name, r in results["test"].items()}}
 
 
 def report(metrics: dict, samples: list[dict]) -> str:
@@ -108,5 +115,5 @@ def run(params, args) -> dict:
     """Stage `eval`."""
     metrics = eval_stage(params)
     out = params.settings.eval.out_dir
-    print(f"eval: report {out}/report.md, metrics {out}/metrics.json")
+    print(f"eval: report {out}/report.md, results {out}/results.json (the headline in metrics.json)")
     return metrics

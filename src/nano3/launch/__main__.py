@@ -4,6 +4,7 @@
     submit <stage> [args]       submit to --cluster; --wait streams the log and returns the job's code
     all                         submit the whole pipeline as jobs chained with afterok dependencies
     status | cancel | logs      this repository's jobs, last checkpoints and metrics; cancel them; follow a log
+    exps                        DVC's experiments: changed params and headline metrics, fitting the terminal
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from nano3.config.clusters import PROFILES_FILE, get_profile
 from nano3.errors import UserError
 from nano3.launch.slurm import (
     CPU_STAGES,
+    FROZEN_ROOT,
     GPU_STAGES,
     ONE_GPU_STAGES,
     JobRequest,
@@ -65,23 +68,46 @@ def submit_prep(request: JobRequest, params, wait: bool, dependency: str | None 
             return "", submit_and_wait(request, *dep)
         return submit(request, *dep), None
     name = request.stage_args[0]
-    rc = subprocess.call([sys.executable, "stages/prep.py", "--params", params_file(), *request.stage_args, "--plan-only"])
-    if rc:
-        raise SystemExit(rc)
-    array = submit(request, f"--array=0-{tasks - 1}", *dep)
-    assemble = JobRequest(request.stage, request.name, request.sbatch_args, request.env,
-                          [*request.stage_args, "--assemble"])
-    print(f"nano3: prep {name}: array job {array} ({tasks} tasks), then assembly", file=sys.stderr)
+    # The plan is a job too: it needs the tokenizer, which a chain submitted with it has not made yet.
+    plan, assemble = (JobRequest(request.stage, request.name, request.sbatch_args, request.env, [*request.stage_args, step])
+                      for step in ("--plan-only", "--assemble"))
+    if wait:
+        rc = submit_and_wait(plan, *dep)
+        if rc:
+            return "", rc
+        planned = []
+    else:
+        planned = [submit(plan, *dep)]
+    array = submit(request, f"--array=0-{tasks - 1}", *(after(planned[0]) if planned else dep))
+    print(f"nano3: prep {name}: {'plan job ' + planned[0] + ', ' if planned else ''}array job {array} ({tasks} "
+          f"tasks), then assembly", file=sys.stderr)
     if wait:
         return array, submit_and_wait(assemble, *after(array))
     return submit(assemble, *after(array)), None
+
+
+def run_here(cmd: list[str]) -> int:
+    """Run a stage in a child process. Ctrl-C reaches the child too (the terminal's whole process group): the child
+    says its one line (a training stage checkpoints first) and this process only returns its exit status. A
+    no-op handler rather than SIG_IGN, which the child would inherit."""
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        return subprocess.call(cmd)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_run(args) -> int:
     """DVC's entry: run the stage here, or submit it and wait when CLUSTER is set."""
     cluster = os.environ.get("CLUSTER")
     if not cluster or os.environ.get("EXECUTOR", "slurm") == "local":
-        return subprocess.call([sys.executable, f"stages/{args.stage}.py", "--params", params_file(), *args.rest])
+        rc = run_here([sys.executable, f"stages/{args.stage}.py", "--params", params_file(), *args.rest])
+        if rc and os.environ.get("DVC_STAGE"):
+            stage = os.environ["DVC_STAGE"]
+            print(f"nano3: {stage} ended with exit status {rc}{' (stopped; rerun to resume)' if rc == 3 else ''}; "
+                  f"DVC removed its outputs before it ran, so dvc status lists them as deleted: rerun it (dvc repro "
+                  f"{stage}) or bring back the last recorded ones (dvc checkout {stage})", file=sys.stderr)
+        return rc
     return cmd_submit(argparse.Namespace(stage=args.stage, rest=args.rest, cluster=cluster, wait=True,
                                          test_only=False, print_only=False, dependency=None, only=True))
 
@@ -169,20 +195,33 @@ def cmd_status(_args) -> int:
     print("jobs:" if jobs else "jobs: none of this repository's (nano3-*) in the queue")
     for job in jobs:
         print(f"  {job[0]:>10}  {job[1]:28s} {job[2]:10s} {job[3]:>10}  {job[4]}")
+    for line in frozen_params_changed({job[0] for job in jobs}):
+        print(line)
     params = load_params(params_file())
     train = params.settings.train
     for stage in GPU_STAGES:
         for run_dir in rundir.runs(train, stage):
-            if rundir.latest_iteration(run_dir):
-                print(f"{stage}: run {run_dir.name}: last checkpoint at iteration {rundir.latest_iteration(run_dir)}")
-        metrics = rundir.live_dir(train, stage) / "metrics.json"
-        if metrics.exists():
-            m = json.loads(metrics.read_text())
-            loss = m.get("train", {}).get("loss")
-            tflops = m.get("perf", {}).get("tflops_per_gpu_true")
-            print(f"{stage}: step {m.get('step')}, loss {loss:.4f}" + (f", {tflops:.1f} TFLOP/s/GPU" if tflops else "")
-                  if loss is not None else f"{stage}: step {m.get('step')}")
+            m = rundir.full_metrics(run_dir)  # the run's own metrics, as far as it logged
+            loss, tflops = m.get("train", {}).get("loss"), m.get("perf", {}).get("tflops_per_gpu_true")
+            if rundir.latest_iteration(run_dir) or m:
+                print(f"{stage}: run {run_dir.name}: last checkpoint at iteration {rundir.latest_iteration(run_dir)}"
+                      + (f"; step {m.get('step')}, loss {loss:.4f}" if loss is not None else "")
+                      + (f", {tflops:.1f} TFLOP/s/GPU" if tflops else ""))
     return 0
+
+
+def frozen_params_changed(queued: set[str]) -> list[str]:
+    """A warning per queued job whose params (frozen at submission) differ from the checkout's params file now."""
+    out = []
+    for jobs in sorted(FROZEN_ROOT.glob("*/jobs")):
+        frozen = jobs.parent
+        name = (frozen / "params_name").read_text()
+        waiting = [j for j in jobs.read_text().split() if j in queued]
+        if waiting and Path(name).exists() and (frozen / name).read_bytes() != Path(name).read_bytes():
+            out.append(f"warning: {name} changed after job(s) {', '.join(waiting)} were submitted; they keep the params "
+                       f"and code of {frozen} (diff {frozen / name} {name}); put {name} back before dvc commit records "
+                       f"their outputs, or it records today's params beside them")
+    return out
 
 
 def cmd_cancel(_args) -> int:
@@ -213,6 +252,13 @@ def cmd_logs(args) -> int:
         return 0
 
 
+def cmd_exps(_args) -> int:
+    from nano3.launch.experiments import show
+
+    print(show())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nano3.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cluster", default=os.environ.get("CLUSTER"), required=not os.environ.get("CLUSTER"))
     sub.add_parser("status")
     sub.add_parser("cancel")
+    sub.add_parser("exps")
     p = sub.add_parser("logs")
     p.add_argument("job", nargs="?")
     args, rest = ap.parse_known_args(argv)
@@ -239,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
     handler = {"run": cmd_run, "submit": cmd_submit, "all": cmd_all, "status": cmd_status, "cancel": cmd_cancel,
-               "logs": cmd_logs}[args.command]
+               "logs": cmd_logs, "exps": cmd_exps}[args.command]
     try:
         sys.exit(handler(args))
     except UserError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from nano3.config.clusters import ClusterProfile
 from nano3.errors import UserError
+from nano3.files import atomic_dir
 
 CPU_STAGES = ("sample", "tokenizer", "retrieval", "prep", "blend")
 GPU_STAGES = {"pretrain": "train", "lc": "lc"}  # stage -> params section
@@ -48,8 +50,40 @@ class JobRequest:
         return ["sbatch", "--parsable", *self.sbatch_args, *extra, self.script, *self.stage_args]
 
     def shell_line(self, *extra: str) -> str:
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        exports = " ".join(f"{k}={'<hidden>' if k in SECRETS else shlex.quote(v)}" for k, v in sorted(self.env.items()))
         return f"{exports} {shlex.join(self.command(*extra))}"
+
+
+# Credentials a job needs and cannot find itself: the container does not mount the home directory, where
+# `hf auth login` and `wandb login` leave them. Forwarded in the job's environment, never printed.
+SECRETS = ("HF_TOKEN", "WANDB_API_KEY")
+FORWARDED = ("HF_HOME", "HF_ENDPOINT", "HF_HUB_OFFLINE", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT")
+
+
+def credentials(environ=os.environ) -> dict[str, str]:
+    """HF_TOKEN (the shell's, else `hf auth login`'s token file), WANDB_API_KEY (the shell's, else `wandb login`'s
+    ~/.netrc entry) and the hub/W&B settings the shell has; only those found."""
+    out = {k: environ[k] for k in FORWARDED if environ.get(k)}
+    try:
+        from huggingface_hub import get_token
+
+        token = environ.get("HF_TOKEN") or get_token()
+    except ImportError:
+        token = environ.get("HF_TOKEN")
+    if token:
+        out["HF_TOKEN"] = token
+    key = environ.get("WANDB_API_KEY")
+    if not key:
+        import netrc
+
+        try:
+            entry = netrc.netrc(environ.get("NETRC")).authenticators("api.wandb.ai")
+        except (FileNotFoundError, netrc.NetrcParseError):
+            entry = None
+        key = entry[2] if entry else None
+    if key:
+        out["WANDB_API_KEY"] = key
+    return out
 
 
 def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[str] | None = None,
@@ -83,17 +117,56 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
     env = {"NANO3_RUNTIME": profile.runtime, "NANO3_IMAGE": profile.container_image or "",
            "NANO3_MOUNTS": ",".join(profile.mounts), "NANO3_MAX_REQUEUES": str(profile.max_requeues),
            "NANO3_IMAGE_EXTRAS": profile.image_extras,
-           "NANO3_PARAMS": params_file, **{k: str(v) for k, v in profile.env.items()}}
+           "NANO3_PARAMS": params_file, **credentials(), **{k: str(v) for k, v in profile.env.items()}}
     return JobRequest(stage, name, args, env, stage_args)
+
+
+FROZEN_ROOT = Path("logs") / "frozen"
+_frozen: dict[str, Path] = {}
+
+
+def frozen_checkout(params_file: str) -> Path:
+    """What the jobs of this submission run, copied once per submitting process: the package (src/nano3), the
+    stage scripts and the params file. A queued or requeued job reads them at every start; from this copy, an
+    edit of the checkout after submission (params, code, another branch) reaches only later submissions."""
+    if params_file not in _frozen:
+        name = Path(params_file).name if Path(params_file).is_absolute() else params_file
+        final = FROZEN_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        with atomic_dir(final) as tmp:
+            junk = shutil.ignore_patterns("__pycache__", "*.pyc")
+            shutil.copytree("src/nano3", tmp / "src" / "nano3", ignore=junk)
+            shutil.copytree("stages", tmp / "stages", ignore=junk)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(params_file, tmp / name)
+            (tmp / "params_name").write_text(name)
+        _frozen[params_file] = final.resolve()
+    return _frozen[params_file]
+
+
+def freeze(request: JobRequest) -> dict[str, str]:
+    """The job's environment with the frozen checkout: the code (NANO3_FROZEN) and params (NANO3_PARAMS) it runs."""
+    params_file = request.env.get("NANO3_PARAMS", "params.yaml")
+    frozen = frozen_checkout(params_file)
+    return {**request.process_env, "NANO3_FROZEN": str(frozen),
+            "NANO3_PARAMS": str(frozen / (frozen / "params_name").read_text())}
+
+
+def record_job(env: dict[str, str], job_id: str) -> None:
+    """Which jobs run a frozen checkout (make status compares its params with the checkout's)."""
+    with open(Path(env["NANO3_FROZEN"]) / "jobs", "a") as f:
+        f.write(f"{job_id}\n")
 
 
 def submit(request: JobRequest, *extra: str) -> str:
     """Submit and return the job id."""
     Path("logs").mkdir(exist_ok=True)
-    out = subprocess.run(request.command(*extra), env=request.process_env, capture_output=True, text=True)
+    env = freeze(request)
+    out = subprocess.run(request.command(*extra), env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise UserError(f"sbatch refused {request.script}: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
-    return out.stdout.strip().split(";")[0]
+    job_id = out.stdout.strip().split(";")[0]
+    record_job(env, job_id)
+    return job_id
 
 
 def test_only(request: JobRequest) -> str:
@@ -109,9 +182,9 @@ def log_path(name: str, job_id: str) -> Path:
 
 
 def wait_for(job_id: str, log: Path | None, proc: subprocess.Popen | None = None, stream=sys.stdout,
-             cancel_on_interrupt: bool = True) -> int:
-    """Wait for `proc` (sbatch --wait) while streaming the job's log; cancel the job on SIGINT/SIGTERM/
-    SIGHUP or when our parent dies (unless we only follow the log)."""
+             cancel_on_interrupt: bool = True, offset: int = 0) -> int:
+    """Wait for `proc` (sbatch --wait) while streaming the job's log from byte `offset`; cancel the job on
+    SIGINT/SIGTERM/SIGHUP or when our parent dies (unless we only follow the log)."""
     parent = os.getppid()
 
     def cancel(reason: str) -> None:
@@ -123,7 +196,6 @@ def wait_for(job_id: str, log: Path | None, proc: subprocess.Popen | None = None
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if cancel_on_interrupt else ()
     handlers = {s: signal.signal(s, lambda signum, _f: cancel(signal.Signals(signum).name)) for s in signals}
-    offset = 0
     try:
         while True:
             if log is not None and log.exists():
@@ -151,11 +223,45 @@ def wait_for(job_id: str, log: Path | None, proc: subprocess.Popen | None = None
 def submit_and_wait(request: JobRequest, *extra: str) -> int:
     """`sbatch --wait` with log streaming and cancel-on-interrupt; returns the job's exit code."""
     Path("logs").mkdir(exist_ok=True)
-    proc = subprocess.Popen(request.command("--wait", *extra), env=request.process_env,
-                            stdout=subprocess.PIPE, text=True)
+    env = freeze(request)
+    proc = subprocess.Popen(request.command("--wait", *extra), env=env, stdout=subprocess.PIPE, text=True)
     job_id = proc.stdout.readline().strip().split(";")[0]
     if not job_id:
         proc.wait()
         raise UserError(f"sbatch refused {request.script} (exit {proc.returncode})")
-    print(f"nano3: submitted job {job_id} ({request.name}); log {log_path(request.name, job_id)}", file=sys.stderr)
-    return wait_for(job_id, log_path(request.name, job_id), proc)
+    record_job(env, job_id)
+    log = log_path(request.name, job_id)
+    print(f"nano3: submitted job {job_id} ({request.name}); log {log}", file=sys.stderr)
+    rc = wait_for(job_id, log, proc)
+    # sbatch --wait can return while a training job requeues itself (Slurm shows the run it ended as cancelled):
+    # wait on while the job is queued or running again, then take its own exit code.
+    while job_state(job_id) in STILL_GOING:
+        print(f"nano3: job {job_id} was requeued; still waiting", file=sys.stderr)
+        until_done = subprocess.Popen(["bash", "-c", f"while squeue -h -j {job_id} -t {','.join(STILL_GOING)} "
+                                                     f"2>/dev/null | grep -q .; do sleep 2; done"])
+        wait_for(job_id, log, until_done, offset=log.stat().st_size if log.exists() else 0)
+        rc = job_exit_code(job_id, rc)
+    return rc
+
+
+STILL_GOING = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED")
+
+
+def job_state(job_id: str) -> str:
+    """The job's state as scontrol shows it; GONE once Slurm has forgotten it (MinJobAge after its end)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+
+
+def job_exit_code(job_id: str, fallback: int) -> int:
+    """The exit status of the job's batch script (ExitCode=status:signal), from scontrol, else sacct."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    code = next((w.split("=", 1)[1] for w in out.split() if w.startswith("ExitCode=")), None)
+    if code is None:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "ExitCode", "-j", job_id], capture_output=True,
+                             text=True).stdout.split()
+        code = out[0] if out else None
+    if code is None:
+        return fallback
+    status, _, sig = code.partition(":")
+    return int(status) or (128 + int(sig) if sig and int(sig) else 0)

@@ -47,7 +47,7 @@ def summarize(params) -> None:
         print(f"lc: loss {lc[0][1]:.3f} -> {lc[-1][1]:.3f} at sequence length {effective.settings.lc.seq_length}")
     for stage, m in manifests.items():
         print(f"{stage}: checkpoint {m['checkpoint']} at iteration {m['iteration']}")
-    metrics = Path(params.settings.eval.out_dir) / "metrics.json"
+    metrics = Path(params.settings.eval.out_dir) / "results.json"
     if metrics.exists():
         for name, r in json.loads(metrics.read_text())["test"].items():
             print(f"eval: {name} test perplexity {r['perplexity']:.2f}")

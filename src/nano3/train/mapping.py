@@ -99,6 +99,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "train.global_batch_size": phase.global_batch_size,
         "train.micro_batch_size": layout.micro_batch_size,
         "train.exit_signal_handler": True,  # SIGTERM (Slurm's pre-time-limit signal): save, then exit
+        "train.exit_signal_handler_for_dataloader": True,  # its DataLoader workers live through a SIGTERM to all
         "validation.eval_interval": cfg.train.eval_interval,
         "validation.eval_iters": cfg.train.eval_iters,
         "optimizer.lr": lr.lr,

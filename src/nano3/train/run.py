@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -83,15 +82,6 @@ def print_plan(plan: Plan, stage: str, backend: str, memory: tuple[float, str] |
     Console().print(table)
 
 
-def prepare_live_dir(live_dir: Path, digest: str) -> None:
-    """Metrics of another run (other hyperparameters) are cleared; those of this run are kept."""
-    marker = live_dir / "run.json"
-    if marker.exists() and json.loads(marker.read_text()).get("digest") != digest:
-        shutil.rmtree(live_dir)
-    live_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, {"digest": digest})
-
-
 def gpu_memory_target(gpu_memory_gib: float | None) -> tuple[float, str]:
     """The card a Megatron plan must fit: --gpu-memory, else the CLUSTER profile's, else this machine's GPU,
     else an H100 80GB."""
@@ -142,6 +132,27 @@ def check_lc_mix_on_megatron(params) -> None:
                         f"make lc.mix.short_length ({mix.short_length}) a multiple of {2 * cp}")
 
 
+def check_bridge_fields(bridge_cli: list[str], log) -> None:
+    """--dry-run: set the `bridge.*` fields on Bridge's recipe config as the ranks will (an unknown field is an
+    error); where Bridge does not import (a CPU machine), say that they were not checked."""
+    if not bridge_cli:
+        return
+    from nano3.config import parse_override
+
+    names = ", ".join(f"bridge.{item.partition('=')[0]}" for item in bridge_cli)
+    try:
+        from nano3.train.entry import build_config
+
+        build_config(dict(parse_override(text) for text in bridge_cli))
+    except UserError:
+        raise
+    except Exception as e:  # not installed, or no GPU stack under it (Transformer Engine)
+        log(f"dry run: {names} not checked: Megatron-Bridge does not import here ({type(e).__name__}: {e}); the "
+            f"ranks check them when they start (a --dry-run on a machine with the training stack checks them now)")
+        return
+    log(f"dry run: {names} set on Megatron-Bridge's recipe config")
+
+
 def run_training_stage(stage: str, requested, params_file: str, our_overrides: list[str], bridge_cli: list[str],
                        dry_run: bool, log=print, gpu_memory_gib: float | None = None) -> dict | None:
     """`requested`: params.yaml with `our_overrides` applied; the training processes reload the same file and
@@ -159,6 +170,7 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     report.mkdir(parents=True, exist_ok=True)
     atomic_write_json(report / f"{stage}.json", plan.as_dict() | {"backend": backend})
     if dry_run:
+        check_bridge_fields(bridge_cli, log)
         return None
 
     layout = plan.stages[section_name(stage)].layout
@@ -184,28 +196,41 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
                             f"{pre.get('backend', 'megatron')} backend but lc would run on {backend}; rerun "
                             f"pretrain with train.backend={backend}")
     # node 0 holds the run's lock (the other nodes' processes are the same training)
+    live_dir = rundir.live_dir(params.settings.train, stage)
     with rundir.hold_run(run_dir) if node0 else nullcontext() as lock_fd:
         if node0 and backend == "megatron":  # before the iteration is read below, and before any node's ranks start
             set_aside_unfinished_save(run_dir, log)
-        live_dir = rundir.live_dir(params.settings.train, stage)
-        prepare_live_dir(live_dir, digest)
-        code = rundir.record_code(run_dir, stage, latest_iteration(run_dir), phases[-1].end_iter, log) if node0 else []
+        if node0 and (ready := rundir.node0_ready(run_dir)):
+            ready.touch()
+        elif not node0:
+            rundir.wait_for_node0(run_dir)
+        done = latest_iteration(run_dir)
+        if node0:
+            rundir.adopt_workspace_metrics(run_dir, live_dir)
+            if done >= phases[-1].end_iter:
+                log(f"{stage}: run {digest} finished at iteration {done} before: reused, not retrained; its "
+                    f"metrics are back in {live_dir}")
+        code = rundir.record_code(run_dir, stage, done, phases[-1].end_iter, log) if node0 else []
         training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir,
-                               live_dir=live_dir, pretrained=pretrained, params_file=params_file,
+                               live_dir=rundir.run_live_dir(run_dir), pretrained=pretrained, params_file=params_file,
                                overrides=list(our_overrides), bridge=list(bridge_cli), lock_fd=lock_fd)
-        train_on(backend, training, log)
+        try:
+            if done < phases[-1].end_iter:
+                train_on(backend, training, log)
+        finally:
+            if node0:  # finished, stopped or failed: the workspace shows this run's metrics as far as they go
+                rundir.publish_metrics(run_dir, live_dir, stage, log)
     exit_if_stopped(run_dir, stage, phases, log)
 
     if not node0:
         return None  # every node ran the same phases; node 0 writes the manifest
     iteration = latest_iteration(run_dir)
-    summary_file = live_dir / "metrics.json"
     manifest = {"stage": stage, "digest": digest, "run_dir": str(run_dir), "iteration": iteration,
                 "checkpoint": str(run_dir), "upstream": upstream, "backend": backend,
                 "format": "hf" if backend == "reference" else "megatron",
                 "phases": [{"name": p.name, "end_iter": p.end_iter, "blend": p.blend} for p in phases],
                 "code": code,
-                "metrics": json.loads(summary_file.read_text()) if summary_file.exists() else {}}
+                "metrics": rundir.full_metrics(run_dir)}
     atomic_write_json(manifest_path(params.settings.train, stage), manifest)
     return manifest
 

@@ -5,13 +5,21 @@
     <train.checkpoint_dir>/<stage>/<run digest>/latest_checkpointed_iteration.txt   backend writes the same)
     <train.checkpoint_dir>/<stage>/<run digest>/code.json      which training code trained which iterations
     <train.checkpoint_dir>/<stage>/<run digest>/train.lock     held while a stage trains the run (hold_run)
-    <train.live_dir>/<stage>/                                  dvclive metrics and plots
+    <train.checkpoint_dir>/<stage>/<run digest>/live/          the run's own dvclive metrics and plots
+    <train.live_dir>/<stage>/                                  the DVC outs: a copy of the run the params name
+
+Metrics belong to their run: the backends log into the run's `live/`, and the stage copies it to
+`<train.live_dir>/<stage>/` when it ends (publish_metrics), finished or stopped. Going back to a configuration
+trained before (a params edit, `dvc exp run -S`, `git checkout`) brings that run's metrics back with it;
+nothing ever deletes another run's metrics.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -26,6 +34,11 @@ from nano3.files import atomic_write_json, atomic_write_text, read_json
 TRACKER = "latest_checkpointed_iteration.txt"
 CODE_RECORD = "code.json"
 LOCK = "train.lock"
+LIVE = "live"
+# What `dvc exp show` lists of a training stage (its metrics.json, keyed by the stage so the table's columns read
+# pretrain.loss, lc.valid_loss): the loss curves' last values. The rest (throughput, MoE load, host memory, LR)
+# stays in the plots, the run's live/metrics.json and the stage manifest.
+HEADLINE_METRICS = {"loss": ("train", "loss"), "valid_loss": ("valid", "loss")}
 # The package code a training run's weights depend on: the pretrain stage's code deps in dvc.yaml
 TRAINING_CODE = ("train", "model", "data/megatron.py", "data/lc_mix.py", "data/tokenizer.py", "data/binidx.py",
                  "schedule.py", "config", "megatron_compat.py")
@@ -61,6 +74,25 @@ def hold_run(run: str | Path) -> Iterator[int | None]:
         os.close(fd)
 
 
+def node0_ready(run: str | Path) -> Path | None:
+    """The marker node 0 of a Slurm job leaves once it has the run in order (an unfinished save set aside), before
+    any node reads the run's iteration; None outside a job. Named per job and restart, so a requeue waits anew."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return Path(run) / f"ready.{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
+
+
+def wait_for_node0(run: str | Path, timeout: float = 1800, poll: float = 1.0) -> None:
+    """Other nodes read the run only once node 0 has repaired it: else node 0 could restart a phase from the
+    checkpoint before a cut save while node 1 launches the next phase into the same rendezvous."""
+    marker = node0_ready(run)
+    deadline = time.time() + timeout
+    while marker is not None and not marker.exists():
+        if time.time() > deadline:
+            raise UserError(f"{run}: node 0 of job {os.environ.get('SLURM_JOB_ID')} has not readied the run in "
+                            f"{timeout:.0f} s ({marker.name} missing); see node 0's lines in the job log")
+        time.sleep(poll)
+
+
 def run_dir(train: TrainConfig, stage: str, digest: str) -> Path:
     return Path(train.checkpoint_dir) / stage / digest
 
@@ -71,6 +103,53 @@ def runs(train: TrainConfig, stage: str) -> list[Path]:
 
 def live_dir(train: TrainConfig, stage: str) -> Path:
     return Path(train.live_dir) / stage
+
+
+def run_live_dir(run: str | Path) -> Path:
+    """The run's own dvclive directory: what its backends log into."""
+    return Path(run) / LIVE
+
+
+def adopt_workspace_metrics(run: str | Path, live: Path) -> None:
+    """A run trained before runs kept their own metrics: take them from the workspace's copy when its marker
+    (run.json, written by those versions) names this run."""
+    marker, own = live / "run.json", run_live_dir(run)
+    if own.exists() or not marker.exists() or json.loads(marker.read_text()).get("digest") != Path(run).name:
+        return
+    shutil.copytree(live, own, ignore=shutil.ignore_patterns("run.json"))
+
+
+def headline(summary: dict, stage: str) -> dict:
+    """dvclive's summary cut to HEADLINE_METRICS, under the stage's name."""
+    values = {name: summary[section][key] for name, (section, key) in HEADLINE_METRICS.items()
+              if key in summary.get(section, {})}
+    return {stage: values} if values else {}
+
+
+def full_metrics(run: str | Path) -> dict:
+    """The run's last logged value of every metric (dvclive's summary), {} before its first log."""
+    summary = run_live_dir(run) / "metrics.json"
+    return json.loads(summary.read_text()) if summary.exists() else {}
+
+
+def publish_metrics(run: str | Path, live: Path, stage: str, log) -> None:
+    """Replace the workspace's `live` (a DVC out) with a copy of the run's own metrics, its metrics.json cut to the
+    headline: the copy is built beside `live` and renamed into place, so DVC never sees half of two runs."""
+    own = run_live_dir(run)
+    if not own.exists():
+        log(f"warning: {run}: this run's metrics were not kept (it trained before runs kept their own, and the "
+            f"workspace's {live} is another run's); remove {run} to retrain it with metrics")
+    tmp = live.with_name(f".{live.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if own.exists():
+        shutil.copytree(own, tmp)
+    (tmp / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(tmp / "metrics.json", headline(full_metrics(run), stage))
+    old = live.with_name(f".{live.name}.{os.getpid()}.old")
+    if live.exists():
+        os.replace(live, old)
+    os.replace(tmp, live)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def iteration_dir(run: str | Path, iteration: int) -> Path:

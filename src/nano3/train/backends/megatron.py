@@ -45,15 +45,18 @@ def train(run: TrainingRun, log=print) -> None:
         cmd += [f"--override={o}" for o in run.overrides] + [f"--bridge={b}" for b in run.bridge]
         if run.pretrained:
             cmd += ["--pretrained", run.pretrained]
-        rc = run_forwarding_sigterm(cmd, {**os.environ, **training_environment(run.params, layout.tp, os.environ)},
-                                    keep_fds=() if run.lock_fd is None else (run.lock_fd,))
+        rc, stopped = run_forwarding_sigterm(cmd, {**os.environ, **training_environment(run.params, layout.tp,
+                                                                                         os.environ)},
+                                             keep_fds=() if run.lock_fd is None else (run.lock_fd,))
         refused = failure_path(run.run_dir, phase.name)
         if rc != 0 and refused.exists():
             reason = refused.read_text().strip()
             refused.unlink()
             raise UserError(reason)
-        if rc != 0:
+        if rc != 0 and not stopped:
             raise SystemExit(rc)
+        if rc != 0:  # stopped, and torchrun signalled too (Slurm signals every process): at the last checkpoint
+            log(f"{run.stage}: torchrun ended with exit status {rc} after the stop; resuming from the last checkpoint")
         exit_if_stopped(run.run_dir, run.stage, [phase], log)
         if phase.exit_interval:
             log(f"{run.stage}: {phase.name} stopped at iteration {phase.end_iter} as planned (Bridge reports its "
@@ -87,8 +90,18 @@ def set_aside_unfinished_save(run_dir: Path, log) -> None:
     """A run whose last save was cut short resumes from its newest whole checkpoint (from the start, or lc's
     pretrained model, when there is none); the unfinished one is renamed, not deleted: its tensors were written
     whole (Bridge's barrier precedes the trackers), only its config is not. Idempotent: the rename comes first,
-    and a tracker on a missing directory is handled the same way, so a stage killed midway redoes it."""
+    and a tracker on a missing directory is handled the same way, so a stage killed midway redoes it.
+
+    A save cut before its trackers (a SIGTERM to every process of a preempted job kills Bridge's checkpoint
+    writer processes: seen on an H200, BrokenPipeError mid-save) leaves a directory past the tracked iteration,
+    which the next save of that iteration would write into: it is set aside the same way."""
     done = latest_iteration(run_dir)
+    for later in (d for d in rundir.iteration_dirs(run_dir) if rundir.iteration_of(d) > done):
+        aside = run_dir / f"unfinished_{later.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(later, aside)
+        log(f"warning: {later}: written after the last tracked checkpoint ({done}) and never finished (the stage "
+            f"was stopped while Bridge saved it); kept as {aside.name} (remove it to free its space)")
     if not done:
         return
     checkpoint = rundir.iteration_dir(run_dir, done)
@@ -128,11 +141,13 @@ def torchrun_command(nproc: int) -> list[str]:
     return cmd + ["-m", "nano3.train.entry"]
 
 
-def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None, keep_fds: tuple[int, ...] = ()) -> int:
-    """Run torchrun in its own session; SIGTERM (Slurm's pre-time-limit signal, passed on by the
-    sbatch script) or Ctrl-C goes straight to the training ranks as SIGTERM, and Bridge's handler
-    saves a checkpoint and exits cleanly. torchrun itself is spared: its own SIGTERM handling kills
-    the ranks after a grace period that a large checkpoint can outlast.
+def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None,
+                           keep_fds: tuple[int, ...] = ()) -> tuple[int, bool]:
+    """Run torchrun in its own session and return (its exit status, whether a stop was asked for). A stop is asked
+    for by SIGTERM (passed on by a job script or Slurm), Ctrl-C, or the job's stop file (nano3.train.stopping); it
+    goes to the training ranks alone, torchrun's direct children, as SIGTERM: Bridge's handler saves a checkpoint
+    and exits. Not to their DataLoader workers (a worker killed under a rank fails the rank before it saves) and not
+    to torchrun (its own SIGTERM handling kills the ranks after 30 s, which a large checkpoint outlasts).
 
     If this process dies without a word (SIGKILL, the OOM killer), torchrun gets SIGTERM from the kernel and stops
     its ranks (SIGTERM, then SIGKILL after 30 s) instead of training on, orphaned, beside the rerun. `keep_fds` (the
@@ -141,16 +156,25 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None, ke
 
     import psutil
 
+    from nano3.train.stopping import stop_requested
+
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, pass_fds=keep_fds,
                             preexec_fn=stop_when_parent_dies(signal.SIGTERM))
+    asked = {"stop": False}
 
-    def forward(signum, _frame):
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            child.send_signal(signal.SIGTERM)
+    def forward(*_):
+        asked["stop"] = True
+        for rank in psutil.Process(proc.pid).children(recursive=False):
+            rank.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=1), asked["stop"]
+            except subprocess.TimeoutExpired:
+                if stop_requested() and not asked["stop"]:
+                    forward()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

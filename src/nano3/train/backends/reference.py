@@ -27,6 +27,7 @@ from nano3.errors import UserError
 from nano3.files import atomic_dir
 from nano3.schedule import PhasePlan
 from nano3.train import rundir
+from nano3.train.stopping import STOP_FILE_ENV, ignore_stop_signals, stop_requested
 
 MAX_PARAMS = 100e6  # the reference trains tiny presets; anything larger belongs on GPUs
 
@@ -229,7 +230,8 @@ def micro_batch_groups(samples: list[dict], first_index: int, mix) -> list[tuple
 
 def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: Path, live_dir: Path,
                     pretrained: str | None, log=print) -> None:
-    """Run the stage's phases in this process; a SIGTERM checkpoints and stops (the caller resumes later)."""
+    """Run the stage's phases in this process; SIGTERM, Ctrl-C or the job's stop request (nano3.train.stopping)
+    checkpoints after the step and stops (the caller resumes later); a second Ctrl-C stops at once."""
     import torch
     from dvclive import Live
     from tqdm import tqdm
@@ -257,8 +259,14 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     truncate_metrics(live_dir, done)
     live = Live(str(live_dir), resume=True, save_dvc_exp=False, dvcyaml=False, report=None)
     live.log_param("backend", "reference")
-    stop = {"now": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    stop = {"by": None}
+
+    def request_stop(signum, _frame):
+        if stop["by"] and signum == signal.SIGINT:  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        stop["by"] = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     mbs, clip = cfg.training(stage).micro_batch_size, float(cfg.train.clip_grad)
     mix = cfg.lc.mix if stage == "lc" else Mix()
     log_interval, eval_interval = cfg.train.log_interval, cfg.train.eval_interval
@@ -275,9 +283,10 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
             assert_run_conforms(doc, params, phase, str(effective.effective_path(run_dir, phase.name)))
             first = max(done, phase.start_iter) + 1
             gbs = phase.global_batch_size
-            bar = tqdm(range(max(done, phase.start_iter), phase.end_iter), desc=f"{stage} {phase.name}", unit="it")
+            steps = range(max(done, phase.start_iter), phase.end_iter)
+            bar = tqdm(steps, desc=f"{stage} {phase.name}", unit="it")
             last = (done, time.time())
-            for step in bar:
+            for step, batch in zip(bar, step_batches(train_set, phase, steps, cfg.train.num_workers, log)):
                 it = step + 1
                 for group in optimizer.param_groups:
                     group["lr"] = schedule.lr_at(it)
@@ -287,9 +296,9 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                     effective.write(run_dir, phase.name, doc)
                 model.train()
                 total = 0.0
+                offset = (step - phase.start_iter) * gbs  # the phase's dataset holds only what it reads
                 for start in range(0, gbs, mbs):
-                    offset = (step - phase.start_iter) * gbs  # the phase's dataset holds only what it reads
-                    samples = [train_set[offset + i] for i in range(start, min(start + mbs, gbs))]
+                    samples = batch[start:start + mbs]
                     for rows, count in micro_batch_groups(samples, offset + start, mix):
                         loss = batch_loss(model, rows) * count / gbs  # every sample weighs its tokens alike
                         loss.backward()
@@ -315,16 +324,45 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
                         live.log_metric("valid/loss_short", validate(model, valid_set, cfg.train.eval_iters * gbs,
                                                                      mbs, cfg.lc.mix.short_length))
                     live.make_summary()
-                if it % save_interval == 0 or it == phase.end_iter or stop["now"]:
+                if not stop["by"] and stop_requested():
+                    stop["by"] = f"the job's stop request ({STOP_FILE_ENV})"
+                if it % save_interval == 0 or it == phase.end_iter or stop["by"]:
                     save_checkpoint(run_dir, it, model, optimizer, keep_checkpoints(params.settings.train))
                     done = it
-                if stop["now"]:
-                    log(f"{stage}: stopped by SIGTERM at iteration {it} (checkpoint saved)")
+                if stop["by"]:
+                    log(f"{stage}: stopped by {stop['by']} at iteration {it} (checkpoint saved)")
                     return
             done = phase.end_iter
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         live.end()
+
+
+class StepBatches:
+    """A phase's training samples as global batches: item k is the batch of step `steps[k]`, read by DataLoader
+    workers as Megatron's ranks read theirs (so the CPU run has the processes a Slurm signal reaches)."""
+
+    def __init__(self, train_set, phase: PhasePlan, steps: range):
+        self.train_set, self.phase, self.steps = train_set, phase, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k: int) -> list[dict]:
+        gbs = self.phase.global_batch_size
+        offset = (self.steps[k] - self.phase.start_iter) * gbs
+        return [self.train_set[offset + i] for i in range(gbs)]
+
+
+def step_batches(train_set, phase: PhasePlan, steps: range, workers: int, log):
+    """The batches of `steps` in order, from `workers` DataLoader processes (train.num_workers; 0: this one)."""
+    from torch.utils.data import DataLoader
+
+    if workers:
+        log(f"data loader: {workers} worker processes")
+    return DataLoader(StepBatches(train_set, phase, steps), batch_size=None, num_workers=workers,
+                      worker_init_fn=ignore_stop_signals if workers else None)
 
 
 def validate(model, valid_set, samples: int, mbs: int, short_length: int | None = None) -> float:
