@@ -157,13 +157,13 @@ def start_and_stop(repo: Path, cmd: list[str], stop_file: Path, at: int, log: Pa
     return rc
 
 
-def test_a_stop_at_the_time_limit_saves_with_dataloader_workers_and_the_rerun_finishes(smoke):
+def test_a_stop_at_the_time_limit_saves_with_dataloader_workers_and_the_rerun_finishes(blended):
     """Issue 30 on a real Bridge with train.num_workers=2: the job's stop request reaches the ranks alone, which
     save where they are (on an H200: at iteration 22) and exit. A SIGTERM to every process (preemption) still ends
     in a stop at a whole checkpoint, but not a new one: it also kills Bridge's checkpoint writer processes, so the
     save it starts is cut (on the H200: BrokenPipeError saving 61, resumed from 50) and set aside at the rerun.
-    Each time the stage exits 3; the rerun ends the run, its metric rows once each."""
-    repo, _ = smoke
+    Each time the stage exits 3; the rerun ends the run, its metric rows once each. Needs the data only."""
+    repo = blended
     sched = build_schedule(load_params(repo / "params.yaml").settings)
     cmd = [sys.executable, "stages/pretrain.py", "train.checkpoint_dir=checkpoints/stop-test", "train.num_workers=2",
            "train.log_interval=1"]
