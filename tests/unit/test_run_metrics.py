@@ -76,3 +76,25 @@ def test_the_experiment_table_fits_80_columns_and_lists_only_what_differs():
     assert header[:2] == ["workspace", "main"] and "lr-sweep-0" in header
     assert "fa11ed0" not in table  # an experiment that failed has no data
     assert next(line for line in lines if line.startswith("ppl.stdlib-code")).split()[1:3] == ["204", "196"]
+
+
+def test_clean_runs_reads_branches_and_experiments_not_dvcs_apply_stash(tmp_path):
+    """`dvc exp apply` keeps the workspace it replaced in refs/exps/apply/stash: counting that as a reference kept
+    every run ever applied away from (seen in the loop test: the removed experiment's runs stayed)."""
+    import subprocess
+
+    from nano3.train.reclaim import kept_refs
+
+    def git(*args: str) -> str:
+        env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+               "PATH": "/usr/bin:/bin"}
+        return subprocess.run(["git", *args], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q", "-b", "main")
+    git("commit", "-q", "--allow-empty", "-m", "c")
+    head = git("rev-parse", "HEAD").strip()
+    for ref in (f"refs/exps/bb/{head}/lr-low", "refs/exps/apply/stash", "refs/exps/apply/ORIG_HEAD",
+                "refs/exps/exec/EXEC_HEAD", "refs/tags/v1", "refs/stash"):
+        git("update-ref", ref, head)
+    assert sorted(kept_refs(tmp_path)) == sorted(["refs/heads/main", f"refs/exps/bb/{head}/lr-low", "refs/tags/v1",
+                                                  "refs/stash"])

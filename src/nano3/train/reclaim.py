@@ -2,8 +2,8 @@
 
 Every experiment trains into its own run directory (checkpoints/<stage>/<run digest>/), and `dvc exp remove` or
 `dvc gc` never touch them: DVC tracks the small stage manifest (checkpoints/<stage>.json), not the tree. A run is
-kept while a manifest names it: the workspace's, or the one recorded in dvc.lock by any commit or experiment
-(git's refs, refs/exps included; the manifest's bytes come from DVC's cache). A run being trained (its lock held)
+kept while a manifest names it: the workspace's, or the one recorded in dvc.lock by any commit of a branch, tag or
+stash, or any experiment (refs/exps; the manifest's bytes come from DVC's cache). A run being trained (its lock held)
 is always kept. What remains is removed, unfinished runs included (a resumable run of a configuration no
 experiment kept).
 
@@ -30,9 +30,26 @@ from nano3.train import rundir
 STAGES = ("pretrain", "lc")
 
 
+def kept_refs(repo: Path) -> list[str]:
+    """Branches, tags, remotes, the user's stash and DVC's experiments (refs/exps/<xx>/<baseline>/<name>); not DVC's
+    own bookkeeping (refs/exps/apply/stash keeps the workspace `dvc exp apply` replaced, exec/ and celery/ its
+    runners), which would keep every run ever applied away from."""
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname)"], cwd=repo, capture_output=True, text=True)
+    if out.returncode:
+        raise UserError(f"{repo}: git for-each-ref failed ({out.stderr.strip()}); run this in the repository's checkout")
+    refs = out.stdout.split()
+    return [r for r in refs if r.startswith(("refs/heads/", "refs/tags/", "refs/remotes/")) or r == "refs/stash"
+            or (r.startswith("refs/exps/") and len(r.split("/")) == 5 and r.split("/")[2] not in ("apply", "exec",
+                                                                                                 "celery", "temp"))]
+
+
 def lock_files(repo: Path) -> list[str]:
-    """dvc.lock as every commit that changed it recorded it (a commit that did not has its parent's)."""
-    out = subprocess.run(["git", "log", "--all", "--format=%H", "--", "dvc.lock"], cwd=repo, capture_output=True,
+    """dvc.lock as every commit that changed it recorded it (a commit that did not has its parent's), on every
+    kept ref's history."""
+    refs = kept_refs(repo)
+    if not refs:
+        return []
+    out = subprocess.run(["git", "log", "--format=%H", *refs, "--", "dvc.lock"], cwd=repo, capture_output=True,
                          text=True)
     if out.returncode:
         raise UserError(f"{repo}: git log failed ({out.stderr.strip()}); run this in the repository's checkout")
