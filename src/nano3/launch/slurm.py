@@ -127,7 +127,7 @@ _frozen: dict[str, Path] = {}
 
 def frozen_checkout(params_file: str) -> Path:
     """What the jobs of this submission run, copied once per submitting process: the package (src/nano3), the
-    stage scripts and the params file. A queued or requeued job reads them at every start; from this copy, an
+    stage scripts, configs/ and the params file. A queued or requeued job reads them at every start; from this copy, an
     edit of the checkout after submission (params, code, another branch) reaches only later submissions."""
     if params_file not in _frozen:
         name = Path(params_file).name if Path(params_file).is_absolute() else params_file
@@ -136,6 +136,7 @@ def frozen_checkout(params_file: str) -> Path:
             junk = shutil.ignore_patterns("__pycache__", "*.pyc")
             shutil.copytree("src/nano3", tmp / "src" / "nano3", ignore=junk)
             shutil.copytree("stages", tmp / "stages", ignore=junk)
+            shutil.copytree("configs", tmp / "configs", ignore=junk)  # deviations.yaml, read beside the package
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(params_file, tmp / name)
             (tmp / "params_name").write_text(name)
