@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nano3.launch.slurm import job_state
 from tests.conftest import ROOT, copy_repo
 from tests.unit.test_prep import tree_digest
 
@@ -97,11 +98,6 @@ def launch(repo: Path, *args: str, check: bool = True, **kw) -> subprocess.Compl
     if check:
         assert out.returncode == 0, f"{args}: {out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
-
-
-def job_state(job: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    return next((w.split("=")[1] for w in out.split() if w.startswith("JobState=")), "GONE")
 
 
 def settled_state(job: str, timeout: float = 30) -> str:

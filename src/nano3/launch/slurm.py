@@ -248,16 +248,20 @@ def submit_and_wait(request: JobRequest, *extra: str) -> int:
 STILL_GOING = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED")
 
 
+def job_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o` as key=value pairs ({} once Slurm has forgotten the job)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(w.split("=", 1) for w in out.split() if "=" in w)
+
+
 def job_state(job_id: str) -> str:
     """The job's state as scontrol shows it; GONE once Slurm has forgotten it (MinJobAge after its end)."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "GONE")
+    return job_fields(job_id).get("JobState", "GONE")
 
 
 def job_exit_code(job_id: str, fallback: int) -> int:
     """The exit status of the job's batch script (ExitCode=status:signal), from scontrol, else sacct."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
-    code = next((w.split("=", 1)[1] for w in out.split() if w.startswith("ExitCode=")), None)
+    code = job_fields(job_id).get("ExitCode")
     if code is None:
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "ExitCode", "-j", job_id], capture_output=True,
                              text=True).stdout.split()
