@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from nano3.config import load_params
 from nano3.config.clusters import get_profile
 from nano3.errors import UserError
+from nano3.launch import slurm
 from nano3.launch.slurm import build_request
 from tests.conftest import ROOT
 
@@ -138,3 +141,20 @@ def test_jobs_get_the_hub_and_wandb_credentials_and_printing_hides_them(tmp_path
     assert "hf_from_login" not in line and "wandb_from_login" not in line and "HF_TOKEN=<hidden>" in line
     monkeypatch.setenv("HF_TOKEN", "hf_from_shell")
     assert build_request("prep", load_params(ROOT / "params.yaml"), profile, ["x"]).env["HF_TOKEN"] == "hf_from_shell"
+
+
+def test_following_a_log_joins_a_character_written_in_two_pieces(tmp_path):
+    """Ranks and the batch script append to one job log, so tqdm's bar can land in it a byte at a time: the
+    follower prints the character whole, not two replacement marks (CI's time-limit log had '\\xe2\\x96' then '\\x88')."""
+    import io
+    import threading
+
+    log = tmp_path / "job.out"
+    log.write_bytes("loss 5.9 ".encode() + "█".encode()[:2])
+    later = threading.Timer(1.5, lambda: log.open("ab").write("█".encode()[2:] + b" done\n"))
+    later.start()
+    job = subprocess.Popen(["sleep", "3"])
+    shown = io.StringIO()
+    assert slurm.wait_for("0", log, job, stream=shown, cancel_on_interrupt=False) == 0
+    later.join()
+    assert shown.getvalue() == "loss 5.9 █ done\n"

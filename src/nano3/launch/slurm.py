@@ -10,6 +10,7 @@ leave the job running.
 
 from __future__ import annotations
 
+import codecs
 import os
 import shlex
 import shutil
@@ -197,12 +198,14 @@ def wait_for(job_id: str, log: Path | None, proc: subprocess.Popen | None = None
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if cancel_on_interrupt else ()
     handlers = {s: signal.signal(s, lambda signum, _f: cancel(signal.Signals(signum).name)) for s in signals}
+    # Ranks and the batch script append to one log, so a character can arrive in two pieces: decode across reads.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         while True:
             if log is not None and log.exists():
-                with open(log, errors="replace") as f:
+                with open(log, "rb") as f:
                     f.seek(offset)
-                    chunk = f.read()
+                    chunk = decoder.decode(f.read())
                     offset = f.tell()
                 if chunk:
                     try:
