@@ -111,3 +111,12 @@ def read_json(path: str | Path, what: str):
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno}); delete it and rerun")
+
+
+def link_or_copy(source: str, target: str) -> str:
+    """A hard link where the file system allows one (no second copy of a large file), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target

@@ -107,6 +107,33 @@ def test_long_context_is_measured_before_and_after_lc(smoke):
     assert "## Long context (before and after lc)" in (repo / "reports" / "eval" / "report.md").read_text()
 
 
+def test_eval_holds_one_model_at_a_time(smoke, tmp_path, monkeypatch):
+    """Issue 33: eval loaded pretrain's export while the lc export was still resident (2 x 63 GB at the real size).
+    Now each model is gone (garbage, its GPU memory given back) before the next one loads."""
+    import weakref
+
+    from nano3.config import load_params
+    from nano3.eval import stage
+
+    repo, _ = smoke
+    monkeypatch.chdir(repo)
+    params = load_params("params.yaml", [f"eval.out_dir={tmp_path / 'eval'}", "eval.max_tokens=512",
+                                         "eval.long_context.prompts=2", "eval.long_context.documents=1",
+                                         "eval.max_new_tokens=2"])
+    loaded, real = [], stage.load_exported
+
+    def tracked(path):
+        assert all(ref() is None for _, ref in loaded), f"{[p for p, r in loaded if r()]} still alive as {path} loads"
+        model, tokenizer = real(path)
+        loaded.append((path, weakref.ref(model)))
+        return model, tokenizer
+
+    monkeypatch.setattr(stage, "load_exported", tracked)
+    result = stage.eval_stage(params, log=lambda line: None)
+    assert [Path(p).name for p, _ in loaded] == ["hf", "hf-pretrain"]
+    assert list(result["long_context"]["retrieval"]) == ["pretrain", "lc"]  # the report's columns, as before
+
+
 def test_eval_on_a_missing_or_broken_model_fails_in_one_line(smoke, tmp_path):
     repo, _ = smoke
     missing = run(repo, sys.executable, "stages/eval.py", f"export.out_dir={tmp_path / 'nothing'}", check=False)

@@ -99,7 +99,8 @@ def test_a_haystack_too_short_for_the_length_is_one_line(spm_dir):
 
 class Oracle:
     """A 'model' whose next-token argmax is the prompt's true next token: retrieval must score it 100%, and a
-    scorer off by one position would score it 0%."""
+    scorer off by one position would score it 0%. Its decoder's 'hidden states' are those logits and its output
+    layer is the identity (eval makes logits from the hidden states a chunk at a time)."""
 
     def __init__(self, vocab: int, wrong: bool = False):
         import torch
@@ -107,10 +108,13 @@ class Oracle:
         self.vocab, self.wrong, self.full = vocab, wrong, None
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
-    def parameters(self):
-        return iter([self.weight])
+    def get_input_embeddings(self):
+        return self
 
-    def __call__(self, input_ids):
+    def lm_head(self, hidden):
+        return hidden
+
+    def model(self, input_ids):
         import torch
 
         ids = input_ids[0].tolist()
@@ -119,7 +123,7 @@ class Oracle:
             nxt = [(t + 1) % self.vocab for t in nxt]
         logits = torch.full((1, len(ids), self.vocab), -10.0)
         logits[0, torch.arange(len(ids)), torch.tensor(nxt)] = 10.0
-        return type("Out", (), {"logits": logits})()
+        return (logits,)
 
 
 def test_retrieval_is_scored_on_the_answer_tokens(spm_dir, monkeypatch):
@@ -137,7 +141,7 @@ def test_retrieval_is_scored_on_the_answer_tokens(spm_dir, monkeypatch):
             return ids, answer
 
         monkeypatch.setattr(lc, "passkey_prompt", remember)
-        result = lc.retrieval_accuracy(oracle, haystack, encode, [256, 512], prompts=5, seed=3)
+        result = lc.retrieval_accuracy(oracle, haystack, encode, [256, 512], prompts=5, seed=3, chunk_tokens=100)
         assert {k: v["accuracy"] for k, v in result.items()} == {"256": expected, "512": expected}
         assert [d["depth"] for d in result["256"]["by_depth"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -156,7 +160,9 @@ def test_loss_by_position_averages_documents_into_buckets():
                                                                max_positions=256)).eval()
     use_cpu_mamba_chunks(model)
     docs = [np.random.default_rng(i).integers(3, 512, size=200) for i in range(3)]
-    curve = loss_by_position(model, docs, 128, 4)
+    curve = loss_by_position(model, docs, 128, 4, chunk_tokens=4096)
+    assert [b["loss"] for b in loss_by_position(model, docs, 128, 4, chunk_tokens=50)] == pytest.approx(
+        [b["loss"] for b in curve], rel=1e-6)  # in chunks of 50 positions: the same curve
     assert [(b["from"], b["to"]) for b in curve] == [(0, 32), (32, 64), (64, 96), (96, 128)]
     import torch.nn.functional as F
 

@@ -238,6 +238,8 @@ class EvalConfig:
     seq_length: int = knob(1024, "window for test-split perplexity", positive)
     max_tokens: int = knob(8192, "test tokens per dataset (every dataset a blend phase draws from)", positive)
     batch_size: int = knob(4, "windows per forward pass", positive)
+    logits_chunk_tokens: int = knob(4096, "logits made this many tokens at a time (GPU memory: tokens x vocab x 4 "
+                                          "bytes; results equal while a forward pass fits one chunk)", positive)
     prompts: list[str] = knob(doc="prompts continued greedily in the report", factory=tuple)
     max_new_tokens: int = knob(32, "how far", non_negative)
     long_context: LongContextEval = knob(factory=LongContextEval)

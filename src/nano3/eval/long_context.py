@@ -11,6 +11,7 @@ has a falling curve, one that lost it after a length a rising tail.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,16 @@ import numpy as np
 from nano3.data.retrieval import new_key, passkey_prompt
 from nano3.data.splits import split_documents, split_stream
 from nano3.errors import UserError
+from nano3.eval.logits import answer_logits, input_device, position_losses
 from nano3.files import atomic_save_figure
 
 
-def retrieval_accuracy(model, haystack: np.ndarray, encode, lengths, prompts: int, seed: int) -> dict[str, dict]:
+def retrieval_accuracy(model, haystack: np.ndarray, encode, lengths, prompts: int, seed: int,
+                       chunk_tokens: int) -> dict[str, dict]:
     import torch
     import torch.nn.functional as F
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     rng = random.Random(seed)
     out = {}
     for length in lengths:
@@ -35,9 +38,8 @@ def retrieval_accuracy(model, haystack: np.ndarray, encode, lengths, prompts: in
             depth = i / max(prompts - 1, 1)
             start = (i * span) // prompts  # each prompt its own stretch of the haystack
             ids, answer = passkey_prompt(haystack[start:].tolist(), encode, length, depth, new_key(rng))
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids[:-1]], device=device)).logits[0, -len(answer):].float()
-            target = torch.tensor(answer, device=device)
+            logits = answer_logits(model, torch.tensor([ids[:-1]], device=device), len(answer), chunk_tokens)
+            target = torch.tensor(answer, device=logits.device)
             hit = bool((logits.argmax(-1) == target).all())
             hits += hit
             losses.append(F.cross_entropy(logits, target).item())
@@ -47,24 +49,27 @@ def retrieval_accuracy(model, haystack: np.ndarray, encode, lengths, prompts: in
     return out
 
 
-def loss_by_position(model, documents: list[np.ndarray], length: int, buckets: int) -> list[dict]:
+def loss_by_position(model, documents: list[np.ndarray], length: int, buckets: int, chunk_tokens: int) -> list[dict]:
     import torch
-    import torch.nn.functional as F
 
-    device = next(model.parameters()).device
     per_position = []
     for doc in documents:
-        ids = torch.as_tensor(doc[: length + 1], device=device).unsqueeze(0)
-        with torch.no_grad():
-            logits = model(input_ids=ids[:, :-1]).logits.float()
-        per_position.append(F.cross_entropy(logits[0], ids[0, 1:], reduction="none").cpu().numpy())
+        ids = torch.as_tensor(doc[: length + 1], device=input_device(model)).unsqueeze(0)
+        per_position.append(position_losses(model, ids, chunk_tokens))
     mean = np.mean(per_position, axis=0)
     edges = np.linspace(0, length, buckets + 1).astype(int)
     return [{"from": int(a), "to": int(b), "loss": float(mean[a:b].mean())} for a, b in zip(edges[:-1], edges[1:])]
 
 
-def evaluate(params, models: dict[str, tuple], log=print) -> dict:
-    """Both measures for each of `models` (name -> (model, tokenizer)), on the same prompts and documents."""
+@dataclass(frozen=True)
+class Inputs:
+    """The prompts' haystack and the long documents: read (and checked) once, before any model loads."""
+    lengths: list[int]
+    haystack: np.ndarray
+    documents: list[np.ndarray]
+
+
+def inputs(params) -> Inputs:
     cfg = params.settings.eval.long_context
     lengths = sorted(cfg.lengths)
     longest = lengths[-1]
@@ -78,19 +83,31 @@ def evaluate(params, models: dict[str, tuple], log=print) -> dict:
         raise UserError(f"{params.source}: eval.long_context.documents_dataset={cfg.documents_dataset!r} has no test "
                         f"document of {longest + 1:,} tokens or more; shorten eval.long_context.lengths or pick "
                         f"a dataset of longer documents")
-    out = {"lengths": lengths, "documents": len(documents), "retrieval": {}, "loss_by_position": {}}
-    for name, (model, tokenizer) in models.items():
-        def encode(text: str) -> list[int]:
-            return tokenizer.encode(text, add_special_tokens=False)
+    return Inputs(lengths, haystack, documents)
 
-        out["retrieval"][name] = retrieval_accuracy(model, haystack, encode, lengths, cfg.prompts,
-                                                    params.settings.train.seed)
-        out["loss_by_position"][name] = loss_by_position(model, documents, longest, cfg.buckets)
-        accuracy = ", ".join(f"{k}: {v['accuracy']:.0%}" for k, v in out["retrieval"][name].items())
-        curve = out["loss_by_position"][name]
-        log(f"eval: {name}: pass-key retrieval {accuracy}; loss by position {curve[0]['loss']:.3f} (first "
-            f"{curve[0]['to']} tokens) -> {curve[-1]['loss']:.3f} (last {curve[-1]['to'] - curve[-1]['from']})")
-    return out
+
+def measure(params, given: Inputs, name: str, model, tokenizer, log=print) -> dict:
+    """Both measures for one model: {"retrieval": {length: ...}, "loss_by_position": [bucket, ...]}."""
+    cfg = params.settings.eval.long_context
+    chunk = params.settings.eval.logits_chunk_tokens
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    retrieval = retrieval_accuracy(model, given.haystack, encode, given.lengths, cfg.prompts,
+                                   params.settings.train.seed, chunk)
+    curve = loss_by_position(model, given.documents, given.lengths[-1], cfg.buckets, chunk)
+    accuracy = ", ".join(f"{k}: {v['accuracy']:.0%}" for k, v in retrieval.items())
+    log(f"eval: {name}: pass-key retrieval {accuracy}; loss by position {curve[0]['loss']:.3f} (first "
+        f"{curve[0]['to']} tokens) -> {curve[-1]['loss']:.3f} (last {curve[-1]['to'] - curve[-1]['from']})")
+    return {"retrieval": retrieval, "loss_by_position": curve}
+
+
+def combine(given: Inputs, measured: dict[str, dict]) -> dict:
+    """The models' measures side by side, in `measured`'s order (the report's columns)."""
+    return {"lengths": given.lengths, "documents": len(given.documents),
+            "retrieval": {name: m["retrieval"] for name, m in measured.items()},
+            "loss_by_position": {name: m["loss_by_position"] for name, m in measured.items()}}
 
 
 def plot(result: dict, path: Path) -> None:

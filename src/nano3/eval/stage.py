@@ -14,50 +14,51 @@ from pathlib import Path
 from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.errors import UserError, brief
 from nano3.eval import long_context
+from nano3.eval.logits import input_device, summed_loss
+from nano3.export.footprint import check_stage
 from nano3.files import atomic_write_json, atomic_write_text, read_json
 from nano3.model.hf import use_cpu_mamba_chunks
+from nano3.train.plan import local_gpu_memory
 
 
 def load_exported(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nano3.model.hf import gpu_device_map
+
     if not (model_dir / "config.json").exists():
         raise UserError(f"{model_dir}: no exported model here (config.json missing); run the export stage "
                         f"(make export / dvc repro export)")
     cuda = torch.cuda.is_available()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    try:  # on a GPU straight onto it: no host copy of the weights
+        model = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=gpu_device_map())
+                 if cuda else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # a truncated or hand-edited directory fails deep inside transformers
         raise UserError(f"{model_dir}: the exported model does not load ({type(e).__name__}: {brief(e, 160)}); "
                         f"rerun the export stage (dvc repro -f export)") from None
     if not cuda:
         use_cpu_mamba_chunks(model)
-    return model.to("cuda" if cuda else "cpu").eval(), tokenizer
+    return model.eval(), tokenizer
 
 
-def perplexity(model, batches, batch_size: int) -> tuple[float, int]:
+def perplexity(model, batches, batch_size: int, chunk_tokens: int) -> tuple[float, int]:
     """Mean next-token loss (nats) over every window, and the number of predicted tokens."""
     import torch
-    import torch.nn.functional as F
 
     total, count = 0.0, 0
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for i in range(0, len(batches), batch_size):
-            chunk = torch.as_tensor(batches[i:i + batch_size], dtype=torch.long, device=device)
-            logits = model(input_ids=chunk[:, :-1]).logits.float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-            count += chunk[:, 1:].numel()
+    for i in range(0, len(batches), batch_size):
+        chunk = torch.as_tensor(batches[i:i + batch_size], dtype=torch.long, device=input_device(model))
+        total += summed_loss(model, chunk, chunk_tokens)
+        count += chunk[:, 1:].numel()
     return total / count, count
 
 
 def continue_prompt(model, tokenizer, prompt: str, new_tokens: int) -> str:
     import torch
 
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=next(model.parameters()).device)
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=input_device(model))
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=tokenizer.eos_token_id)
@@ -65,31 +66,52 @@ def continue_prompt(model, tokenizer, prompt: str, new_tokens: int) -> str:
 
 
 def eval_stage(params, log=print) -> dict:
+    """Perplexity, continuations and long context of the exported model, then (after lc) long context of
+    pretrain's export: one model on the GPU at a time (at 31.6B each takes 63 GB in BF16)."""
     cfg = params.settings
     model_dir = Path(cfg.export.out_dir)
-    model, tokenizer = load_exported(model_dir)
     lineage = read_json(model_dir / "nano3_export.json", "export record (rerun the export stage)")
-    seq, max_tokens, batch = cfg.eval.seq_length, cfg.eval.max_tokens, cfg.eval.batch_size
+    source = lineage["source"]
+    check_stage(params, "eval", local_gpu_memory(), log=log)
+    context_inputs = long_context.inputs(params)
+    model, tokenizer = load_exported(model_dir)
     results = {}
     for name in blend_datasets(params):
-        loss, count = perplexity(model, windows(split_stream(params, name, "test", max_tokens + 1), seq), batch)
+        test = windows(split_stream(params, name, "test", cfg.eval.max_tokens + 1), cfg.eval.seq_length)
+        loss, count = perplexity(model, test, cfg.eval.batch_size, cfg.eval.logits_chunk_tokens)
         results[name] = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
         log(f"eval: {name}: perplexity {math.exp(loss):.2f} (loss {loss:.4f}) on {count:,} test tokens")
     samples = [{"prompt": p, "continuation": continue_prompt(model, tokenizer, p, cfg.eval.max_new_tokens)}
                for p in cfg.eval.prompts]
+    measured = {source: long_context.measure(params, context_inputs, source, model, tokenizer, log)}
+    del model
+    free_gpu_memory()
+    if source != "pretrain":  # the same measures before lc, listed first
+        before, before_tokenizer = load_exported(Path(cfg.export.pretrain_dir))
+        measured = {"pretrain": long_context.measure(params, context_inputs, "pretrain", before, before_tokenizer, log),
+                    **measured}
+        del before
+        free_gpu_memory()
     out = Path(cfg.eval.out_dir)
-    metrics = {"model": {"source": lineage["source"], "iteration": lineage["iteration"], "format": lineage["format"]},
-               "test": results}
-    models = {lineage["source"]: (model, tokenizer)}
-    if lineage["source"] != "pretrain":  # the same measures before lc
-        models = {"pretrain": load_exported(Path(cfg.export.pretrain_dir)), **models}
-    metrics["long_context"] = long_context.evaluate(params, models, log)
+    metrics = {"model": {"source": source, "iteration": lineage["iteration"], "format": lineage["format"]},
+               "test": results, "long_context": long_context.combine(context_inputs, measured)}
     long_context.plot(metrics["long_context"], out / "long_context.png")
     atomic_write_json(out / "continuations.json", samples)
     atomic_write_text(out / "report.md", report(metrics, samples))
     atomic_write_json(out / "results.json", metrics)
     atomic_write_json(out / "metrics.json", headline(metrics))
     return metrics
+
+
+def free_gpu_memory() -> None:
+    """Give a released model's GPU memory back before the next one loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def headline(results: dict) -> dict:

@@ -16,10 +16,12 @@ import numpy as np
 from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
+from nano3.export.footprint import check_stage
 from nano3.export.hf import save_hf_tokenizer
-from nano3.files import atomic_dir, atomic_write_json, read_json
+from nano3.files import atomic_dir, atomic_write_json, link_or_copy, read_json
 from nano3.model.hf import nemotron_h_config
 from nano3.model.presets import model_preset
+from nano3.train.plan import local_gpu_memory
 from nano3.train.rundir import iteration_dir, manifest_path
 
 HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
@@ -83,12 +85,13 @@ def export_checkpoint(params, source: str, out_dir: Path) -> dict:
 def export_stage(params) -> dict:
     """export.source's checkpoint to export.out_dir, and pretrain's to export.pretrain_dir (eval's "before lc")."""
     cfg = params.settings.export
+    check_stage(params, "export", local_gpu_memory(), log=print)
     record = export_checkpoint(params, cfg.source, Path(cfg.out_dir))
     if cfg.source == "lc":
         record["pretrain_logits_check"] = export_checkpoint(params, "pretrain", Path(cfg.pretrain_dir))["logits_check"]
-    else:  # the same checkpoint
+    else:  # the same checkpoint: linked, not copied (63 GB at the real size)
         with atomic_dir(cfg.pretrain_dir) as tmp:
-            shutil.copytree(cfg.out_dir, tmp, dirs_exist_ok=True)
+            shutil.copytree(cfg.out_dir, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
     atomic_write_json(Path(cfg.report), record)
     return record
 

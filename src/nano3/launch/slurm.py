@@ -113,6 +113,10 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
                  f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.train_time or profile.time}"]
     else:
         gpu = ["--gpus-per-node=1"] if stage in ONE_GPU_STAGES and profile.gpus_per_node else []
+        if gpu:
+            from nano3.export.footprint import check_stage
+
+            check_stage(params, stage, profile.gpu_memory(), profile.host_memory())
         args += ["--nodes=1", "--ntasks=1", *gpu, f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.time}"]
     args += list(profile.sbatch_extra)
     env = {"NANO3_RUNTIME": profile.runtime, "NANO3_IMAGE": profile.container_image or "",

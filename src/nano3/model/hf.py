@@ -62,3 +62,11 @@ def use_cpu_mamba_chunks(model) -> None:
     for layer in model.modules():
         if hasattr(layer, "chunk_size") and type(layer).__name__.endswith("Mixer"):
             layer.chunk_size = CPU_MAMBA_CHUNK
+
+
+def gpu_device_map() -> str:
+    """Where transformers puts a loaded model: straight onto the GPU (no host copy of the weights), its layers
+    spread over every visible GPU when the job has several (a model larger than one GPU still loads)."""
+    import torch
+
+    return "auto" if torch.cuda.device_count() > 1 else "cuda"
