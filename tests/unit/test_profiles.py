@@ -49,6 +49,7 @@ def test_shipped_profiles_are_valid():
     (lambda t: t + "gpu_per_node = 4\n", "unknown keys ['gpu_per_node']"),
     (lambda t: t + 'image_extras = "pip"\n', "[big]: image_extras 'pip' is not one of installed, install"),
     (lambda t: t + 'host_memory_gib = "2T"\n', "[big]: 'host_memory_gib' must be a positive number of GiB, got '2T'"),
+    (lambda t: t.replace('train_time = "12:00:00"', 'train_time = "12h"'), "[big]: 'train_time' = '12h' is not a Slurm time limit"),
 ])
 def test_bad_profiles(tmp_path, edit, message):
     path = profile_file(tmp_path, edit(GOOD))
@@ -158,3 +159,32 @@ def test_following_a_log_joins_a_character_written_in_two_pieces(tmp_path):
     assert slurm.wait_for("0", log, job, stream=shown, cancel_on_interrupt=False) == 0
     later.join()
     assert shown.getvalue() == "loss 5.9 █ done\n"
+
+
+def test_slurm_time_limits_read_as_slurm_reads_them():
+    from nano3.config.clusters import slurm_seconds
+
+    assert [slurm_seconds(t) for t in ("30", "10:30", "04:00:00", "1-00:00:00", "2-12", "1-2:30")] == \
+        [1800, 630, 14400, 86400, 216000, 95400]
+
+
+def test_saves_are_sized_by_wall_clock_and_checked_against_the_job_time_limit(tmp_path):
+    """Issue 30: save_interval 500 is ~35 h on the production layout (the plan's 248 s per iteration) against 4 h
+    jobs, so no periodic save ever came. A profile whose jobs end before the plan's first save is one line at
+    submission; train.save_minutes turns minutes into iterations (what Bridge gets)."""
+    from nano3.train.mapping import save_interval
+    from nano3.train.plan import build_plan
+
+    text = GOOD.replace("nodes = 2", "nodes = 64").replace('train_time = "12:00:00"', 'train_time = "04:00:00"')
+    profile = get_profile("big", profile_file(tmp_path, text))
+    saving_rarely = load_params(ROOT / "configs" / "nano3.yaml", ["train.save_minutes=null"])
+    with pytest.raises(UserError) as err:
+        build_request("pretrain", saving_rarely, profile)
+    assert str(err.value).startswith("train: the plan's first checkpoint comes 34.5 h into a job (500 iterations x 248 s")
+    assert "cluster 'big' (train_time) ends jobs after 4.0 h; set train.save_minutes" in str(err.value)
+    assert "\n" not in str(err.value)
+    hourly = load_params(ROOT / "configs" / "nano3.yaml")  # save_minutes: 60
+    build_request("pretrain", hourly, profile)
+    per_iteration = build_plan(hourly, stages=("train",), cluster_shape=profile.shape).stages["train"].seconds_per_iteration
+    assert save_interval(hourly, "train") == int(3600 // per_iteration) == 14
+    assert save_interval(load_params(ROOT / "params.yaml"), "train") == 50  # null: the iterations as written

@@ -40,6 +40,10 @@ class ClusterProfile:
     gpu_memory_gib: float = 79.6  # what CUDA reports for one GPU (H100 80GB: 79.6; H200: 139.8); plans must fit it
     host_memory_gib: float | None = None  # a node's RAM for the job; the plan's host memory per rank x ranks must fit
 
+    def train_seconds(self) -> int:
+        """A training job's time limit (train_time, else time) in seconds."""
+        return slurm_seconds(self.train_time or self.time)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.nodes, self.gpus_per_node
@@ -51,6 +55,17 @@ class ClusterProfile:
     def host_memory(self) -> tuple[float, str] | None:
         """(GiB, where the number comes from): a node's RAM its ranks must fit; None where the profile does not say."""
         return (self.host_memory_gib, f"a node of cluster '{self.name}' (host_memory_gib)") if self.host_memory_gib else None
+
+
+def slurm_seconds(text: str) -> int:
+    """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds."""
+    days, _, rest = text.partition("-") if "-" in text else ("0", "", text)
+    parts = [int(x) for x in rest.split(":")]
+    if "-" in text:
+        h, m, sec = (parts + [0, 0])[:3]
+    else:
+        h, m, sec = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((int(days) * 24 + h) * 60 + m) * 60 + sec
 
 
 def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, dict]:
@@ -86,6 +101,13 @@ def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
     for key in ("gpu_memory_gib", "host_memory_gib"):
         if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], (int, float)) or raw[key] <= 0):
             raise UserError(f"{where}: '{key}' must be a positive number of GiB, got {raw[key]!r}")
+    for key in ("time", "train_time"):
+        if raw.get(key) is not None:
+            try:
+                slurm_seconds(str(raw[key]))
+            except (ValueError, KeyError):
+                raise UserError(f"{where}: '{key}' = {raw[key]!r} is not a Slurm time limit; write it as "
+                                f"\"HH:MM:SS\" or \"D-HH:MM:SS\"") from None
     known = set(ClusterProfile.__dataclass_fields__) - {"name"}
     unknown = set(raw) - known
     if unknown:

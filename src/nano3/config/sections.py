@@ -148,6 +148,8 @@ class TrainConfig:
     eval_iters: int = knob(4, "batches per validation run", non_negative)
     log_interval: int = knob(5, "iterations between metric logs", positive)
     save_interval: int = knob(50, "iterations between checkpoints", positive)
+    save_minutes: float | None = knob(None, "GPU runs: minutes of training between checkpoints instead, turned into "
+                                            "iterations by the plan (at `measured_tflops_per_gpu`); null = `save_interval`", positive)
     keep_checkpoints: int | None = knob(None, "keep the newest N checkpoints of a run (Bridge's `most_recent_k`); null = all", positive)
     checkpoint_dir: str = knob("checkpoints", "checkpoints `<dir>/<stage>/<run digest>/` and the DVC outs `<dir>/<stage>.json` (nano3.train.rundir)")
     live_dir: str = knob("dvclive", "dvclive metrics: `<dir>/<stage>/` (dvc plots show)")

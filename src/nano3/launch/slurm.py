@@ -100,15 +100,18 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
     if profile.mem:
         args.append(f"--mem={profile.mem}")
     if stage in GPU_STAGES:
-        from nano3.train.plan import build_plan, resources
+        from nano3.train.plan import build_plan, check_first_save, resources
 
         section = GPU_STAGES[stage]
         _, gpus = resources(params, section, profile.shape)
         if gpus > profile.gpus_per_node:  # the hardware first: no layout can fix this
             raise UserError(f"{section}.gpus_per_node={gpus} but cluster '{profile.name}' nodes have "
                             f"{profile.gpus_per_node} GPUs; lower it or set it to null to use the profile's")
-        layout = build_plan(params, stages=(section,), cluster_shape=profile.shape, gpu_memory=profile.gpu_memory(),
-                            host_memory=profile.host_memory()).stages[section].layout
+        plan = build_plan(params, stages=(section,), cluster_shape=profile.shape, gpu_memory=profile.gpu_memory(),
+                          host_memory=profile.host_memory()).stages[section]
+        check_first_save(plan, params.settings.train, profile.train_seconds(),
+                         f"cluster '{profile.name}' ({'train_time' if profile.train_time else 'time'})")
+        layout = plan.layout
         args += [f"--nodes={layout.nodes}", "--ntasks-per-node=1", f"--gpus-per-node={layout.gpus_per_node}",
                  f"--cpus-per-task={profile.cpus_per_task}", f"--time={profile.train_time or profile.time}"]
     else:

@@ -29,7 +29,7 @@ from nano3.train.plan import CROSS_ENTROPY, model_vocab, read_layout
 PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed", "mxfp8": "bf16_with_mxfp8_mixed"}
 
 # train.* keys that do not change what is learned: a changed value resumes the same run.
-OPERATIONAL_KEYS = {"keep_checkpoints", "nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "live_dir",
+OPERATIONAL_KEYS = {"keep_checkpoints", "nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "save_minutes", "live_dir",
                     "eval_interval", "eval_iters", "measured_tflops_per_gpu", "kernels", "recompute_modules",
                     "precision", "bridge_overrides", "backend", "num_workers", "env"}
 
@@ -140,7 +140,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "tokenizer.use_tokenizer_vocab_size": cfg.model.vocab_size is None,
         "checkpoint.save": run_dir,
         "checkpoint.load": run_dir,
-        "checkpoint.save_interval": cfg.train.save_interval,
+        "checkpoint.save_interval": save_interval(params, section),
         "checkpoint.most_recent_k": keep_checkpoints(params.settings.train),
         "checkpoint.pretrained_checkpoint": pretrained,
         "checkpoint.ckpt_format": "torch_dist",
@@ -161,6 +161,15 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         raise UserError(f"{params.source}: train.bridge_overrides.{owned[0]}: {STAGE_OWNED[owned[0]]}")
     o.update(extra)
     return o
+
+
+def save_interval(params, section: str) -> int:
+    """Iterations between checkpoints: train.save_interval, or train.save_minutes at the plan's time per iteration."""
+    if params.settings.train.save_minutes is None:
+        return params.settings.train.save_interval
+    from nano3.train.plan import build_plan
+
+    return build_plan(params, stages=(section,)).stages[section].save_interval(params.settings.train)
 
 
 def keep_checkpoints(train: TrainConfig) -> int:

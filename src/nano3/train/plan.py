@@ -300,6 +300,14 @@ class StagePlan:
     flops_per_token_true: float
     flops_per_token_bridge: float
     gpu_hours: float  # at train.measured_tflops_per_gpu (Bridge's formula)
+    seconds_per_iteration: float  # wall time of one iteration at that throughput
+
+    def save_interval(self, train) -> int:
+        """Iterations between checkpoints: `train.save_minutes` of training turned into iterations, else
+        `train.save_interval`."""
+        if train.save_minutes is None:
+            return train.save_interval
+        return max(1, int(train.save_minutes * 60 // self.seconds_per_iteration))
 
 
 @dataclass(frozen=True)
@@ -326,7 +334,7 @@ class Plan:
                               "iterations": s.iterations, "tokens": s.tokens,
                               "gflops_per_token": {"true": s.flops_per_token_true / 1e9,
                                                    "bridge": s.flops_per_token_bridge / 1e9},
-                              "gpu_hours": s.gpu_hours}
+                              "gpu_hours": s.gpu_hours, "seconds_per_iteration": s.seconds_per_iteration}
                        for name, s in self.stages.items()},
         }
 
@@ -441,9 +449,10 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
         true_f, bridge_f = (mixed_flops_per_token(preset, layout.seq_length, vocab, kind, mix)
                             for kind in ("true", "bridge"))
         hours = tokens * bridge_f / (measured * 1e12) / 3600
+        per_iteration = hours * 3600 / max(iterations, 1) / layout.world
         memory = estimate_memory(layout, preset, vocab, recompute_moe, cross_entropy)
         host = estimate_host_memory(layout, memory, params.settings.train.num_workers)
-        out[stage] = StagePlan(layout, memory, host, iterations, tokens, true_f, bridge_f, hours)
+        out[stage] = StagePlan(layout, memory, host, iterations, tokens, true_f, bridge_f, hours, per_iteration)
         if gpu_memory is not None:
             check_memory(out[stage], preset, vocab, recompute_moe, *gpu_memory, cross_entropy=cross_entropy)
         if host_memory is not None:
@@ -512,3 +521,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def check_first_save(stage: StagePlan, train, limit_seconds: int, where: str) -> None:
+    """A job whose time limit ends before the plan's first periodic save saves only at the time-limit signal: say
+    so in one line before anything is queued."""
+    every = stage.save_interval(train)
+    first = every * stage.seconds_per_iteration
+    if first >= limit_seconds:
+        raise UserError(f"{stage.layout.stage}: the plan's first checkpoint comes {first / 3600:.1f} h into a job "
+                        f"({every} iterations x {stage.seconds_per_iteration:.0f} s at train.measured_tflops_per_gpu) "
+                        f"but {where} ends jobs after {limit_seconds / 3600:.1f} h; set train.save_minutes (e.g. "
+                        f"{max(10, limit_seconds // 240)}) or a lower train.save_interval")
