@@ -18,6 +18,12 @@ PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12
            && break; done)
 unexport VIRTUAL_ENV
 LAUNCH := python -m nano3.launch
+# DVC records its lineage against params.yaml, so make reads that file only (stage scripts and plan take --params).
+ifneq ($(PARAMS),)
+ifneq ($(filter-out plan help,$(or $(MAKECMDGOALS),help)),)
+$(error make and DVC read params.yaml (dvc.lock's lineage): cp $(PARAMS) params.yaml, or PARAMS= with make plan only)
+endif
+endif
 # make <stage>: here through DVC; with CLUSTER, a job (its id is printed; `dvc commit <stage>` records it when
 # done); WAIT=1 waits, streams its log and returns its exit code. `CLUSTER=x dvc repro` waits through DVC.
 run = $(if $(CLUSTER),$(LAUNCH) submit $(1) --cluster $(CLUSTER) $(if $(WAIT),--wait),dvc repro $(2))
@@ -39,7 +45,8 @@ smoke: setup  ## the whole pipeline on the embedded default (Megatron on GPUs, t
 	python -m nano3.launch.smoke
 
 plan: setup  ## dry run of pretrain and lc: iterations, LR schedule, layout, memory, GPU-hours, recipe check
-	python stages/pretrain.py --dry-run && python stages/lc.py --dry-run && python -m nano3.train.conform --recipe-only
+	python stages/pretrain.py --dry-run $(if $(PARAMS),--params $(PARAMS)) && \
+	python stages/lc.py --dry-run $(if $(PARAMS),--params $(PARAMS)) && python -m nano3.train.conform --recipe-only
 
 conform: setup  ## what the last runs used (read back from their live objects) vs params.yaml vs the recipe
 	python -m nano3.train.conform

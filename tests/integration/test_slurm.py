@@ -236,12 +236,20 @@ def test_a_queued_job_runs_the_params_and_code_it_was_submitted_with(repo):
         (repo / "src" / "nano3" / "data" / "sample.py").write_text("raise SystemExit('edited code ran')\n")
         status = launch(repo, "status").stdout
         assert f"warning: params.yaml changed after job(s) {job} were submitted; they keep" in status, status
+        frozen = next(f for f in (repo / "logs" / "frozen").iterdir() if job in (f / "jobs").read_text().split())
+        month_old = time.time() - 30 * 86400
+        os.utime(frozen, (month_old, month_old))
+        prune = [sys.executable, "-c", "from nano3.launch.slurm import prune_frozen; print(len(prune_frozen()))"]
+        assert subprocess.run(prune, cwd=repo, env=env(), capture_output=True, text=True).stdout.strip() == "0"
+        assert frozen.is_dir()  # a month old, but its job still waits in the queue
         subprocess.run(["scontrol", "release", job], check=True)
         wait_done(job, timeout=300)
         log = (repo / "logs" / f"nano3-sample-{job}.out").read_text()
         assert "code and params frozen at submission: " in log and "edited code ran" not in log, log[-2000:]
         assert (repo / "data" / "sample-submitted" / "manifest.json").exists()
         assert not (repo / "data" / "sample-edited").exists()
+        subprocess.run(prune, cwd=repo, env=env(), check=True, capture_output=True)
+        assert not frozen.exists()  # its job is done: the next submission's pruning removes it
     finally:
         (repo / "params.yaml").write_text(params)
         subprocess.run(["git", "checkout", "--", "src/nano3/data/sample.py"], cwd=repo, capture_output=True)
@@ -407,23 +415,75 @@ def test_submitting_a_stage_chains_the_upstream_stages_dvc_has_not_run(slurm, tm
         subprocess.run(["scancel", *[j for _, j in jobs]], capture_output=True)
 
 
-def test_the_whole_chain_with_prep_job_arrays_submits_from_a_fresh_clone(slurm, tmp_path):
+def hub_mirror_of_the_stdlib(root: Path) -> Path:
+    """A hub dataset repo as `prep.hf_mirror` reads it (README configs + Parquet per subset), holding this Python's
+    own standard-library modules (real text, as the sample corpus)."""
+    import sysconfig
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    subset = root / "nvidia" / "Nemotron-Stdlib" / "Modules"
+    subset.mkdir(parents=True)
+    for i in range(2):
+        texts = [f.read_text(errors="replace") for f in files[i::2]]
+        pq.write_table(pa.table({"text": texts}), subset / f"part_{i}.parquet")
+    (subset.parent / "README.md").write_text("---\nconfigs:\n- config_name: Modules\n  data_files:\n  - split: train\n"
+                                             "    path: Modules/*.parquet\n---\n")
+    return root
+
+
+def test_the_whole_chain_with_prep_job_arrays_and_a_gated_hub_dataset_completes_from_a_fresh_clone(slurm, tmp_path):
     """Issue 30: with prep.array_tasks > 1, `make all CLUSTER=...` planned each dataset on the login node before the
     chained tokenizer job had run, and stopped (`data/tokenizer/info.json ... not found`) with jobs already queued.
-    The plan is a job of the chain now: everything is submitted, and nothing runs on the login node."""
+    The plan is a job of the chain now. Production-shaped: job arrays, and a gated hub dataset read from a hub-layout
+    mirror (without the mirror and without a token, the submission is one line and queues nothing). Every job of
+    the chain (sample to eval, 26 jobs) completes; nothing runs on the login node."""
     import yaml
 
     fresh = copy_repo(tmp_path / "fresh")
     (fresh / "clusters-test.toml").write_text(TWO_NODE_PROFILE)
     params = yaml.safe_load((fresh / "params.yaml").read_text())
     params["prep"]["array_tasks"] = 2
+    params["datasets"]["hub-modules"] = {"source": "hf://nvidia/Nemotron-Stdlib/Modules", "gated": True,
+                                         "watch": "src/nano3/data/sources.py", "text_field": "text"}
+    params["blend"]["phases"]["phase1"] = {"stdlib-code": 0.6, "stdlib-docs": 0.3, "hub-modules": 0.1}
+    params["train"]["reference"]["tokens"] = 8 * 1024  # the chain's mechanics, not the model: 8 iterations
+    params["lc"]["reference"]["tokens"] = 2 * 1024
+    params["eval"].update({"max_tokens": 1024, "max_new_tokens": 4})
+    params["eval"]["long_context"].update({"prompts": 2, "documents": 1})
+    (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    no_token = {"NANO3_CLUSTERS": str(fresh / "clusters-test.toml"), "HF_HOME": str(tmp_path / "no-login")}
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    refused = subprocess.run([sys.executable, "-m", "nano3.launch", "all", "--cluster", "local"], cwd=fresh,
+                             capture_output=True, text=True, env={k: v for k, v in env(**no_token).items()
+                                                                  if k != "HF_TOKEN"}, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: params.yaml: datasets.hub-modules is gated on the Hugging Face Hub "
+        "(hf://nvidia/Nemotron-Stdlib/Modules) and no token is set: accept its terms on the dataset page, then run "
+        "`hf auth login` or export HF_TOKEN (or set prep.hf_mirror to a local copy)"], refused.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split() == before
+    params["prep"]["hf_mirror"] = str(hub_mirror_of_the_stdlib(tmp_path / "mirror"))
     (fresh / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         out = launch(fresh, "all", "--cluster", "local")
         stages = [line.split()[0] for line in out.stdout.splitlines() if "(nano3-" in line]
-        assert stages == ["sample", "tokenizer", "retrieval", "prep", "prep", "prep", "prep", "blend", "pretrain",
-                          "lc", "export", "eval"], out.stdout
-        assert out.stderr.count(": plan job ") == 4 and "(2 tasks), then assembly" in out.stderr, out.stderr
+        assert stages == ["sample", "tokenizer", "retrieval", "prep", "prep", "prep", "prep", "prep", "blend",
+                          "pretrain", "lc", "export", "eval"], out.stdout
+        assert out.stderr.count(": plan job ") == 5 and "(2 tasks), then assembly" in out.stderr, out.stderr
         assert not (fresh / "data" / "tokenizer").exists()  # no stage ran here
+        deadline = time.time() + 1800  # a quiet 2-core machine: about 8 minutes
+        while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split() != before \
+                and time.time() < deadline:
+            time.sleep(5)
+        logs = {p.name: p.read_text(errors="replace") for p in (fresh / "logs").glob("nano3-*.out")}
+        failed = {n: t[-1500:] for n, t in logs.items() if "Traceback" in t or "error:" in t}
+        assert not failed, failed
+        assert (fresh / "reports" / "eval" / "metrics.json").exists(), sorted(logs)
+        manifest = json.loads((fresh / "data" / "prepared" / "hub-modules" / "manifest.json").read_text())
+        assert manifest["source"]["units"] >= 2 and manifest["splits"]["train"]["documents"] > 50
+        assert "hub-modules" in json.loads((fresh / "reports" / "eval" / "metrics.json").read_text())["ppl"]
+        assert json.loads((fresh / "checkpoints" / "lc.json").read_text())["iteration"] >= 1
     finally:
         launch(fresh, "cancel", check=False)

@@ -188,3 +188,28 @@ def test_saves_are_sized_by_wall_clock_and_checked_against_the_job_time_limit(tm
     per_iteration = build_plan(hourly, stages=("train",), cluster_shape=profile.shape).stages["train"].seconds_per_iteration
     assert save_interval(hourly, "train") == int(3600 // per_iteration) == 14
     assert save_interval(load_params(ROOT / "params.yaml"), "train") == 50  # null: the iterations as written
+
+
+def test_a_gated_hub_dataset_without_a_token_is_one_line_before_any_job(tmp_path, monkeypatch):
+    """Issue 30: Nemotron's pretraining datasets are gated; a prep job without a token failed with 401 hours later in
+    the queue. The submission refuses in one line; a token (HF_TOKEN or `hf auth login`'s file) or a local mirror
+    lets it through."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    login_file = tmp_path / "hf-home" / "token"  # where `hf auth login` writes: nothing there yet
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(login_file))
+    profile = get_profile("local", ROOT / "stages" / "clusters.toml")
+    params = load_params(ROOT / "configs" / "nano3.yaml")
+    with pytest.raises(UserError) as err:
+        build_request("prep", params, profile, ["cc-v2-high-quality"], "configs/nano3.yaml")
+    assert str(err.value) == (f"{params.source}: datasets.cc-v2-high-quality is gated on the Hugging Face Hub "
+                              "(hf://nvidia/Nemotron-CC-v2/High-Quality) and no token is set: accept its terms on the "
+                              "dataset page, then run `hf auth login` or export HF_TOKEN (or set prep.hf_mirror to a "
+                              "local copy)")
+    login_file.parent.mkdir()
+    login_file.write_text("hf_from_login")
+    assert build_request("prep", params, profile, ["cc-v2-high-quality"]).env["HF_TOKEN"] == "hf_from_login"
+    login_file.unlink()
+    mirrored = load_params(ROOT / "configs" / "nano3.yaml", [f"prep.hf_mirror={tmp_path}"])
+    build_request("prep", mirrored, profile, ["cc-v2-high-quality"])

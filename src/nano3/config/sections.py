@@ -67,6 +67,8 @@ class DatasetSource:
     text_field: str = knob("text", "the field holding each document's text")
     split: str = knob("train", "the split of a hub dataset or DatasetDict")
     revision: str | None = knob(None, "the hub revision, for exact reruns")
+    gated: bool = knob(False, "a hub dataset whose terms must be accepted: prep and submission refuse to start "
+                              "without a Hugging Face token (HF_TOKEN or `hf auth login`) unless `prep.hf_mirror` is set")
     valid_fraction: float | None = knob(None, "this dataset's validation share (null = `prep.valid_fraction`)", fraction)
     test_fraction: float | None = knob(None, "this dataset's test share (null = `prep.test_fraction`)", fraction)
     min_chars: int = knob(0, "keep only documents of at least this many characters (long-context data); 0 keeps all",

@@ -34,7 +34,7 @@ import numpy as np
 from nano3.code import code_digest
 from nano3.config.sections import PrepConfig
 from nano3.data.binidx import BinIdxWriter
-from nano3.data.sources import DatasetSpec, Source, Unit
+from nano3.data.sources import DatasetSpec, Source, Unit, check_gated_access, hub_token
 from nano3.data.tokenizer import Encoder, choose_encoder, read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir, atomic_write_json, read_json, sha256_file
@@ -483,6 +483,8 @@ def run(params, args) -> dict:
         raise UserError("prep: name at least one dataset (a key of `datasets` in params.yaml)")
     step = "plan" if args.plan_only else "assemble" if args.assemble else "units" if args.units else "all"
     units_of = tuple(int(x) for x in args.units.split("/")) if args.units else None
+    if step in ("plan", "all"):  # the steps that read the source first
+        check_gated_access(params, args.names, hub_token())
     manifests = {}
     for name in args.names:
         m = prepare_dataset(params, name, workers=args.workers, sample_rows=args.sample, force=args.force,

@@ -338,3 +338,31 @@ def iter_texts(source: Source, unit_bytes: int = 1 << 30, batch_size: int = 1000
     for unit in source.plan(unit_bytes):
         for batch in source.read(unit, batch_size):
             yield from (t for t in batch if isinstance(t, str) and t.strip())
+
+
+def hub_token(environ=None) -> str | None:
+    """The Hugging Face token a process here would use: HF_TOKEN, else `hf auth login`'s token file."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("HF_TOKEN"):
+        return environ["HF_TOKEN"]
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return None
+    return get_token()
+
+
+def check_gated_access(params, names, token: str | None) -> None:
+    """One line before anything streams (or any job is queued) when a gated hub dataset would be read without a
+    token: the Hub answers 401 only once the job has started, hours later in a queue."""
+    if params.settings.prep.hf_mirror or token:
+        return
+    gated = [n for n in names if n in params.settings.datasets and params.settings.datasets[n].gated
+             and params.settings.datasets[n].source.startswith("hf://")]
+    if gated:
+        more = f" (and {len(gated) - 1} more: {', '.join(gated[1:4])}{', ...' if len(gated) > 4 else ''})" if len(gated) > 1 else ""
+        raise UserError(f"{params.source}: datasets.{gated[0]}{more} is gated on the Hugging Face Hub "
+                        f"({params.settings.datasets[gated[0]].source}) and no token is set: accept its terms on the "
+                        f"dataset page, then run `hf auth login` or export HF_TOKEN (or set prep.hf_mirror to a local copy)")

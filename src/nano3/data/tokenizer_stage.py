@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nano3.data.sources import DatasetSpec, Source, iter_texts
+from nano3.data.sources import DatasetSpec, Source, check_gated_access, hub_token, iter_texts
 from nano3.data.tokenizer import build_tokenizer
 
 
@@ -15,6 +15,7 @@ def run(params, args) -> dict:
     cfg = params.settings
     texts = None
     if cfg.tokenizer.name == "train":
+        check_gated_access(params, cfg.tokenizer.train_datasets, hub_token())
         specs = [DatasetSpec.from_params(params, name) for name in cfg.tokenizer.train_datasets]
         texts = (t for spec in specs for t in iter_texts(Source(spec, cfg.prep.hf_mirror)))
     info = build_tokenizer(cfg.tokenizer, texts)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nano3.config.clusters import ClusterProfile
+from nano3.data.sources import check_gated_access, hub_token
 from nano3.errors import UserError
 from nano3.files import atomic_dir
 
@@ -65,12 +66,7 @@ def credentials(environ=os.environ) -> dict[str, str]:
     """HF_TOKEN (the shell's, else `hf auth login`'s token file), WANDB_API_KEY (the shell's, else `wandb login`'s
     ~/.netrc entry) and the hub/W&B settings the shell has; only those found."""
     out = {k: environ[k] for k in FORWARDED if environ.get(k)}
-    try:
-        from huggingface_hub import get_token
-
-        token = environ.get("HF_TOKEN") or get_token()
-    except ImportError:
-        token = environ.get("HF_TOKEN")
+    token = hub_token(environ)
     if token:
         out["HF_TOKEN"] = token
     key = environ.get("WANDB_API_KEY")
@@ -93,7 +89,12 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
     if stage not in (*CPU_STAGES, *GPU_STAGES, *ONE_GPU_STAGES):
         raise UserError(f"unknown stage '{stage}'; stages: {', '.join([*CPU_STAGES, *GPU_STAGES, *ONE_GPU_STAGES])}")
     stage_args = list(stage_args or [])
-    name = "-".join(["nano3", stage, *[a for a in stage_args if not a.startswith("-") and "=" not in a][:1]])
+    named = [a for a in stage_args if not a.startswith("-") and "=" not in a]
+    name = "-".join(["nano3", stage, *named[:1]])
+    if stage in ("prep", "tokenizer"):  # before any job of a chain is queued
+        reads = named if stage == "prep" else params.settings.tokenizer.train_datasets if \
+            params.settings.tokenizer.name == "train" else []
+        check_gated_access(params, reads, credentials().get("HF_TOKEN"))
     args = [f"--job-name={name}", f"--partition={profile.partition}"]
     if profile.account:
         args.append(f"--account={profile.account}")
@@ -138,6 +139,7 @@ def frozen_checkout(params_file: str) -> Path:
     stage scripts, configs/ and the params file. A queued or requeued job reads them at every start; from this copy, an
     edit of the checkout after submission (params, code, another branch) reaches only later submissions."""
     if params_file not in _frozen:
+        prune_frozen()
         name = Path(params_file).name if Path(params_file).is_absolute() else params_file
         final = FROZEN_ROOT / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         with atomic_dir(final) as tmp:
@@ -150,6 +152,25 @@ def frozen_checkout(params_file: str) -> Path:
             (tmp / "params_name").write_text(name)
         _frozen[params_file] = final.resolve()
     return _frozen[params_file]
+
+
+FROZEN_KEEP_DAYS = 14
+
+
+def prune_frozen(now: float | None = None) -> list[Path]:
+    """Remove frozen checkouts older than FROZEN_KEEP_DAYS none of whose jobs Slurm still has queued or running
+    (a months-long run's requeued job keeps its copy); one without recorded jobs was never submitted."""
+    now = time.time() if now is None else now
+    removed = []
+    for frozen in sorted(FROZEN_ROOT.glob("*-*")) if FROZEN_ROOT.is_dir() else []:
+        if now - frozen.stat().st_mtime < FROZEN_KEEP_DAYS * 86400:
+            continue
+        jobs = (frozen / "jobs").read_text().split() if (frozen / "jobs").exists() else []
+        if any(job_state(job) in STILL_GOING for job in jobs):
+            continue
+        shutil.rmtree(frozen, ignore_errors=True)
+        removed.append(frozen)
+    return removed
 
 
 def freeze(request: JobRequest) -> dict[str, str]:
