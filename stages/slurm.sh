@@ -75,3 +75,21 @@ run_requeueable() {
   fi
   exit "$rc"
 }
+
+# Data jobs (prep, its arrays and assembly, blend): on the pre-time-limit signal (#SBATCH --signal=B:USR1@...),
+# requeue at once, up to NANO3_MAX_REQUEUES times; Slurm ends this run. The next start resumes prep from the
+# units already written (their receipts); an assembly or a blend starts over. The chain's afterok jobs wait on.
+run_restartable() {
+  local step rc
+  trap 'if [ "${SLURM_RESTART_COUNT:-0}" -lt "${NANO3_MAX_REQUEUES:-20}" ]; then
+          echo "nano3: time limit near: requeueing job $SLURM_JOB_ID (finished units are kept)";
+          scontrol requeue "$SLURM_JOB_ID" || echo "nano3: scontrol requeue failed" >&2;
+        else echo "nano3: not requeued: the job already restarted ${SLURM_RESTART_COUNT:-0} times" >&2; fi' USR1
+  ("$@") & step=$!
+  while true; do
+    rc=0; wait "$step" || rc=$?
+    if [ "$rc" -gt 128 ] && kill -0 "$step" 2>/dev/null; then continue; fi  # the trap interrupted wait
+    break
+  done
+  exit "$rc"
+}

@@ -182,6 +182,46 @@ def test_prep_job_array_then_assembly_equals_one_process(repo):
     assert tree_digest(repo / "data/prep-array/stdlib-code") == tree_digest(repo / "data/prep-single/stdlib-code")
 
 
+def start_requeued_jobs(name: str, pending_since: dict[str, float]) -> None:
+    """A requeued job may start once its credential has expired (10 s on the test cluster; sooner, slurmd refuses
+    the revoked credential and ends the job): then start it instead of waiting for the scheduler's next pass."""
+    pending = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD", "-o", "%i"], capture_output=True,
+                             text=True).stdout.split()
+    for job in set(pending_since) - set(pending):  # started (or gone): a later requeue waits its 15 s again
+        del pending_since[job]
+    for job in pending:
+        pending_since.setdefault(job, time.time())
+        if time.time() - pending_since[job] > 15:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+
+
+def test_a_prep_job_at_its_time_limit_requeues_and_resumes_from_its_finished_units(repo):
+    """Issue 30: data jobs were not time-limit safe (an overrun cancelled the whole chain). Slurm's pre-limit signal
+    (here sent by hand: `scancel --batch --signal=USR1`, what `--signal=B:USR1@300` delivers) requeues the prep job;
+    its next start resumes from the units already written, and the dataset is the single process's, byte for byte."""
+    if not (repo / "data" / "prep-single" / "stdlib-code" / "manifest.json").exists():
+        pytest.skip("needs test_prep_job_array_then_assembly_equals_one_process's single-process output")
+    proc = subprocess.Popen([sys.executable, "-m", "nano3.launch", "submit", "prep", "stdlib-code", "--cluster", "local",
+                             "--wait", "--only", "prep.unit_mb=1", "prep.workers=1", "prep.out_dir=data/prep-restart",
+                             "prep.work_dir=data/work-restart"], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env(NANO3_CLUSTERS=str(repo / "clusters-test.toml")))
+    deadline, signalled, pending_since = time.time() + 900, None, {}
+    while proc.poll() is None and time.time() < deadline:
+        if signalled is None and list((repo / "data" / "work-restart").rglob("unit_*.json")):
+            signalled = subprocess.run(["squeue", "-h", "-n", "nano3-prep-stdlib-code", "-t", "R", "-o", "%i"],
+                                       capture_output=True, text=True).stdout.split()[0]
+            subprocess.run(["scancel", "--batch", "--signal=USR1", signalled], check=True)
+        start_requeued_jobs("nano3-prep-stdlib-code", pending_since)
+        time.sleep(0.5)
+    out, err = proc.communicate(timeout=60)
+    assert signalled, "no unit was written before the job ended"
+    log = (repo / "logs" / f"nano3-prep-stdlib-code-{signalled}.out").read_text(errors="replace")
+    assert proc.returncode == 0, log[-3000:] + err[-2000:]
+    assert f"time limit near: requeueing job {signalled}" in log and "restart 1," in log, log[-3000:]
+    assert "prep stdlib-code: resuming, " in log, log[-3000:]
+    assert tree_digest(repo / "data/prep-restart/stdlib-code") == tree_digest(repo / "data/prep-single/stdlib-code")
+
+
 def test_a_training_job_at_its_time_limit_checkpoints_requeues_and_finishes(repo):
     """Issue 30's rehearsal of the cluster week: a real pretrain job (the CPU reference backend reading through 2
     DataLoader workers, as production's ranks do) with a 3-minute time limit. Slurm signals the batch script 100 s
@@ -199,12 +239,7 @@ def test_a_training_job_at_its_time_limit_checkpoints_requeues_and_finishes(repo
     deadline = time.time() + 1800  # a quiet 2-core machine needs 2 jobs, about 4 minutes
     pending_since: dict[str, float] = {}
     while proc.poll() is None and time.time() < deadline:
-        pending = subprocess.run(["squeue", "-h", "-n", "nano3-pretrain", "-t", "PD", "-o", "%i"],
-                                 capture_output=True, text=True).stdout.split()
-        pending_since = {job: pending_since.get(job, time.time()) for job in pending}
-        for job, since in pending_since.items():  # requeued: start it once its credential has expired (10 s here;
-            if time.time() - since > 15:            # sooner, slurmd refuses the revoked credential and ends the job)
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        start_requeued_jobs("nano3-pretrain", pending_since)
         time.sleep(1)
     out, err = proc.communicate(timeout=60)
     job = err.split("nano3: submitted job ")[1].split()[0]
