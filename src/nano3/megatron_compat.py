@@ -20,7 +20,10 @@ never from a version string, so a backport or a patched image works too:
 - packed sequences for Mamba (lc.mix): megatron-core's PackedSeqParams derives the Mamba `seq_idx` (state
   resets) from `cu_seqlens_q` and `total_tokens`, and Bridge's forward step must fill `total_tokens`
   (Bridge >= 0.6 on megatron-core >= 0.18); older stacks would run packed attention with an unbroken Mamba
-  state, so lc.mix is refused there.
+  state, so lc.mix is refused there;
+- tensor parallelism above the KV groups (the recipe's LC layout: TP 8 on 2 KV groups): megatron-core splits a
+  group over TP ranks from 0.16.0 (commit f7dfb99, 2025-12-06); the recipe image's core divides the groups by TP
+  and asserts (`tp_splits_kv_groups`).
 
 Everything imports lazily: this module imports on any machine, and tests drive each branch with stand-ins.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
@@ -244,6 +248,18 @@ def nemotron_h_classes():
                         "Hugging Face export and the reference backend need (transformers >= 5); "
                         "`pip install 'transformers>=5.12'` in the image, or " + NEWER_IMAGE)
     return config, model
+
+
+def tp_splits_kv_groups(attention_source: str | None = None) -> bool | None:
+    """Whether megatron-core's attention runs TP above the KV groups (it replicates a group over TP ranks where
+    `num_query_groups < world_size`); older cores `divide(num_query_groups, tp)` and assert. Read from the
+    installed module's source without importing it; None where megatron-core is not installed."""
+    if attention_source is None:
+        spec = importlib.util.find_spec("megatron.core") and importlib.util.find_spec("megatron.core.transformer.attention")
+        if not spec or not spec.origin:
+            return None
+        attention_source = Path(spec.origin).read_text()
+    return "num_query_groups < world_size" in attention_source
 
 
 def installed_stack() -> dict[str, str | None]:

@@ -528,3 +528,32 @@ def test_production_lc_layouts_say_which_fit_and_what_would(tmp_path):
     # TP x CP cannot pass the 64 Mamba heads, so at 1M no layout brings a rank's activations under ~60 GiB
     assert not any(r["alternatives"] for r in production_lc_layouts(params, 50.0) if not r["fits"])
     assert all(r["fits"] for r in production_lc_layouts(params, 139.8))  # an H200 holds both
+
+
+def test_tp_above_the_kv_groups_is_refused_where_the_stack_cannot_split_them(monkeypatch):
+    """Issue 32: the recipe image's megatron-core divides the KV groups by TP and asserts, so the production lc
+    layout (TP 8 on 2 groups) builds on today's stack only. Read from the installed code, or declared by the
+    profile of the image that runs it; refused in one line naming the nearest layouts that build and fit."""
+    from nano3.config.clusters import get_profile
+    from nano3.launch.slurm import build_request
+    from nano3.megatron_compat import tp_splits_kv_groups
+
+    assert tp_splits_kv_groups() is True  # the installed megatron-core (0.19.2)
+    older = "self.num_query_groups_per_partition = divide(self.config.num_query_groups, world_size)"
+    assert tp_splits_kv_groups(older) is False
+    params = load_params(ROOT / "configs" / "nano3.yaml")
+    assert build_plan(params, stages=("lc",)).stages["lc"].layout.tp == 8  # builds on today's stack
+    with pytest.raises(UserError) as err:
+        build_plan(params, stages=("lc",), tp_above_kv_groups=False)
+    message = str(err.value)
+    assert message.startswith("lc.parallel.tp=8 is above the 2 KV groups, which the stack that runs it cannot split")
+    assert "nearest layouts that build there and fit: lc.parallel.tp=2 lc.parallel.cp=32 (" in message
+    assert "\n" not in message
+    fixed = load_params(ROOT / "configs" / "nano3.yaml", ["lc.parallel.tp=2", "lc.parallel.cp=32"])
+    assert build_plan(fixed, stages=("lc",), tp_above_kv_groups=False).stages["lc"].memory.total_gib < 79.6
+    profile = get_profile("example-pyxis", ROOT / "stages" / "clusters.toml")  # the recipe image
+    assert profile.tp_above_kv_groups is False
+    monkeypatch.setenv("HF_TOKEN", "hf_test")  # the gated datasets' check passes; this is about the layout
+    with pytest.raises(UserError, match=r"^lc\.parallel\.tp=8 is above the 2 KV groups"):
+        build_request("lc", params, profile)
+    build_request("lc", fixed, profile)

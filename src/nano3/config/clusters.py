@@ -39,6 +39,8 @@ class ClusterProfile:
     image_extras: str = "installed"  # "install" on a bare NeMo image: nano3's packages installed at job start
     gpu_memory_gib: float = 79.6  # what CUDA reports for one GPU (H100 80GB: 79.6; H200: 139.8); plans must fit it
     host_memory_gib: float | None = None  # a node's RAM for the job; the plan's host memory per rank x ranks must fit
+    tp_above_kv_groups: bool | None = None  # the image's megatron-core splits a KV group over TP ranks (>= 0.16);
+                                            # null: as the installed one does
 
     def train_seconds(self) -> int:
         """A training job's time limit (train_time, else time) in seconds."""
@@ -101,6 +103,8 @@ def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
     for key in ("gpu_memory_gib", "host_memory_gib"):
         if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], (int, float)) or raw[key] <= 0):
             raise UserError(f"{where}: '{key}' must be a positive number of GiB, got {raw[key]!r}")
+    if raw.get("tp_above_kv_groups") is not None and not isinstance(raw["tp_above_kv_groups"], bool):
+        raise UserError(f"{where}: 'tp_above_kv_groups' must be true or false, got {raw['tp_above_kv_groups']!r}")
     for key in ("time", "train_time"):
         if raw.get(key) is not None:
             try:

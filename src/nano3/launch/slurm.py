@@ -109,7 +109,8 @@ def build_request(stage: str, params, profile: ClusterProfile, stage_args: list[
             raise UserError(f"{section}.gpus_per_node={gpus} but cluster '{profile.name}' nodes have "
                             f"{profile.gpus_per_node} GPUs; lower it or set it to null to use the profile's")
         plan = build_plan(params, stages=(section,), cluster_shape=profile.shape, gpu_memory=profile.gpu_memory(),
-                          host_memory=profile.host_memory()).stages[section]
+                          host_memory=profile.host_memory(),
+                          tp_above_kv_groups=profile.tp_above_kv_groups).stages[section]
         check_first_save(plan, params.settings.train, profile.train_seconds(),
                          f"cluster '{profile.name}' ({'train_time' if profile.train_time else 'time'})")
         layout = plan.layout

@@ -101,8 +101,9 @@ def read_layout(params, stage: str, cluster_shape: tuple[int, int] | None = None
                   global_batch_size=section.global_batch_size, seq_length=section.seq_length)
 
 
-def layout_errors(layout: Layout, preset: ModelPreset) -> list[str]:
-    """Every reason megatron-core would refuse this layout (empty when it is valid)."""
+def layout_errors(layout: Layout, preset: ModelPreset, tp_above_kv_groups: bool = True) -> list[str]:
+    """Every reason megatron-core would refuse this layout (empty when it is valid); `tp_above_kv_groups`: whether
+    the stack that runs it splits a KV group over TP ranks (megatron_compat.tp_splits_kv_groups)."""
     s, errs = layout.stage, []
     p = f"{s}.parallel"
     if layout.world < 1:
@@ -123,6 +124,9 @@ def layout_errors(layout: Layout, preset: ModelPreset) -> list[str]:
         errs.append(f"{p}.tp={layout.tp} does not divide the {preset.num_attention_heads} attention heads")
     if preset.num_query_groups % layout.tp and layout.tp % preset.num_query_groups:
         errs.append(f"{p}.tp={layout.tp} must divide or be a multiple of the {preset.num_query_groups} KV groups")
+    elif layout.tp > preset.num_query_groups and not tp_above_kv_groups:
+        errs.append(f"{p}.tp={layout.tp} is above the {preset.num_query_groups} KV groups, which the stack that runs "
+                    f"it cannot split (megatron-core splits them from 0.16.0)")
     if preset.mamba_num_groups % layout.tp:
         errs.append(f"{p}.tp={layout.tp} does not divide the {preset.mamba_num_groups} Mamba groups")
     elif layout.cp > 1:
@@ -143,8 +147,20 @@ def layout_errors(layout: Layout, preset: ModelPreset) -> list[str]:
     return errs
 
 
-def validate_layout(layout: Layout, preset: ModelPreset) -> None:
-    errs = layout_errors(layout, preset)
+def kv_groups_hint(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool,
+                   gpu_memory: tuple[float, str] | None, cross_entropy: str) -> str:
+    """The nearest layouts with TP within the KV groups that fit the GPU (said where a stack cannot split a group)."""
+    gpu_gib = gpu_memory[0] if gpu_memory else DEFAULT_GPU_MEMORY_GIB
+    fits = fitting_layouts(layout, preset, vocab, recompute_moe, gpu_gib, cross_entropy=cross_entropy,
+                           tp_above_kv_groups=False)
+    return "; nearest layouts that build there and fit: " + ("; ".join(f"{k} ({g:.1f} GiB)" for k, g in fits)
+                                                             or "none up to 4x the nodes")
+
+
+def validate_layout(layout: Layout, preset: ModelPreset, tp_above_kv_groups: bool = True, hint: str = "") -> None:
+    errs = layout_errors(layout, preset, tp_above_kv_groups)
+    if errs and hint and layout.tp > preset.num_query_groups and not tp_above_kv_groups:
+        errs[0] += hint
     if errs:
         raise UserError(errs[0] if len(errs) == 1 else f"{errs[0]} (and {len(errs) - 1} more: {'; '.join(errs[1:])})")
 
@@ -367,7 +383,8 @@ def model_vocab(params) -> int:
 
 
 def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool, gpu_gib: float,
-                    limit: int = 3, cross_entropy: str = CROSS_ENTROPY) -> list[tuple[str, float]]:
+                    limit: int = 3, cross_entropy: str = CROSS_ENTROPY,
+                    tp_above_kv_groups: bool = True) -> list[tuple[str, float]]:
     """The valid layouts nearest to `layout` whose estimate fits `gpu_gib`: first on the same nodes with the
     fewest parallel sizes changed, then on twice and four times the nodes. [(params keys, GiB), ...]"""
     sizes = [1, 2, 4, 8, 16, 32, 64]
@@ -379,7 +396,7 @@ def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_m
                     for ep in sizes:
                         cand = replace(layout, nodes=nodes, tp=tp, pp=pp, cp=cp, ep=ep,
                                        sequence_parallel=layout.sequence_parallel or tp > 1)
-                        if cand.world % (tp * pp * cp) or layout_errors(cand, preset):
+                        if cand.world % (tp * pp * cp) or layout_errors(cand, preset, tp_above_kv_groups):
                             continue
                         gib = estimate_memory(cand, preset, vocab, recompute_moe, cross_entropy).total_gib
                         if gib <= gpu_gib:
@@ -429,9 +446,15 @@ def recomputes_moe(train) -> bool:
 
 
 def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape: tuple[int, int] | None = None,
-               gpu_memory: tuple[float, str] | None = None, host_memory: tuple[float, str] | None = None) -> Plan:
+               gpu_memory: tuple[float, str] | None = None, host_memory: tuple[float, str] | None = None,
+               tp_above_kv_groups: bool | None = None) -> Plan:
     """The plan of each stage; with `gpu_memory` (GiB, where the number comes from) every stage must fit it, and
-    with `host_memory` (a node's) every stage's ranks on one node must fit that."""
+    with `host_memory` (a node's) every stage's ranks on one node must fit that. `tp_above_kv_groups`: what the
+    stack that runs it can do (a profile's image); None: the installed megatron-core's, or yes where none is."""
+    from nano3.megatron_compat import tp_splits_kv_groups
+
+    if tp_above_kv_groups is None:
+        tp_above_kv_groups = tp_splits_kv_groups() is not False
     preset = model_preset(params.settings.model)
     schedule = build_schedule(params.settings)
     raw_vocab = model_vocab(params)
@@ -441,8 +464,10 @@ def build_plan(params, stages: tuple[str, ...] = ("train", "lc"), cluster_shape:
     out = {}
     for stage in stages:
         layout = read_layout(params, stage, cluster_shape)
-        validate_layout(layout, preset)
         vocab = padded_vocab(raw_vocab, preset, layout.tp)
+        cannot_split = not tp_above_kv_groups and layout.tp > preset.num_query_groups  # refused: say what builds
+        validate_layout(layout, preset, tp_above_kv_groups, hint=kv_groups_hint(
+            layout, preset, vocab, recompute_moe, gpu_memory, cross_entropy) if cannot_split else "")
         iterations = schedule.pretrain_iters if stage == "train" else schedule.lc_iters
         tokens = iterations * layout.global_batch_size * layout.seq_length
         mix = params.settings.lc.mix if stage == "lc" else None

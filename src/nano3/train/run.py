@@ -96,6 +96,16 @@ def gpu_memory_target(gpu_memory_gib: float | None) -> tuple[float, str]:
     return local_gpu_memory() or (DEFAULT_GPU_MEMORY_GIB, "an H100 80GB (the default; --gpu-memory or CLUSTER=<profile>)")
 
 
+def stack_splits_kv_groups() -> bool | None:
+    """Whether the stack that trains splits a KV group over TP ranks: the CLUSTER profile's image as it declares
+    (tp_above_kv_groups), else None: the installed megatron-core's (plan.build_plan)."""
+    if os.environ.get("CLUSTER"):
+        from nano3.config.clusters import get_profile
+
+        return get_profile(os.environ["CLUSTER"]).tp_above_kv_groups
+    return None
+
+
 def host_memory_target() -> tuple[float, str] | None:
     """A node's host memory that the ranks on it must fit: the CLUSTER profile's host_memory_gib, else this
     machine's RAM if it has GPUs (the run goes here), else None (not checked)."""
@@ -164,7 +174,8 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
         check_lc_mix_on_megatron(params)
     memory = gpu_memory_target(gpu_memory_gib) if backend == "megatron" else None
     host = host_memory_target() if backend == "megatron" else None
-    plan = build_plan(params, stages=(section_name(stage),), gpu_memory=memory, host_memory=host)
+    plan = build_plan(params, stages=(section_name(stage),), gpu_memory=memory, host_memory=host,
+                      tp_above_kv_groups=stack_splits_kv_groups() if backend == "megatron" else True)
     print_plan(plan, stage, backend, memory)
     report = Path("reports") / "plan"
     report.mkdir(parents=True, exist_ok=True)
