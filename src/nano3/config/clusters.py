@@ -119,3 +119,16 @@ def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
     raw["mounts"] = tuple(raw.get("mounts", ()))
     raw["sbatch_extra"] = tuple(raw.get("sbatch_extra", ()))
     return ClusterProfile(name=name, **raw)
+
+
+def local_gpu_memory() -> tuple[float, str] | None:
+    """(GiB, description) of this machine's first CUDA GPU, or None without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return props.total_memory / 2**30, f"this machine's {props.name}"
+    except Exception:
+        pass
+    return None

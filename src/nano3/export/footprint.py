@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from nano3.errors import UserError
 from nano3.model.flops import padded_vocab, param_counts
 from nano3.model.presets import ModelPreset, model_preset
+from nano3.model.vocab import model_vocab
 
 GIB = 2**30
 CONTEXT_GIB = 1.5  # CUDA context, cuBLAS/TE workspaces: what nvidia-smi shows beside the allocator (measured, plan.py)
@@ -86,8 +87,6 @@ def check_fits(footprint: Footprint, gpu_gib: float, gpu_source: str, host_gib: 
 
 def known_vocab(params) -> int | None:
     """The model's vocabulary where it is known yet (model.vocab_size, or a made or sized tokenizer), else None."""
-    from nano3.train.plan import model_vocab
-
     try:
         return model_vocab(params)
     except UserError:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nano3.config.clusters import local_gpu_memory
 from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.data.tokenizer import read_info
 from nano3.errors import UserError
@@ -21,7 +22,6 @@ from nano3.export.hf import save_hf_tokenizer
 from nano3.files import atomic_dir, atomic_write_json, link_or_copy, read_json
 from nano3.model.hf import nemotron_h_config
 from nano3.model.presets import model_preset
-from nano3.train.plan import local_gpu_memory
 from nano3.train.rundir import iteration_dir, manifest_path
 
 HF_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")

@@ -12,9 +12,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 
+from nano3.config.clusters import local_gpu_memory  # noqa: F401 (the plan's callers import it from here)
 from nano3.errors import UserError
 from nano3.model.flops import mixed_flops_per_token, padded_vocab, param_counts
 from nano3.model.presets import ModelPreset, model_preset
+from nano3.model.vocab import model_vocab
 from nano3.schedule import TrainingSchedule, build_schedule
 
 GIB = 1024**3
@@ -51,19 +53,6 @@ class Layout:
     @property
     def microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.dp)
-
-
-def local_gpu_memory() -> tuple[float, str] | None:
-    """(GiB, description) of this machine's first CUDA GPU, or None without one."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return props.total_memory / GIB, f"this machine's {props.name}"
-    except Exception:
-        pass
-    return None
 
 
 def local_gpus() -> int:
@@ -353,33 +342,6 @@ class Plan:
                               "gpu_hours": s.gpu_hours, "seconds_per_iteration": s.seconds_per_iteration}
                        for name, s in self.stages.items()},
         }
-
-
-def model_vocab(params) -> int:
-    """The model's vocabulary: `model.vocab_size`, or the tokenizer's when that is null.
-
-    A model vocabulary smaller than the tokenizer's would index past the embedding at the first
-    batch (or silently clip ids): refuse it here.
-    """
-    from pathlib import Path
-
-    from nano3.data.tokenizer import read_info
-
-    info_file = Path(params.settings.tokenizer.dir) / "info.json"
-    if info_file.exists():
-        tokenizer = read_info(info_file.parent).vocab_size
-    elif params.settings.tokenizer.name == "train":  # not trained yet, but its size is set
-        tokenizer = params.settings.tokenizer.vocab_size
-    else:
-        tokenizer = None
-    model = params.settings.model.vocab_size
-    if model is not None and tokenizer is not None and model < tokenizer:
-        raise UserError(f"{params.source}: model.vocab_size={model} is smaller than the tokenizer's {tokenizer} ids "
-                        f"({info_file}); raise it or set it to null to use the tokenizer's")
-    if model is None and tokenizer is None:
-        raise UserError(f"{info_file}: no tokenizer yet and model.vocab_size is null; run the tokenizer stage "
-                        f"or set model.vocab_size")
-    return model if model is not None else tokenizer
 
 
 def fitting_layouts(layout: Layout, preset: ModelPreset, vocab: int, recompute_moe: bool, gpu_gib: float,
