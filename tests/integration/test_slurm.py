@@ -494,7 +494,8 @@ def test_the_whole_chain_with_prep_job_arrays_and_a_gated_hub_dataset_completes_
     refused = subprocess.run([sys.executable, "-m", "nano3.launch", "all", "--cluster", "local"], cwd=fresh,
                              capture_output=True, text=True, env={k: v for k, v in env(**no_token).items()
                                                                   if k != "HF_TOKEN"}, timeout=300)
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and errors == [
         "error: params.yaml: datasets.hub-modules is gated on the Hugging Face Hub "
         "(hf://nvidia/Nemotron-Stdlib/Modules) and no token is set: accept its terms on the dataset page, then run "
         "`hf auth login` or export HF_TOKEN (or set prep.hf_mirror to a local copy)"], refused.stderr

@@ -21,15 +21,19 @@ from nano3.files import atomic_write_json, atomic_write_text, read_json
 from nano3.model.hf import use_cpu_mamba_chunks
 
 
+def require_exported(model_dir: Path) -> None:
+    if not (model_dir / "config.json").exists():
+        raise UserError(f"{model_dir}: no exported model here (config.json missing); run the export stage "
+                        f"(make export / dvc repro export)")
+
+
 def load_exported(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nano3.model.hf import gpu_device_map
 
-    if not (model_dir / "config.json").exists():
-        raise UserError(f"{model_dir}: no exported model here (config.json missing); run the export stage "
-                        f"(make export / dvc repro export)")
+    require_exported(model_dir)
     cuda = torch.cuda.is_available()
     try:  # on a GPU straight onto it: no host copy of the weights
         model = (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=gpu_device_map())
@@ -70,6 +74,7 @@ def eval_stage(params, log=print) -> dict:
     pretrain's export: one model on the GPU at a time (at 31.6B each takes 63 GB in BF16)."""
     cfg = params.settings
     model_dir = Path(cfg.export.out_dir)
+    require_exported(model_dir)
     lineage = read_json(model_dir / "nano3_export.json", "export record (rerun the export stage)")
     source = lineage["source"]
     check_stage(params, "eval", local_gpu_memory(), log=log)
