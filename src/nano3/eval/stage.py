@@ -18,7 +18,7 @@ from nano3.eval import long_context
 from nano3.eval.logits import input_device, summed_loss
 from nano3.export.footprint import check_stage
 from nano3.files import atomic_write_json, atomic_write_text, read_json
-from nano3.model.hf import use_cpu_mamba_chunks
+from nano3.model.hf import free_gpu_memory, use_cpu_mamba_chunks
 
 
 def require_exported(model_dir: Path) -> None:
@@ -106,17 +106,6 @@ def eval_stage(params, log=print) -> dict:
     atomic_write_json(out / "results.json", metrics)
     atomic_write_json(out / "metrics.json", headline(metrics))
     return metrics
-
-
-def free_gpu_memory() -> None:
-    """Give a released model's GPU memory back before the next one loads."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def headline(results: dict) -> dict:

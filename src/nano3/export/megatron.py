@@ -13,6 +13,7 @@ from typing import Callable
 
 from nano3.errors import UserError
 from nano3.megatron_compat import save_hf_model
+from nano3.model.hf import free_gpu_memory
 
 
 def unwrap(module):
@@ -57,15 +58,6 @@ def export_megatron(iter_dir: Path, config_for_vocab: Callable, out_dir: Path, v
         return {}
     free_gpu_memory()
     return compare_logits(ours, ids, out_dir)
-
-
-def free_gpu_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def megatron_logits(model, ids):

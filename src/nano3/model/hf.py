@@ -70,3 +70,14 @@ def gpu_device_map() -> str:
     import torch
 
     return "auto" if torch.cuda.device_count() > 1 else "cuda"
+
+
+def free_gpu_memory() -> None:
+    """Give a released model's GPU memory back before the next one loads (export and eval hold one at a time)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
