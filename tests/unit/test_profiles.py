@@ -213,3 +213,20 @@ def test_a_gated_hub_dataset_without_a_token_is_one_line_before_any_job(tmp_path
     login_file.unlink()
     mirrored = load_params(ROOT / "configs" / "nano3.yaml", [f"prep.hf_mirror={tmp_path}"])
     build_request("prep", mirrored, profile, ["cc-v2-high-quality"])
+
+
+def test_following_a_log_that_a_requeued_run_started_afresh_reads_it_from_the_top(tmp_path):
+    """A requeued job without --open-mode=append truncates its log; the follower, past the old end, waited for the
+    new log to grow back to that size (CI's prep-restart rehearsal hung there)."""
+    import io
+    import threading
+
+    log = tmp_path / "job.out"
+    log.write_text("first run\n" * 20)
+    later = threading.Timer(1.5, lambda: log.write_text("second run done\n"))
+    later.start()
+    job = subprocess.Popen(["sleep", "3"])
+    shown = io.StringIO()
+    assert slurm.wait_for("0", log, job, stream=shown, cancel_on_interrupt=False, offset=log.stat().st_size) == 0
+    later.join()
+    assert shown.getvalue() == "second run done\n"

@@ -232,6 +232,8 @@ def wait_for(job_id: str, log: Path | None, proc: subprocess.Popen | None = None
     try:
         while True:
             if log is not None and log.exists():
+                if log.stat().st_size < offset:  # a requeued run started the log afresh (no --open-mode=append)
+                    offset, decoder = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
                 with open(log, "rb") as f:
                     f.seek(offset)
                     chunk = decoder.decode(f.read())
