@@ -49,19 +49,25 @@ training_env() {
 }
 
 
+# Run "$@" in the background and wait for it, through the signal traps that interrupt `wait`; its exit code in STEP_RC.
+wait_for_step() {
+  local step
+  ("$@") & step=$!
+  while true; do
+    STEP_RC=0; wait "$step" || STEP_RC=$?
+    if [ "$STEP_RC" -gt 128 ] && kill -0 "$step" 2>/dev/null; then continue; fi  # the trap interrupted wait
+    break
+  done
+}
+
 # Run "$@" as the job's step. On the pre-time-limit signal (#SBATCH --signal=B:USR1@...), ask the
 # training to checkpoint (the stop file: each node's stage sends SIGTERM to its ranks alone), wait for it, and requeue the job if it stopped early (exit 3), up to
 # NANO3_MAX_REQUEUES times. A step that fails is never requeued.
 run_requeueable() {
-  local step rc signalled=0
+  local rc signalled=0
   trap 'signalled=1; echo "nano3: time limit near: asking the training to checkpoint ($NANO3_STOP_FILE)";
         touch "$NANO3_STOP_FILE" || echo "nano3: could not write $NANO3_STOP_FILE" >&2' USR1
-  ("$@") & step=$!
-  while true; do
-    rc=0; wait "$step" || rc=$?
-    if [ "$rc" -gt 128 ] && kill -0 "$step" 2>/dev/null; then continue; fi  # the trap interrupted wait
-    break
-  done
+  wait_for_step "$@"; rc=$STEP_RC
   trap - USR1
   if [ "$rc" = 3 ]; then
     if [ "${SLURM_RESTART_COUNT:-0}" -lt "${NANO3_MAX_REQUEUES:-20}" ]; then
@@ -80,16 +86,10 @@ run_requeueable() {
 # requeue at once, up to NANO3_MAX_REQUEUES times; Slurm ends this run. The next start resumes prep from the
 # units already written (their receipts); an assembly or a blend starts over. The chain's afterok jobs wait on.
 run_restartable() {
-  local step rc
   trap 'if [ "${SLURM_RESTART_COUNT:-0}" -lt "${NANO3_MAX_REQUEUES:-20}" ]; then
           echo "nano3: time limit near: requeueing job $SLURM_JOB_ID (finished units are kept)";
           scontrol requeue "$SLURM_JOB_ID" || echo "nano3: scontrol requeue failed" >&2;
         else echo "nano3: not requeued: the job already restarted ${SLURM_RESTART_COUNT:-0} times" >&2; fi' USR1
-  ("$@") & step=$!
-  while true; do
-    rc=0; wait "$step" || rc=$?
-    if [ "$rc" -gt 128 ] && kill -0 "$step" 2>/dev/null; then continue; fi  # the trap interrupted wait
-    break
-  done
-  exit "$rc"
+  wait_for_step "$@"
+  exit "$STEP_RC"
 }

@@ -8,9 +8,9 @@ import pytest
 
 from nano3.config import load_params
 from nano3.errors import UserError
-from nano3.eval.logits import answer_logits, position_losses, summed_loss
 from nano3.export.footprint import check_fits, footprints
 from nano3.model.hf import nemotron_h_config
+from nano3.model.logits import answer_logits, position_losses, summed_loss
 from nano3.model.presets import PRESETS
 from tests.conftest import ROOT
 

@@ -19,8 +19,8 @@ import numpy as np
 from nano3.data.retrieval import new_key, passkey_prompt
 from nano3.data.splits import split_documents, split_stream
 from nano3.errors import UserError
-from nano3.eval.logits import answer_logits, input_device, position_losses
 from nano3.files import atomic_save_figure
+from nano3.model.logits import answer_logits, input_device, position_losses
 
 
 def retrieval_accuracy(model, haystack: np.ndarray, encode, lengths, prompts: int, seed: int,

@@ -15,10 +15,10 @@ from nano3.config.clusters import local_gpu_memory
 from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.errors import UserError, brief
 from nano3.eval import long_context
-from nano3.eval.logits import input_device, summed_loss
 from nano3.export.footprint import check_stage
 from nano3.files import atomic_write_json, atomic_write_text, read_json
 from nano3.model.hf import free_gpu_memory, use_cpu_mamba_chunks
+from nano3.model.logits import input_device, summed_loss
 
 
 def require_exported(model_dir: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Callable
 from nano3.errors import UserError
 from nano3.megatron_compat import save_hf_model
 from nano3.model.hf import free_gpu_memory
+from nano3.model.logits import input_device, logit_chunks
 
 
 def unwrap(module):
@@ -116,10 +117,6 @@ def compare_logits(ours, ids, hf_dir: Path, chunk_tokens: int = 4096, device_map
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16,
                                               device_map=device_map or gpu_device_map()).eval()
     difference = LogitsDifference()
-    with torch.no_grad():
-        hidden = hf.model(input_ids=ids.to(hf.get_input_embeddings().weight.device))[0]
-        step = max(1, chunk_tokens // ids.shape[0])
-        for start in range(0, ids.shape[1], step):
-            theirs = hf.lm_head(hidden[:, start:start + step]).float()
-            difference.add(ours[:, start:start + step].to(theirs.device), theirs)
+    for start, theirs in logit_chunks(hf, ids.to(input_device(hf)), chunk_tokens):
+        difference.add(ours[:, start:start + theirs.shape[1]].to(theirs.device), theirs)
     return difference.report()

@@ -1,7 +1,8 @@
-"""Next-token logits a chunk of positions at a time: at a 131k vocabulary one 64k-token window's fp32 logits take
-34 GB, more than the headroom a 31.6B model leaves on an 80 GB GPU. The decoder runs once; the output layer and the
-loss run on `chunk_tokens` positions at a time. A forward pass that fits one chunk computes exactly (bit for bit)
-what `model(ids).logits` and one cross-entropy over it would, so small models' reports do not change."""
+"""A transformers causal LM's logits a chunk of positions at a time (eval's losses, export's logits check): at a 131k
+vocabulary one 64k-token window's fp32 logits take 34 GB, more than the headroom a 31.6B model leaves on an 80 GB
+GPU. The decoder runs once; the output layer (and the loss) run on `chunk_tokens` positions at a time. A forward
+pass that fits one chunk computes exactly (bit for bit) what `model(ids).logits` and one cross-entropy over it
+would, so small models' reports do not change."""
 
 from __future__ import annotations
 
@@ -17,16 +18,22 @@ def hidden_states(model, ids):
     return model.model(input_ids=ids)[0]
 
 
-def chunked_logits(model, ids, chunk_tokens: int) -> Iterator[tuple]:
-    """(fp32 logits, next tokens) for consecutive position ranges of ids[:, :-1], `chunk_tokens` tokens each."""
+def logit_chunks(model, ids, chunk_tokens: int) -> Iterator[tuple[int, object]]:
+    """(first position, fp32 logits) for consecutive position ranges of ids, `chunk_tokens` tokens each."""
     import torch
 
     with torch.no_grad():
-        hidden = hidden_states(model, ids[:, :-1])
-        targets = ids[:, 1:].to(hidden.device)
+        hidden = hidden_states(model, ids)
         step = max(1, chunk_tokens // ids.shape[0])
         for start in range(0, hidden.shape[1], step):
-            yield model.lm_head(hidden[:, start:start + step]).float(), targets[:, start:start + step]
+            yield start, model.lm_head(hidden[:, start:start + step]).float()
+
+
+def chunked_logits(model, ids, chunk_tokens: int) -> Iterator[tuple]:
+    """(fp32 logits, next tokens) for consecutive position ranges of ids[:, :-1], `chunk_tokens` tokens each."""
+    targets = ids[:, 1:]
+    for start, logits in logit_chunks(model, ids[:, :-1], chunk_tokens):
+        yield logits, targets[:, start:start + logits.shape[1]].to(logits.device)
 
 
 def summed_loss(model, ids, chunk_tokens: int) -> float:
