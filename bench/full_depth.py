@@ -76,6 +76,7 @@ def build_checkpoint(experts: int, work: Path) -> None:
     import torch
     from megatron.bridge import AutoBridge
     from megatron.bridge.training.model_load_save import save_megatron_model, temporary_distributed_context
+    from megatron.core.transformer.enums import AttnBackend
 
     from nano3.config import load_params
     from nano3.data.tokenizer import read_info
@@ -88,7 +89,11 @@ def build_checkpoint(experts: int, work: Path) -> None:
     run = work / "checkpoints" / "pretrain" / f"random-{experts}-experts"
     torch.cuda.set_device(0)
     with temporary_distributed_context("nccl"):
-        model = AutoBridge.from_hf_config(hf_config).to_megatron_model(load_weights=False, wrap_with_ddp=False)
+        provider = AutoBridge.from_hf_config(hf_config).to_megatron_provider(load_weights=False)
+        provider.gradient_accumulation_fusion = False  # APEX's fused kernel: absent outside the NeMo container
+        provider.attention_backend = AttnBackend.auto  # the bridge asks for flash-attn, which TE here lacks
+        provider.finalize()
+        model = provider.provide_distributed_model(wrap_with_ddp=False)
         save_megatron_model(model, run)
     iteration = int((run / "latest_checkpointed_iteration.txt").read_text().strip())
     (work / "checkpoints" / "pretrain.json").write_text(json.dumps({
@@ -178,8 +183,29 @@ def one_point(experts: int, work: Path) -> dict:
         "loss_by_position": [b["loss"] for b in results["long_context"]["loss_by_position"]["pretrain"]]}
     point["disk_gib"] = {name: sum(f.stat().st_size for f in (work / name).rglob("*") if f.is_file()) / 2**30
                          for name in ("checkpoints", "hf")}
+    logs = work.parent / f"logs-{experts}"  # kept: the stages' own output beside the figures
+    logs.mkdir(exist_ok=True)
+    for log in work.glob("*.log"):
+        shutil.copy2(log, logs / log.name)
     shutil.rmtree(work)
     return point
+
+
+def machine() -> dict:
+    """The GPU and the versions the figures were measured with."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def version(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader",
+                          "-i", "0"], capture_output=True, text=True).stdout.strip()
+    return {"gpu": gpu, **{name: version(name) for name in ("torch", "transformers", "megatron-core",
+                                                            "megatron-bridge", "transformer-engine", "mamba-ssm")}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"== 128 experts (the nano3 preset, 31.6B): estimate export {full['export']['gpu_gib']:.1f} GiB GPU / "
           f"{full['export']['host_gib']:.1f} GiB host, eval {full['eval']['gpu_gib']:.1f} GiB GPU / "
           f"{full['eval']['host_gib']:.1f} GiB host")
-    result = {"points": points, "estimate_128": full}
+    result = {"machine": machine(), "points": points, "estimate_128": full}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

@@ -60,10 +60,12 @@ def test_losses_in_many_chunks_equal_the_one_pass_losses(tiny):
                           answer_logits(tiny, ids[:1, :-1], 3, chunk_tokens=64), rtol=1e-5, atol=1e-5)
 
 
-def test_the_chunked_logits_check_gives_the_whole_tensor_numbers(tiny, tmp_path):
+def test_the_chunked_logits_check_gives_the_whole_tensor_numbers(tiny, tmp_path, monkeypatch):
     import torch
 
-    from nano3.export.megatron import compare_logits
+    from nano3.export.megatron import LogitsDifference, compare_logits
+
+    monkeypatch.setattr(LogitsDifference, "ROWS", 7)  # float64 sums a few rows at a time, across chunks of 9
 
     tiny.to(torch.bfloat16).save_pretrained(tmp_path)
     tiny.float()
@@ -80,6 +82,27 @@ def test_the_chunked_logits_check_gives_the_whole_tensor_numbers(tiny, tmp_path)
     assert got["max_abs_diff"] == pytest.approx(float(diff.abs().max()), rel=1e-6)
     assert got["mean_abs_diff"] == pytest.approx(float(diff.abs().mean()), rel=1e-5)
     assert got["top1_agreement"] == pytest.approx(float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()))
+
+
+def test_moe_layers_in_token_chunks_give_the_one_pass_output(tiny):
+    import torch
+
+    from nano3.model.hf import chunk_moe_tokens
+
+    ids = windows(2, 50)
+    with torch.no_grad():
+        whole = tiny(input_ids=ids).logits
+    moe = [layer for layer in tiny.modules() if type(layer).__name__.endswith("MoE")]
+    passes = []
+    for layer in moe:  # count the passes beneath the chunking
+        layer.forward = lambda hidden, forward=layer.forward: (passes.append(hidden.shape[1]), forward(hidden))[1]
+    chunk_moe_tokens(tiny, tokens=32)  # 16 positions of the 2 windows per pass
+    with torch.no_grad():
+        chunked = tiny(input_ids=ids).logits
+    for layer in moe:
+        del layer.forward  # the fixture's model, as it was
+    assert passes == [16, 16, 16, 2] * len(moe)
+    assert torch.allclose(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_the_plan_refuses_a_gpu_too_small_for_export_or_eval_of_the_real_model():

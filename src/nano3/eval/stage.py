@@ -17,7 +17,7 @@ from nano3.errors import UserError, brief
 from nano3.eval import long_context
 from nano3.export.footprint import check_stage
 from nano3.files import atomic_write_json, atomic_write_text, read_json
-from nano3.model.hf import free_gpu_memory, use_cpu_mamba_chunks
+from nano3.model.hf import chunk_moe_tokens, free_gpu_memory, steady_gpu_allocator, use_cpu_mamba_chunks
 from nano3.model.logits import input_device, summed_loss
 
 
@@ -42,7 +42,9 @@ def load_exported(model_dir: Path):
     except Exception as e:  # a truncated or hand-edited directory fails deep inside transformers
         raise UserError(f"{model_dir}: the exported model does not load ({type(e).__name__}: {brief(e, 160)}); "
                         f"rerun the export stage (dvc repro -f export)") from None
-    if not cuda:
+    if cuda:
+        chunk_moe_tokens(model)
+    else:
         use_cpu_mamba_chunks(model)
     return model.eval(), tokenizer
 
@@ -77,6 +79,7 @@ def eval_stage(params, log=print) -> dict:
     require_exported(model_dir)
     lineage = read_json(model_dir / "nano3_export.json", "export record (rerun the export stage)")
     source = lineage["source"]
+    steady_gpu_allocator()
     check_stage(params, "eval", local_gpu_memory(), log=log)
     context_inputs = long_context.inputs(params)
     model, tokenizer = load_exported(model_dir)

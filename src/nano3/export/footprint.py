@@ -2,10 +2,10 @@
 GPU or node that cannot hold them, before a job waits in a queue for it.
 
 Both stages hold one BF16 copy of the model on the GPU at a time (export: Megatron's, then transformers'; eval: the
-exported model, then pretrain's) and make fp32 logits a chunk of positions at a time, so the peak is the weights
-plus a working set that does not grow with the model. The weights term is exact (the parameter count); the
-working-set and host constants are first estimates, to be set from bench/full_depth.py's measured points on a GPU
-(docs/benchmarks.md, "Export and eval at full depth").
+exported model, then pretrain's), make fp32 logits a chunk of positions at a time and run MoE layers a chunk of
+tokens at a time, so the GPU peak is the weights plus a working set that does not grow with the model. The weights
+term is exact (the parameter count); the others were measured on an H200 with the full 52-layer depth, real widths
+and vocabulary (bench/full_depth.py, bench/eval_memory.py; docs/benchmarks.md, "Export and eval at full depth").
 """
 
 from __future__ import annotations
@@ -18,26 +18,29 @@ from nano3.model.presets import ModelPreset, model_preset
 from nano3.model.vocab import model_vocab
 
 GIB = 2**30
-CONTEXT_GIB = 1.5  # CUDA context, cuBLAS/TE workspaces: what nvidia-smi shows beside the allocator (measured, plan.py)
-EXPORT_BUFFERS_GIB = 2.0  # Bridge's conversion buffers and the checkpoint reader's, beside the weights
-EVAL_BYTES_PER_TOKEN_LAYER = 64  # transient activations of transformers' forward (no grad), per token and layer
-HOST_PROCESS_GIB = 6.0  # torch + CUDA + Megatron/transformers' Python in one process
+LOGITS_BYTES = 10  # per position and vocabulary entry of a logits chunk: BF16 output, fp32 copy, fp32 loss/compare
+EVAL_BYTES_PER_TOKEN_HIDDEN = 45  # the longest forward's transients (a Mamba layer's scan), per token and hidden unit
+EXPORT_OVERHEAD_GIB = 2.3  # what nvidia-smi counts beyond the allocator's peak: CUDA context, TE/cuBLAS workspaces
+EVAL_OVERHEAD_GIB = 4.5  # the same for eval: context, Triton (mamba-ssm) and cuBLAS workspaces
+EXPORT_HOST_GIB, EXPORT_HOST_PER_WEIGHT = 9.0, 1.78  # the process, plus host copies while converting and loading
+EVAL_HOST_GIB, EVAL_HOST_PER_WEIGHT = 0.8, 1.0  # the process, plus the safetensors pages transformers maps
 
 
 @dataclass(frozen=True)
 class Footprint:
     stage: str
     weights_gib: float  # one BF16 copy of the model
-    working_gib: float  # logits chunks, activations, conversion buffers
+    working_gib: float  # logits chunks, activations, comparison buffers: the allocator's peak beyond the weights
+    overhead_gib: float  # CUDA context and library workspaces
     host_gib: float
 
     @property
     def gpu_gib(self) -> float:
-        return self.weights_gib + self.working_gib + CONTEXT_GIB
+        return self.weights_gib + self.working_gib + self.overhead_gib
 
     def describe(self) -> str:
         return (f"{self.stage}: {self.gpu_gib:.1f} GiB on the GPU (weights {self.weights_gib:.1f} + working "
-                f"{self.working_gib:.1f} + CUDA context {CONTEXT_GIB:.1f}), {self.host_gib:.1f} GiB host")
+                f"{self.working_gib:.1f} + context {self.overhead_gib:.1f}), {self.host_gib:.1f} GiB host")
 
 
 def weights_gib(preset: ModelPreset, vocab: int) -> float:
@@ -45,21 +48,23 @@ def weights_gib(preset: ModelPreset, vocab: int) -> float:
 
 
 def export_footprint(preset: ModelPreset, vocab: int, verify_tokens: int, chunk_tokens: int) -> Footprint:
-    """Megatron's model, its logits on the check's tokens (BF16 and fp32), then transformers' model beside those
-    logits a chunk at a time; the check's logits wait on the host while the models swap."""
+    """Megatron's model and its logits on the check's tokens (BF16 and fp32), then transformers' model beside a
+    chunk of both models' logits; the check's logits wait on the host while the models swap."""
     vocab = padded_vocab(vocab, preset)
-    logits = verify_tokens * vocab * 6 / GIB
-    working = EXPORT_BUFFERS_GIB + max(logits, chunk_tokens * vocab * 14 / GIB)
-    return Footprint("export", weights_gib(preset, vocab), working, HOST_PROCESS_GIB + verify_tokens * vocab * 4 / GIB)
+    weights = weights_gib(preset, vocab)
+    working = max(verify_tokens * vocab * 6, min(chunk_tokens, verify_tokens) * vocab * LOGITS_BYTES) / GIB
+    return Footprint("export", weights, working, EXPORT_OVERHEAD_GIB,
+                     EXPORT_HOST_GIB + EXPORT_HOST_PER_WEIGHT * weights)
 
 
 def eval_footprint(preset: ModelPreset, vocab: int, longest_forward: int, chunk_tokens: int) -> Footprint:
-    """The exported model, one forward pass of `longest_forward` tokens (no grad) and a chunk of fp32 logits with
-    the cross-entropy's own copy."""
+    """The exported model, one forward pass of `longest_forward` tokens (no grad: one layer's transients at a time)
+    or a chunk of fp32 logits with the loss's own copy, whichever is larger."""
     vocab = padded_vocab(vocab, preset)
-    activations = longest_forward * preset.num_layers * EVAL_BYTES_PER_TOKEN_LAYER / GIB
-    working = activations + chunk_tokens * vocab * 14 / GIB
-    return Footprint("eval", weights_gib(preset, vocab), working, HOST_PROCESS_GIB)
+    weights = weights_gib(preset, vocab)
+    working = max(longest_forward * preset.hidden_size * EVAL_BYTES_PER_TOKEN_HIDDEN,
+                  chunk_tokens * vocab * LOGITS_BYTES) / GIB
+    return Footprint("eval", weights, working, EVAL_OVERHEAD_GIB, EVAL_HOST_GIB + EVAL_HOST_PER_WEIGHT * weights)
 
 
 def footprints(params, vocab: int) -> dict[str, Footprint]:
@@ -77,7 +82,7 @@ def check_fits(footprint: Footprint, gpu_gib: float, gpu_source: str, host_gib: 
     """One line, before anything runs, when one GPU (or the node's memory) cannot hold the stage."""
     if footprint.gpu_gib > gpu_gib:
         raise UserError(f"{footprint.stage}: the plan estimates {footprint.gpu_gib:.1f} GiB on one GPU (weights "
-                        f"{footprint.weights_gib:.1f} + working {footprint.working_gib:.1f} + context {CONTEXT_GIB}) "
+                        f"{footprint.weights_gib:.1f} + working {footprint.working_gib:.1f} + context {footprint.overhead_gib}) "
                         f"but {gpu_source} has {gpu_gib:.1f} GiB; use a profile with larger GPUs (gpu_memory_gib), "
                         f"or lower eval.logits_chunk_tokens / eval.long_context.lengths / export.verify_tokens")
     if host_gib is not None and footprint.host_gib > host_gib:

@@ -73,22 +73,29 @@ def megatron_logits(model, ids):
 class LogitsDifference:
     """Running sums over chunks of positions: the comparison never holds two full sets of logits on the GPU."""
 
+    ROWS = 256  # positions per float64 step: 256 MiB at a 131k vocabulary
+
     def __init__(self):
         self.diff_sq = self.ours_sq = self.abs_sum = self.ours_abs_sum = self.max_abs = 0.0
         self.agree = self.count = self.tokens = 0
 
     def add(self, ours, theirs) -> None:
         vocab = min(ours.shape[-1], theirs.shape[-1])
-        ours, theirs = ours[..., :vocab], theirs[..., :vocab]
-        diff = ours - theirs
-        self.diff_sq += float(diff.double().square().sum())
-        self.ours_sq += float(ours.double().square().sum())
-        self.abs_sum += float(diff.abs().double().sum())
-        self.ours_abs_sum += float(ours.abs().double().sum())
+        ours, theirs = ours[..., :vocab].reshape(-1, vocab), theirs[..., :vocab].reshape(-1, vocab)
+        for rows in range(0, ours.shape[0], self.ROWS):  # float64 temporaries of a few rows, not of the chunk
+            self.add_rows(ours[rows:rows + self.ROWS], theirs[rows:rows + self.ROWS])
+
+    def add_rows(self, ours, theirs) -> None:
+        diff = (ours - theirs).double()
+        ours = ours.double()
+        self.diff_sq += float(diff.square().sum())
+        self.ours_sq += float(ours.square().sum())
+        self.abs_sum += float(diff.abs().sum())
+        self.ours_abs_sum += float(ours.abs().sum())
         self.max_abs = max(self.max_abs, float(diff.abs().max()))
         self.agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         self.count += diff.numel()
-        self.tokens += diff.numel() // vocab
+        self.tokens += diff.shape[0]
 
     def report(self) -> dict:
         return {
@@ -112,10 +119,11 @@ def compare_logits(ours, ids, hf_dir: Path, chunk_tokens: int = 4096, device_map
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nano3.model.hf import gpu_device_map
+    from nano3.model.hf import chunk_moe_tokens, gpu_device_map
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16,
                                               device_map=device_map or gpu_device_map()).eval()
+    chunk_moe_tokens(hf)
     difference = LogitsDifference()
     for start, theirs in logit_chunks(hf, ids.to(input_device(hf)), chunk_tokens):
         difference.add(ours[:, start:start + theirs.shape[1]].to(theirs.device), theirs)

@@ -20,7 +20,7 @@ from nano3.errors import UserError
 from nano3.export.footprint import check_stage
 from nano3.export.hf import save_hf_tokenizer
 from nano3.files import atomic_dir, atomic_write_json, link_or_copy, read_json
-from nano3.model.hf import nemotron_h_config
+from nano3.model.hf import nemotron_h_config, steady_gpu_allocator
 from nano3.model.presets import model_preset
 from nano3.train.rundir import iteration_dir, manifest_path
 
@@ -85,6 +85,7 @@ def export_checkpoint(params, source: str, out_dir: Path) -> dict:
 def export_stage(params) -> dict:
     """export.source's checkpoint to export.out_dir, and pretrain's to export.pretrain_dir (eval's "before lc")."""
     cfg = params.settings.export
+    steady_gpu_allocator()
     check_stage(params, "export", local_gpu_memory(), log=print)
     record = export_checkpoint(params, cfg.source, Path(cfg.out_dir))
     if cfg.source == "lc":
