@@ -52,6 +52,15 @@ time = "00:30:00"
 runtime = "none"
 sbatch_extra = ["--hold"]
 
+[pair]                      # two real slurmds of this host (start.sh REAL_NODES=2)
+account = ""
+partition = "multi"
+nodes = 2
+gpus_per_node = 1
+cpus_per_task = 1
+time = "00:30:00"
+runtime = "none"
+
 [timelimit]                 # training jobs of 3 minutes, told to checkpoint 100 s before the end
 account = ""
 partition = "debug"
@@ -76,9 +85,10 @@ def slurm():
     started = False
     if not slurm_up():
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("no Slurm test cluster (start one as root: RENDER_NODES=2 FAKE_GPUS=8 tests/slurm/start.sh)")
-        env = {**os.environ, "RENDER_NODES": "2", "FAKE_GPUS": "8", "FAKE_CPUS": "64", "FAKE_MEM_MB": "500000",
-               "MIN_JOB_AGE": "5", "CRED_EXPIRE": "10"}
+            pytest.skip("no Slurm test cluster (start one as root: REAL_NODES=2 RENDER_NODES=2 FAKE_GPUS=8 "
+                        "tests/slurm/start.sh)")
+        env = {**os.environ, "REAL_NODES": "2", "RENDER_NODES": "2", "FAKE_GPUS": "8", "FAKE_CPUS": "64",
+               "FAKE_MEM_MB": "500000", "MIN_JOB_AGE": "5", "CRED_EXPIRE": "10"}
         out = subprocess.run(["bash", str(ROOT / "tests/slurm/start.sh")], env=env, capture_output=True, text=True)
         if out.returncode != 0:
             pytest.skip(f"could not start the Slurm test cluster: {out.stderr[-500:]}")
@@ -255,6 +265,32 @@ def test_a_training_job_at_its_time_limit_checkpoints_requeues_and_finishes(repo
     from nano3.train.metrics import read_metric
 
     steps = [s for s, _ in read_metric(repo / "live-timelimit" / "pretrain", "train/loss")]
+    assert steps == list(range(1, iterations + 1))
+
+
+def test_a_two_node_training_job_on_two_real_slurmds_trains_once(repo):
+    """Issue 30: one pretrain job on two nodes, each a real slurmd of this host (start.sh REAL_NODES=2), the stage
+    started on both by one srun step. Before, both nodes trained the CPU reference run into the same directory at
+    once (two checkpoints written, two progress bars); node 0 trains, node 1 stands by, and the run is whole."""
+    if not (repo / "data" / "blend" / "phase1.json").exists():
+        pytest.skip("needs the data stages of test_cpu_stages_through_sbatch_give_the_same_outputs_as_local_runs")
+    if subprocess.run(["sinfo", "-h", "-p", "multi", "-o", "%D"], capture_output=True, text=True).stdout.strip() != "2":
+        pytest.skip("no `multi` partition of two slurmds (start the cluster with REAL_NODES=2)")
+    iterations = 6
+    out = launch(repo, "submit", "pretrain", "--cluster", "pair", "--wait", "--only",
+                 f"train.reference.tokens={iterations * 1024}", "train.num_workers=2", "train.log_interval=1",
+                 "train.checkpoint_dir=ck-pair", "train.live_dir=live-pair")
+    job = out.stderr.split("nano3: submitted job ")[1].split()[0]
+    text = (repo / "logs" / f"nano3-pretrain-{job}.out").read_text(errors="replace")
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-p", "multi", "-o", "%N"], capture_output=True, text=True).stdout.split()
+    assert text.count(f"pretrain: node 1 ({nodes[1]}) of job {job} stands by") == 1, text[-3000:]  # the second slurmd
+    assert text.count("Writing model shards: 100%") == 1 and text.count("data loader: 2 worker processes") == 1
+    assert "Traceback" not in text, text[-3000:]
+    manifest = json.loads((repo / "ck-pair" / "pretrain.json").read_text())
+    assert manifest["iteration"] == iterations
+    from nano3.train.metrics import read_metric
+
+    steps = [s for s, _ in read_metric(repo / "live-pair" / "pretrain", "train/loss")]
     assert steps == list(range(1, iterations + 1))
 
 

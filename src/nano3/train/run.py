@@ -197,6 +197,10 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     digest = run_digest(params, stage, {**upstream, "backend": backend})
     run_dir = rundir.run_dir(params.settings.train, stage, digest)
     node0 = os.environ.get("SLURM_NODEID", "0") == "0"
+    if backend == "reference" and not node0:  # one device: a second node training too would race on the run
+        log(f"{stage}: node {os.environ['SLURM_NODEID']} ({os.environ.get('SLURMD_NODENAME', '?')}) of job "
+            f"{os.environ.get('SLURM_JOB_ID')} stands by: the reference backend trains on node 0 only")
+        return None
     phases = [p for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")]
     pretrained = None
     if stage == "lc":
