@@ -1,5 +1,5 @@
 """Issue 33: the full-depth Nano 3 (52 layers, real widths, 131k vocabulary) through the real export and eval stage
-scripts on one GPU, each within the plan's estimate (bench/full_depth.py; 8 experts keep it to minutes and ~20 GB of
+scripts on one GPU, each within the plan's estimate (bench/full_depth.py; 8 experts keep it to ~4 minutes and 15 GiB of
 disk). The full 128-expert model's estimate must fit an 80 GB GPU with headroom."""
 
 from __future__ import annotations
