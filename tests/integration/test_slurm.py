@@ -151,7 +151,7 @@ def test_bad_layouts_and_profiles_fail_before_submission(repo):
                  "train.parallel.tp=3", check=False)
     assert out.returncode == 2 and out.stderr.strip().startswith("error: train.parallel: TP x PP x CP = 3x1x1")
     out = launch(repo, "submit", "sample", "--cluster", "nope", "--test-only", check=False)
-    assert out.returncode == 2 and "unknown cluster 'nope'; known: held, local, timelimit, twonode" in out.stderr
+    assert out.returncode == 2 and "unknown cluster 'nope'; known: held, local, pair, timelimit, twonode" in out.stderr
 
 
 def test_cpu_stages_through_sbatch_give_the_same_outputs_as_local_runs(repo, tmp_path):
