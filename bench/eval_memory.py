@@ -47,9 +47,12 @@ class KindPeaks:
 
         self.peaks: dict[str, float] = {}
         self.torch = torch
-        for block in model.model.layers:
-            block.register_forward_pre_hook(self.before)
-            block.register_forward_hook(self.after)
+        self.hooks = [hook for block in model.model.layers
+                      for hook in (block.register_forward_pre_hook(self.before), block.register_forward_hook(self.after))]
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
     def before(self, module, args):
         self.torch.cuda.synchronize()
@@ -110,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         if kinds:
             results["layer_kinds_at_longest"] = kinds.peaks
             print("  per layer kind at the longest:", {k: round(v, 2) for k, v in kinds.peaks.items()}, flush=True)
-            for block in model.model.layers:
-                block._forward_pre_hooks.clear()
-                block._forward_hooks.clear()
+            kinds.remove()
         phase(f"loss by position {n}", weights, lambda: position_losses(model, x, args.chunk), results)
         phase(f"pass-key answer {n}", weights, lambda: answer_logits(model, x[:, :-1], 8, args.chunk), results)
 

@@ -87,12 +87,12 @@ def test_the_chunked_logits_check_gives_the_whole_tensor_numbers(tiny, tmp_path,
 def test_moe_layers_in_token_chunks_give_the_one_pass_output(tiny):
     import torch
 
-    from nano3.model.hf import chunk_moe_tokens
+    from nano3.model.hf import chunk_moe_tokens, moe_layers
 
     ids = windows(2, 50)
     with torch.no_grad():
         whole = tiny(input_ids=ids).logits
-    moe = [layer for layer in tiny.modules() if type(layer).__name__.endswith("MoE")]
+    moe = moe_layers(tiny)
     passes = []
     for layer in moe:  # count the passes beneath the chunking
         layer.forward = lambda hidden, forward=layer.forward: (passes.append(hidden.shape[1]), forward(hidden))[1]

@@ -38,9 +38,11 @@ class Footprint:
     def gpu_gib(self) -> float:
         return self.weights_gib + self.working_gib + self.overhead_gib
 
+    def gpu_terms(self) -> str:
+        return f"weights {self.weights_gib:.1f} + working {self.working_gib:.1f} + context {self.overhead_gib:.1f}"
+
     def describe(self) -> str:
-        return (f"{self.stage}: {self.gpu_gib:.1f} GiB on the GPU (weights {self.weights_gib:.1f} + working "
-                f"{self.working_gib:.1f} + context {self.overhead_gib:.1f}), {self.host_gib:.1f} GiB host")
+        return f"{self.stage}: {self.gpu_gib:.1f} GiB on the GPU ({self.gpu_terms()}), {self.host_gib:.1f} GiB host"
 
 
 def weights_gib(preset: ModelPreset, vocab: int) -> float:
@@ -81,9 +83,8 @@ def check_fits(footprint: Footprint, gpu_gib: float, gpu_source: str, host_gib: 
                host_source: str = "") -> None:
     """One line, before anything runs, when one GPU (or the node's memory) cannot hold the stage."""
     if footprint.gpu_gib > gpu_gib:
-        raise UserError(f"{footprint.stage}: the plan estimates {footprint.gpu_gib:.1f} GiB on one GPU (weights "
-                        f"{footprint.weights_gib:.1f} + working {footprint.working_gib:.1f} + context {footprint.overhead_gib}) "
-                        f"but {gpu_source} has {gpu_gib:.1f} GiB; use a profile with larger GPUs (gpu_memory_gib), "
+        raise UserError(f"{footprint.stage}: the plan estimates {footprint.gpu_gib:.1f} GiB on one GPU "
+                        f"({footprint.gpu_terms()}) but {gpu_source} has {gpu_gib:.1f} GiB; use a profile with larger GPUs (gpu_memory_gib), "
                         f"or lower eval.logits_chunk_tokens / eval.long_context.lengths / export.verify_tokens")
     if host_gib is not None and footprint.host_gib > host_gib:
         raise UserError(f"{footprint.stage}: the plan estimates {footprint.host_gib:.1f} GiB of host memory but "

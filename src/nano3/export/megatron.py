@@ -87,12 +87,13 @@ class LogitsDifference:
 
     def add_rows(self, ours, theirs) -> None:
         diff = (ours - theirs).double()
+        gap = diff.abs()
         ours = ours.double()
         self.diff_sq += float(diff.square().sum())
         self.ours_sq += float(ours.square().sum())
-        self.abs_sum += float(diff.abs().sum())
+        self.abs_sum += float(gap.sum())
         self.ours_abs_sum += float(ours.abs().sum())
-        self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.max_abs = max(self.max_abs, float(gap.max()))
         self.agree += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         self.count += diff.numel()
         self.tokens += diff.shape[0]

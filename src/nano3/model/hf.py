@@ -90,9 +90,13 @@ def chunk_moe_tokens(model, tokens: int = MOE_CHUNK_TOKENS) -> None:
     """Run every MoE layer of a transformers NemotronH `tokens` positions at a time. Routing and experts act on
     each token alone, so the result is the same; but transformers' experts hold ~200 KB of buffers per token, 12 GiB
     for one 64k-token window, more than the headroom a 31.6B model leaves on an 80 GB GPU."""
-    for layer in model.modules():
-        if type(layer).__name__.endswith("MoE"):
-            layer.forward = _chunked(layer.forward, tokens)
+    for layer in moe_layers(model):
+        layer.forward = _chunked(layer.forward, tokens)
+
+
+def moe_layers(model) -> list:
+    """The MoE blocks of a transformers NemotronH (router, routed and shared experts)."""
+    return [layer for layer in model.modules() if type(layer).__name__.endswith("MoE")]
 
 
 def _chunked(forward, tokens: int):
