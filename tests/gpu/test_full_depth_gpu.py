@@ -4,6 +4,7 @@ disk). The full 128-expert model's estimate must fit an 80 GB GPU with headroom.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ def test_full_depth_export_and_eval_fit_the_plans_estimates(tmp_path):
     import full_depth
 
     result = full_depth.main(["--experts", "8", "--work", str(tmp_path)])
+    print(json.dumps(result, indent=1))  # the figures docs/benchmarks.md records
     point = result["points"][0]
     for stage in ("export", "eval"):
         estimate, peak = point["estimate"][stage]["gpu_gib"], point[stage]["gpu_peak_gib"]
