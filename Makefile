@@ -67,6 +67,9 @@ apply: setup  ## EXP=<name>: make the workspace that experiment's, models includ
 	@test -n "$(EXP)" || { echo "error: make apply EXP=<experiment name> (dvc exp show lists them)" >&2; exit 2; }
 	dvc exp apply $(EXP) && dvc repro eval
 
+verify-data: setup  ## prepared shards vs their manifests: sizes (seconds); SHA256=1 reads every byte
+	python -m nano3.data.shards $(if $(SHA256),--sha256)
+
 clean-runs: setup  ## remove checkpoints no commit, experiment or workspace refers to (DRY=1 lists them)
 	python -m nano3.train.reclaim $(if $(DRY),--dry-run)
 
@@ -77,4 +80,4 @@ container:  ## build the image (FROM the NeMo container) with docker, enroot or 
 	containers/build.sh $(RUNTIME)
 
 .PHONY: help setup test smoke plan conform sample retrieval tokenizer prep blend pretrain lc export eval all exps apply \
-        clean-runs status cancel logs container
+        verify-data clean-runs status cancel logs container

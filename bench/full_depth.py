@@ -55,18 +55,20 @@ def make_data() -> None:
         return
     staging = DATA.parent / "staging"
     subprocess.run([sys.executable, str(ROOT / "stages" / "prep.py"), "stdlib-long", f"prep.out_dir={staging}",
-                    f"prep.work_dir={DATA.parent / 'work'}", "datasets.stdlib-long.test_fraction=0.9"], check=True,
-                   cwd=ROOT)
+                    f"prep.shards_dir={staging / 'shards'}", f"prep.work_dir={DATA.parent / 'work'}",
+                    "datasets.stdlib-long.test_fraction=0.9"], check=True, cwd=ROOT)
     for source in [ROOT / "data" / "prepared" / name for name in ("stdlib-code", "stdlib-docs", "retrieval")] + \
             [staging / "stdlib-long"]:
         manifest = json.loads((source / "manifest.json").read_text())
-        target = DATA / source.name
+        shards = DATA.parent / "shards" / source.name  # the test split's shards only: what eval reads
         for shard in manifest["splits"]["test"]["shards"]:
             for suffix in (".bin", ".idx"):
-                path = target / (shard["prefix"] + suffix)
+                path = shards / (shard["prefix"] + suffix)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source / (shard["prefix"] + suffix), path)
-        shutil.copy2(source / "manifest.json", target / "manifest.json")
+                shutil.copy2(f"{manifest['shards_dir']}/{shard['prefix']}{suffix}", path)
+        (DATA / source.name).mkdir(parents=True, exist_ok=True)
+        (DATA / source.name / "manifest.json").write_text(
+            json.dumps({**manifest, "shards_dir": str(shards.relative_to(ROOT))}))
     shutil.rmtree(staging)
     shutil.rmtree(DATA.parent / "work", ignore_errors=True)
 

@@ -67,8 +67,9 @@ def make_params(tmp: Path, tokenizer_dir: Path, datasets: dict, **sections) -> P
     """A params tree like params.yaml, pointed at temporary directories."""
     tree = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
     tree["tokenizer"]["dir"] = str(tokenizer_dir)
-    tree["prep"].update(out_dir=str(tmp / "prepared"), work_dir=str(tmp / "work"), workers=1)
-    tree["blend"].update(out_dir=str(tmp / "blend"), report_dir=str(tmp / "reports"))
+    tree["prep"].update(out_dir=str(tmp / "prepared"), shards_dir=str(tmp / "shards"), work_dir=str(tmp / "work"),
+                        workers=1)
+    tree["blend"].update(out_dir=str(tmp / "blend"), cache_dir=str(tmp / "blend-cache"), report_dir=str(tmp / "reports"))
     tree["datasets"] = datasets
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import copy_repo
 
@@ -32,8 +33,14 @@ def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
                           "prep@stdlib-long", "prep@retrieval", "blend"}
     for phase in ("phase1", "phase2", "lc"):
         assert (repo / "data" / "blend" / f"{phase}.json").exists()
-    lock = (repo / "dvc.lock").read_text()
-    assert "prep@stdlib-docs" in lock and "data/prepared/stdlib-docs" in lock
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    # Issue 31: DVC tracks each prepared dataset's manifest alone (kilobytes), never its shards
+    for name in ("stdlib-code", "stdlib-docs", "stdlib-long", "retrieval"):
+        (out,) = lock["stages"][f"prep@{name}"]["outs"]
+        assert out["path"] == f"data/prepared/{name}" and out["nfiles"] == 1 and out["size"] < 32 * 1024, out
+    shards = sum(f.stat().st_size for f in (repo / "data" / "shards").rglob("*.bin"))
+    cached = sum(f.stat().st_size for f in (repo / ".dvc" / "cache").rglob("*") if f.is_file())
+    assert shards > 20e6 and cached < shards / 2, (shards, cached)  # the cache holds the sample text, not the shards
 
     again = dvc(repo, "repro", "blend")
     assert ran(again) == set() and "Data and pipelines are up to date" in again
@@ -42,6 +49,14 @@ def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
     # stdlib-docs' split decides which documents the retrieval haystacks may use: retrieval follows it
     assert ran(exp) == {"prep@stdlib-docs", "retrieval", "prep@retrieval", "blend"}
     assert "Stage 'prep@stdlib-code' didn't change, skipping" in exp
+
+    # Back to the first value: DVC restores the first run's manifests from its run cache, and the shards they name
+    # are still in prep.shards_dir (each plan writes its own version directory): nothing is prepared again.
+    back = dvc(repo, "exp", "run", "-S", "datasets.stdlib-docs.valid_fraction=0.03", "blend")
+    assert "prep@stdlib-docs" not in ran(back) and "blend" not in ran(back), back
+    assert len(list((repo / "data" / "shards" / "stdlib-docs").iterdir())) == 2
+    verify = subprocess.run([sys.executable, "-m", "nano3.data.shards"], cwd=repo, capture_output=True, text=True)
+    assert verify.returncode == 0 and "4 datasets" in verify.stdout, verify.stdout + verify.stderr
 
     # A training hyperparameter touches no data stage (training needs a GPU: a dry run here; lc follows
     # pretrain through the checkpoint manifest it depends on).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,10 +43,10 @@ def test_blend_files_follow_bridge_per_split_format_with_token_share_weights(pre
         assert set(doc) == {"train", "valid", "test"}
         for split in ("train", "valid", "test"):
             prefixes, shard_weights = get_blend_from_list(doc[split])  # what Bridge's loader calls
-            assert all(p.startswith(str(tmp / "prepared")) for p in prefixes)
+            assert all(p.startswith(str(tmp / "shards")) for p in prefixes)  # prep.shards_dir/<dataset>/<version>
             per_dataset = Counter()
             for prefix, w in zip(prefixes, shard_weights):
-                per_dataset[prefix.split("/prepared/")[1].split("/")[0]] += w
+                per_dataset[prefix.split("/shards/")[1].split("/")[0]] += w
             assert per_dataset == pytest.approx(weights)
         manifest = json.loads((tmp / "prepared" / "code" / "manifest.json").read_text())
         shards = manifest["splits"]["train"]["shards"]
@@ -53,14 +54,14 @@ def test_blend_files_follow_bridge_per_split_format_with_token_share_weights(pre
         code_w = {p: w for p, w in zip(prefixes, shard_weights) if "/code/" in p}
         for shard in shards:  # within a dataset, shards are weighted by their tokens
             expected = weights["code"] * shard["tokens"] / manifest["splits"]["train"]["tokens"]
-            assert code_w[str(tmp / "prepared" / "code" / shard["prefix"])] == pytest.approx(expected)
+            assert code_w[str(Path(manifest["shards_dir"]) / shard["prefix"])] == pytest.approx(expected)
 
 
 def test_megatron_builder_draws_samples_in_the_blend_proportions(prepared):
     tmp, _ = prepared
     summary = build_blends(blend_params(prepared, validate=True, prebuild_cache=True), log=lambda *_: None)
     assert summary["phases"]["phase1"]["samples"]["train"] > 0
-    assert list((tmp / "blend" / "cache").rglob("*.npy"))  # the index cache a GPU job will reuse
+    assert list((tmp / "blend-cache").rglob("*.npy"))  # the index cache a GPU job will reuse (blend.cache_dir)
     # Rebuild phase 1's train split from the cache and count which dataset each sample came from.
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig

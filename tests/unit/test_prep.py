@@ -17,6 +17,7 @@ import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nano3.data.prep import prepare_dataset, split_of
+from nano3.data.shards import shard_prefix
 from nano3.data.tokenizer import Encoder
 from nano3.errors import UserError
 from tests.conftest import ROOT
@@ -28,10 +29,17 @@ def tree_digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def read_split(out_dir: Path, manifest: dict, split: str) -> list[list[int]]:
+def prepared_digest(out: Path) -> dict:
+    """A prepared dataset's content: its manifest (but where its shards live) and every shard's bytes."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # the manifest alone: DVC's out
+    return {"manifest": manifest, **tree_digest(Path(manifest.pop("shards_dir")))}
+
+
+def read_split(manifest: dict, split: str) -> list[list[int]]:
     docs = []
     for shard in manifest["splits"][split]["shards"]:
-        ds = IndexedDataset(str(out_dir / shard["prefix"]))
+        ds = IndexedDataset(str(shard_prefix(manifest, shard)))
         assert len(ds.document_indices) - 1 == shard["documents"] == len(ds)
         docs += [ds[i].tolist() for i in range(len(ds))]
     return docs
@@ -51,11 +59,14 @@ def test_every_document_reads_back_as_tokenizer_output_plus_eod(tmp_path, sample
         out = tmp_path / "prepared" / name
         assert manifest["documents"] == len(texts) and manifest["dtype"] == "uint16"
         for split in ("train", "valid", "test"):
-            assert read_split(out, manifest, split) == expected[split], f"{name}/{split} differs"
+            assert read_split(manifest, split) == expected[split], f"{name}/{split} differs"
             assert manifest["splits"][split]["tokens"] == sum(map(len, expected[split]))
         assert all(expected[s] for s in expected)  # every split really holds documents
-        for shard in manifest["splits"]["train"]["shards"]:  # checksums describe the files on disk
-            assert hashlib.sha256((out / f"{shard['prefix']}.bin").read_bytes()).hexdigest() == shard["sha256_bin"]
+        for shard in manifest["splits"]["train"]["shards"]:  # checksums and sizes describe the files on disk
+            data = Path(f"{shard_prefix(manifest, shard)}.bin").read_bytes()
+            assert hashlib.sha256(data).hexdigest() == shard["sha256_bin"] and len(data) == shard["bytes_bin"]
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+        assert Path(manifest["shards_dir"]).parent == tmp_path / "shards" / name
 
 
 def test_int32_tokens_when_the_vocab_exceeds_65500(tmp_path, spm_dir, params_factory):
@@ -67,7 +78,7 @@ def test_int32_tokens_when_the_vocab_exceeds_65500(tmp_path, spm_dir, params_fac
     params = params_factory({"d": {"source": str(tmp_path / "d.jsonl")}}, tokenizer={"dir": str(big)})
     manifest = prepare_dataset(params, "d", show_progress=False)
     assert manifest["dtype"] == "int32"
-    ds = IndexedDataset(str(tmp_path / "prepared" / "d" / manifest["splits"]["train"]["shards"][0]["prefix"]))
+    ds = IndexedDataset(str(shard_prefix(manifest, manifest["splits"]["train"]["shards"][0])))
     assert ds[0].dtype == np.int32
 
 
@@ -76,10 +87,11 @@ def test_one_and_four_workers_are_byte_identical(tmp_path, sample_dir, params_fa
     for workers in (1, 4):
         params = params_factory({"code": {"source": str(sample_dir / "stdlib-code"), "valid_fraction": 0.02}},
                                 prep={"unit_mb": 2, "out_dir": str(tmp_path / f"out{workers}"),
+                                      "shards_dir": str(tmp_path / f"shards{workers}"),
                                       "work_dir": str(tmp_path / f"work{workers}")})
         manifest = prepare_dataset(params, "code", workers=workers, show_progress=False)
         assert manifest["source"]["units"] >= 8  # enough units for four workers to interleave
-        outputs.append(tree_digest(tmp_path / f"out{workers}" / "code"))
+        outputs.append(prepared_digest(tmp_path / f"out{workers}" / "code"))
     assert outputs[0] == outputs[1]
 
 
@@ -91,6 +103,7 @@ def write_params_file(path: Path, params) -> Path:
 def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, sample_dir, params_factory):
     dataset = {"code": {"source": str(sample_dir / "stdlib-code"), "valid_fraction": 0.02}}
     reference = params_factory(dataset, prep={"unit_mb": 2, "out_dir": str(tmp_path / "ref"),
+                                              "shards_dir": str(tmp_path / "refshards"),
                                               "work_dir": str(tmp_path / "refwork")})
     prepare_dataset(reference, "code", workers=1, show_progress=False)
 
@@ -111,7 +124,7 @@ def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(tmp_path, sample_d
     assert out.returncode == 0, out.stderr[-2000:]
     total = json.loads((tmp_path / "prepared" / "code" / "manifest.json").read_text())["source"]["units"]
     assert f"resuming, {done_before} of {total} units already done" in out.stdout
-    assert tree_digest(tmp_path / "prepared" / "code") == tree_digest(tmp_path / "ref" / "code")
+    assert prepared_digest(tmp_path / "prepared" / "code") == prepared_digest(tmp_path / "ref" / "code")
 
 
 def test_work_left_by_other_prep_code_is_redone_not_resumed(tmp_path, sample_dir, params_factory, capsys):
@@ -168,12 +181,11 @@ def test_long_context_data_keeps_only_long_documents(tmp_path, params_factory):
                                    "test_fraction": 0}})
     m = prepare_dataset(params, "d", show_progress=False)
     assert m["documents"] == 2 and m["skipped"]["short"] == 3
-    shard = m["splits"]["train"]["shards"][0]["prefix"]
-    docs = IndexedDataset(str(tmp_path / "prepared" / "d" / shard))
+    docs = IndexedDataset(str(shard_prefix(m, m["splits"]["train"]["shards"][0])))
     plain = prepare_dataset(params_factory({"e": {"source": str(tmp_path / "d.jsonl"), "valid_fraction": 0,
                                                   "test_fraction": 0}}), "e", show_progress=False)
     assert plain["documents"] == 5 and plain["skipped"]["short"] == 0
-    whole = IndexedDataset(str(tmp_path / "prepared" / "e" / plain["splits"]["train"]["shards"][0]["prefix"]))
+    whole = IndexedDataset(str(shard_prefix(plain, plain["splits"]["train"]["shards"][0])))
     kept = sorted(len(docs[i]) for i in range(len(docs)))  # the two long ones, tokenized exactly as without the filter
     assert kept == sorted(len(whole[i]) for i in (1, 3))
     params = params_factory({"d": {"source": str(tmp_path / "d.jsonl"), "min_chars": 20000}})
@@ -273,10 +285,11 @@ def test_the_fast_encoder_writes_the_same_bytes_and_verify_catches_a_wrong_one(t
     for encoder, workers in (("reference", 1), ("auto", 1), ("auto", 8)):
         out = tmp_path / f"out-{encoder}-{workers}"
         params = make_params(tmp_path, tmp_path / "tok", datasets, prep={
-            "encoder": encoder, "out_dir": str(out), "work_dir": str(tmp_path / f"work-{encoder}-{workers}")})
+            "encoder": encoder, "out_dir": str(out), "shards_dir": str(out / "shards"),
+            "work_dir": str(tmp_path / f"work-{encoder}-{workers}")})
         manifest = prepare_dataset(params, "code", workers=workers, show_progress=False, verify=True)
         assert manifest["source"]["units"] == 4
-        digests[(encoder, workers)] = tree_digest(out / "code")
+        digests[(encoder, workers)] = prepared_digest(out / "code")
     assert digests[("reference", 1)] == digests[("auto", 1)] == digests[("auto", 8)]
 
     encode = tok_module.Encoder._encode_gigatoken_flat
@@ -308,10 +321,11 @@ def test_auto_units_cut_one_large_file_for_every_worker_and_keep_the_output(tmp_
     digests = []
     for workers in (1, 3):
         params = params_factory({"one": {"source": str(path)}}, prep={
-            "unit_mb": "auto", "out_dir": str(tmp_path / f"out{workers}"), "work_dir": str(tmp_path / f"w{workers}")})
+            "unit_mb": "auto", "out_dir": str(tmp_path / f"out{workers}"), "shards_dir": str(tmp_path / f"s{workers}"),
+            "work_dir": str(tmp_path / f"w{workers}")})
         manifest = prepare_dataset(params, "one", workers=workers, show_progress=False)
         assert manifest["source"]["units"] in range(60, 66), manifest["source"]["units"]
-        digests.append(tree_digest(tmp_path / f"out{workers}" / "one"))
+        digests.append(prepared_digest(tmp_path / f"out{workers}" / "one"))
     assert digests[0] == digests[1]
     with pytest.raises(UserError, match="'prep.unit_mb' must be a number or auto, got 'big'"):
         prepare_dataset(params_factory({"one": {"source": str(path)}}, prep={"unit_mb": "big"}), "one",

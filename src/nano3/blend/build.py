@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from nano3.blend.report import write_report
@@ -17,7 +16,6 @@ from nano3.schedule import build_schedule
 def build_blends(params, log=print) -> dict:
     """Write `<blend.out_dir>/{phase1,phase2,lc}.json`, report.{md,csv,png}; validate; return a summary."""
     out_dir = Path(params.settings.blend.out_dir)
-    root = Path(params.settings.prep.out_dir)
     plans = {p.name: p for p in build_schedule(params.settings).phases}  # phase2 is absent when it has no iterations
     weights = {phase: phase_weights(params, phase) for phase in PHASES}
     manifests = load_manifests(params, {name for w in weights.values() for name in w})
@@ -32,7 +30,7 @@ def build_blends(params, log=print) -> dict:
     rows, gaps, summary = [], [], {"phases": {}, "tokenizer": fingerprint}
     for phase in PHASES:
         phase_tokens = plans[phase].tokens if phase in plans else 0
-        blend = per_split_blend(manifests, weights[phase], root)
+        blend = per_split_blend(manifests, weights[phase])
         if blend["valid"] is None:
             log(f"blend {phase}: no dataset has validation documents; training will skip validation")
         atomic_write_json(out_dir / f"{phase}.json", blend)
@@ -46,8 +44,7 @@ def build_blends(params, log=print) -> dict:
     for warning in write_report(rows, max_epochs, report_dir, gaps):
         log(f"warning: {warning}")
 
-    cache_dir = out_dir / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir = Path(params.settings.blend.cache_dir)  # kept: megatron-core names each entry by what built it
     prebuild = params.settings.blend.prebuild_cache
     if params.settings.blend.validate or prebuild:
         tokenizer = megatron_tokenizer(tokenizer_dir, info)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from nano3.data.prep import MANIFEST
+from nano3.data.shards import MANIFEST, check_shards, shard_prefix
 from nano3.errors import UserError
 from nano3.files import read_json
 
@@ -63,6 +63,9 @@ def load_manifests(params, names) -> dict[str, dict]:
         if not path.exists():
             raise UserError(f"{path}: dataset '{name}' is not prepared; run `make prep` (or dvc repro prep@{name})")
         manifests[name] = read_json(path, f"manifest of dataset '{name}'")
+        if "shards_dir" not in manifests[name]:
+            raise UserError(f"{path}: prepared before shards moved to prep.shards_dir; rerun `dvc repro prep@{name}`")
+        check_shards(manifests[name])
     fingerprints = {m["tokenizer"]["fingerprint"] for m in manifests.values()}
     if len(fingerprints) > 1:
         detail = ", ".join(f"{n}={m['tokenizer']['fingerprint']}" for n, m in manifests.items())
@@ -70,16 +73,16 @@ def load_manifests(params, names) -> dict[str, dict]:
     return manifests
 
 
-def split_entries(manifest: dict, root: Path, split: str, weight: float) -> list[str]:
+def split_entries(manifest: dict, split: str, weight: float) -> list[str]:
     """`weight, prefix` pairs for one dataset's shards of a split, weighted by their tokens."""
     info = manifest["splits"][split]
     out = []
     for shard in info["shards"]:
-        out += [repr(weight * shard["tokens"] / info["tokens"]), str(root / manifest["dataset"] / shard["prefix"])]
+        out += [repr(weight * shard["tokens"] / info["tokens"]), str(shard_prefix(manifest, shard))]
     return out
 
 
-def per_split_blend(manifests: dict[str, dict], weights: dict[str, float], root: Path) -> dict:
+def per_split_blend(manifests: dict[str, dict], weights: dict[str, float]) -> dict:
     """The per_split_data_args_path document: train/valid/test, each a flat weight/prefix list or null."""
     blend = {}
     for split in ("train", "valid", "test"):
@@ -88,7 +91,7 @@ def per_split_blend(manifests: dict[str, dict], weights: dict[str, float], root:
             empty = sorted(set(weights) - set(present))
             raise UserError(f"datasets {empty} have no training tokens; lower their valid/test fractions or drop them")
         total = sum(present.values())
-        entries = [e for n, w in sorted(present.items()) for e in split_entries(manifests[n], root, split, w / total)]
+        entries = [e for n, w in sorted(present.items()) for e in split_entries(manifests[n], split, w / total)]
         blend[split] = entries or None
     return blend
 

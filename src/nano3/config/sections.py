@@ -42,7 +42,8 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class PrepConfig:
     """Stage `prep@<dataset>`: tokenize each dataset to .bin/.idx shards."""
-    out_dir: str = knob("data/prepared", "prepared datasets: one folder per dataset (bin/idx shards, manifest.json)")
+    out_dir: str = knob("data/prepared", "prepared datasets' manifests, one folder per dataset: what DVC tracks")
+    shards_dir: str = knob("data/shards", "the .bin/.idx shards, `<dataset>/<version>/` (outside DVC's cache; their sizes and sha256 are in the manifests: `make verify-data`)")
     work_dir: str = knob("data/work/prep", "per-unit pieces and receipts, so a killed run resumes")
     workers: int = knob(0, "worker processes (0 = all cores); never changes the output", non_negative)
     batch_size: int = knob(1000, "documents per tokenizer call ...", positive)
@@ -78,7 +79,8 @@ class DatasetSource:
 @dataclass(frozen=True)
 class BlendConfig:
     """Stage `blend`: weights are token shares within each phase."""
-    out_dir: str = knob("data/blend", "blend files and megatron-core's index cache")
+    out_dir: str = knob("data/blend", "blend files (what DVC tracks)")
+    cache_dir: str = knob("data/blend-cache", "megatron-core's index cache (outside DVC: its file names hash what built them)")
     report_dir: str = knob("reports/blend", "report.md, report.png, shares.csv (dvc plots)")
     phases: dict[str, dict[str, float]] = knob(doc="`phase1`, `phase2`, `lc`: dataset -> weight (token share within the phase)", factory=dict)
     max_epochs: float = knob(4.0, "warn when a phase would read a dataset more often than this", positive)

@@ -2,7 +2,7 @@
 
 This is the check that matters: the builder a GPU job runs opens every shard, builds document,
 sample and shuffle indices and draws the blend, so a blend that builds here builds there. With
-`blend.prebuild_cache`, the indices are written to `<blend.out_dir>/cache`, which training passes as
+`blend.prebuild_cache`, the indices are written to `blend.cache_dir`, which training passes as
 `dataset.path_to_cache`: index building moves off the GPU job's start-up. The cache is keyed on
 exactly what the GPU job uses (paths, sizes, seed, sequence length, tokenizer), so the same
 tokenizer configuration and sample counts are derived here as in the training stage.

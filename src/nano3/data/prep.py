@@ -11,7 +11,9 @@ Design, and why:
   into place: a killed run restarts from the completed units, and nothing half-written is used. Only
   work of the same plan and the same prep code is resumed (`code_digest`): dvc.lock names the code that
   wrote every byte and count.
-- The dataset directory is assembled in a temporary directory and renamed whole, manifest last.
+- The shards are assembled in a temporary directory and renamed whole, then the manifest is written: DVC tracks
+  the manifest (with every shard's size and sha256), the shards live in `prep.shards_dir/<dataset>/<version>`
+  outside DVC's cache (data/shards.py says why).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ import numpy as np
 from nano3.code import code_digest
 from nano3.config.sections import PrepConfig
 from nano3.data.binidx import BinIdxWriter
+from nano3.data.shards import MANIFEST, check_shards
 from nano3.data.sources import DatasetSpec, Source, Unit, check_gated_access, hub_token
 from nano3.data.tokenizer import Encoder, choose_encoder, read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir, atomic_write_json, read_json, sha256_file
 
 SPLITS = ("train", "valid", "test")
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # 2: shards in prep.shards_dir, the manifest alone in prep.out_dir
 
 
 @dataclass(frozen=True)
@@ -161,13 +163,14 @@ def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
         for builder in builders.values():  # a failed unit leaves nothing behind
             builder.discard()
         raise
-    sha = {}
+    sha, size = {}, {}
     for split, builder in builders.items():
         builder.finalize(f"{prefixes[split]}.idx.tmp")
         for ext in (".bin", ".idx"):
             os.replace(f"{prefixes[split]}{ext}.tmp", f"{prefixes[split]}{ext}")
             sha[f"{split}{ext}"] = sha256_file(f"{prefixes[split]}{ext}")
-    receipt = {"unit": asdict(unit), **counts, "sha256": sha}
+            size[f"{split}{ext}"] = os.path.getsize(f"{prefixes[split]}{ext}")
+    receipt = {"unit": asdict(unit), **counts, "sha256": sha, "bytes": size}
     atomic_write_json(receipt_path(job.work_dir, unit.index), receipt)
     return receipt
 
@@ -201,7 +204,9 @@ def _load_receipts(work_dir: Path, units: list[Unit]) -> dict[int, dict]:
         if not path.exists():
             continue
         receipt = json.loads(path.read_text())
-        files_ok = all(Path(f"{unit_prefix(work_dir, unit.index, s)}{ext}").exists()
+        # a train piece is its shard's hard link: a shard cut short since cuts the piece too, which is then redone
+        files_ok = all(os.path.exists(piece := f"{unit_prefix(work_dir, unit.index, s)}{ext}")
+                       and os.path.getsize(piece) == receipt.get("bytes", {}).get(f"{s}{ext}")
                        for s in SPLITS for ext in (".bin", ".idx"))
         if receipt["unit"] == json.loads(json.dumps(asdict(unit))) and files_ok:  # JSON turns tuples to lists
             done[unit.index] = receipt
@@ -292,11 +297,12 @@ def _run_units(job: PrepJob, units: list[Unit], done: dict[int, dict], workers: 
     return done
 
 
-def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[int, dict], dtype,
+def _assemble(out_dir: Path, shards_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[int, dict], dtype,
               describe: Callable[[dict], dict]) -> dict:
-    """Link train pieces as shards and merge the small valid/test pieces; manifest last, atomically."""
+    """Link train pieces as shards and merge the small valid/test pieces into `shards_dir` (renamed into place
+    whole), then write the manifest alone in `out_dir`, atomically."""
     splits: dict[str, dict] = {}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(shards_dir) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir()
             shards = []
@@ -312,7 +318,8 @@ def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[i
                             shutil.copyfile(src, tmp / f"{name}{ext}")
                     r = receipts[u.index]
                     shards.append({"prefix": name, "documents": r["documents"][split], "tokens": r["tokens"][split],
-                                   "sha256_bin": r["sha256"]["train.bin"], "sha256_idx": r["sha256"]["train.idx"]})
+                                   "sha256_bin": r["sha256"]["train.bin"], "sha256_idx": r["sha256"]["train.idx"],
+                                   **sizes(tmp / name)})
             elif used:
                 name = f"{split}/shard_000000"
                 builder = BinIdxWriter(tmp / f"{name}.bin", dtype=dtype)
@@ -323,11 +330,36 @@ def _assemble(out_dir: Path, work_dir: Path, units: list[Unit], receipts: dict[i
                                "documents": sum(receipts[u.index]["documents"][split] for u in used),
                                "tokens": sum(receipts[u.index]["tokens"][split] for u in used),
                                "sha256_bin": sha256_file(tmp / f"{name}.bin"),
-                               "sha256_idx": sha256_file(tmp / f"{name}.idx")})
+                               "sha256_idx": sha256_file(tmp / f"{name}.idx"), **sizes(tmp / name)})
             splits[split] = {"documents": sum(s["documents"] for s in shards),
                              "tokens": sum(s["tokens"] for s in shards), "shards": shards}
-        manifest = describe(splits)
+    manifest = {**describe(splits), "shards_dir": str(shards_dir)}
+    with atomic_dir(out_dir) as tmp:  # the manifest alone: an older layout's shards here go with the old directory
         atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def sizes(prefix: Path) -> dict:
+    return {f"bytes_{ext}": os.path.getsize(f"{prefix}.{ext}") for ext in ("bin", "idx")}
+
+
+def shards_version(work_plan: dict) -> str:
+    """The shard directory's name: the plan (source units, splits, tokenizer) and prep code that write them, so
+    a rerun of the same plan finds its shards and another plan's stay beside them."""
+    return hashlib.sha256(json.dumps(work_plan, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current(manifest_file: Path, fingerprint: str) -> dict | None:
+    """The manifest already written for this plan, if its shards are all there at their sizes."""
+    if not manifest_file.exists():
+        return None
+    manifest = read_json(manifest_file, "manifest")
+    if manifest.get("plan_fingerprint") != fingerprint or manifest.get("format_version") != FORMAT_VERSION:
+        return None
+    try:
+        check_shards(manifest)
+    except UserError:
+        return None
     return manifest
 
 
@@ -391,11 +423,9 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
     work_plan = {"fingerprint": fingerprint, "code": prep_code_digest()}  # what the work directory's receipts are of
 
-    existing = out_dir / MANIFEST
-    if step in ("all", "plan") and not force and existing.exists():
-        manifest = read_json(existing, "manifest")
-        if manifest.get("plan_fingerprint") == fingerprint:
-            return manifest
+    shards_dir = Path(prep.shards_dir) / name / shards_version(work_plan)
+    if step in ("all", "plan") and not force and (manifest := current(out_dir / MANIFEST, fingerprint)):
+        return manifest
 
     if step in ("all", "plan"):
         _prepare_work_dir(work_dir, work_plan, force, show_progress)
@@ -463,7 +493,7 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
             "splits": splits,
         }
 
-    return _assemble(out_dir, work_dir, units, receipts, tok.token_dtype, describe)
+    return _assemble(out_dir, shards_dir, work_dir, units, receipts, tok.token_dtype, describe)
 
 
 def add_options(parser) -> None:

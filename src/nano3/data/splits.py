@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from itertools import islice
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from nano3.data.shards import check_shards, manifest_path, shard_prefix
 from nano3.errors import UserError
 from nano3.files import read_json
 
@@ -24,10 +24,10 @@ def split_documents_of(params, dataset: str, split: str) -> Iterator[np.ndarray]
     """Every document of a dataset's prepared split (tokens, ending in EOD), in order."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    root = Path(params.settings.prep.out_dir) / dataset
-    manifest = read_json(root / "manifest.json", f"prepared dataset '{dataset}' (run make prep)")
+    manifest = read_json(manifest_path(params.settings.prep, dataset), f"prepared dataset '{dataset}' (run make prep)")
+    check_shards(manifest, [split])
     for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
-        docs = IndexedDataset(str(root / shard["prefix"]))
+        docs = IndexedDataset(str(shard_prefix(manifest, shard)))
         for i in range(len(docs)):
             yield np.asarray(docs[i], dtype=np.int64)
 
@@ -41,8 +41,7 @@ def split_stream(params, dataset: str, split: str, max_tokens: int) -> np.ndarra
         if have >= max_tokens:
             return np.concatenate(pieces)
     if not pieces:
-        root = Path(params.settings.prep.out_dir) / dataset
-        raise UserError(f"{root}/manifest.json: dataset '{dataset}' has no {split} documents; raise "
+        raise UserError(f"{manifest_path(params.settings.prep, dataset)}: dataset '{dataset}' has no {split} documents; raise "
                         f"datasets.{dataset}.{split}_fraction (or prep.{split}_fraction) and rerun prep")
     return np.concatenate(pieces)
 

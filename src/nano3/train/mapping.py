@@ -123,7 +123,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "dataset.seq_length": phase.seq_length,
         "dataset.random_seed": cfg.train.seed,
         "dataset.per_split_data_args_path": str(Path(cfg.blend.out_dir) / f"{phase.blend}.json"),
-        "dataset.path_to_cache": str(Path(cfg.blend.out_dir) / "cache"),
+        "dataset.path_to_cache": cfg.blend.cache_dir,
         "dataset.num_workers": int(cfg.train.num_workers),
         "dataset.mmap_bin_files": True,
         # megatron-core's default builds a seq x seq causal mask in every data-loader worker (a float32 tensor of
