@@ -26,7 +26,9 @@ endif
 endif
 # make <stage>: here through DVC; with CLUSTER, a job (its id is printed; `dvc commit <stage>` records it when
 # done); WAIT=1 waits, streams its log and returns its exit code. `CLUSTER=x dvc repro` waits through DVC.
-run = $(if $(CLUSTER),$(LAUNCH) submit $(1) --cluster $(CLUSTER) $(if $(WAIT),--wait),dvc repro $(2))
+# params.yaml is checked first: DVC's own error for a bad datasets entry does not name the key.
+run = $(if $(CLUSTER),$(LAUNCH) submit $(1) --cluster $(CLUSTER) $(if $(WAIT),--wait),$(CHECK) && dvc repro $(2))
+CHECK := python -m nano3.config params.yaml >/dev/null
 
 help:  ## list targets
 	@grep -E '^[a-z -]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-24s %s\n", $$1, $$2}'
@@ -58,7 +60,7 @@ prep: setup  ## tokenize every dataset of params.yaml (on CLUSTER: a job or job 
 	$(call run,prep,$(addprefix prep@,$(shell python -c 'import yaml; print(" ".join(yaml.safe_load(open("params.yaml"))["datasets"]))')))
 
 all: setup  ## the whole pipeline: here through DVC, or on CLUSTER as jobs chained with afterok
-	$(if $(CLUSTER),$(LAUNCH) all --cluster $(CLUSTER),dvc repro eval)
+	$(if $(CLUSTER),$(LAUNCH) all --cluster $(CLUSTER),$(CHECK) && dvc repro eval)
 
 exps: setup  ## the experiments as a table that fits the terminal: changed params, headline metrics
 	$(LAUNCH) exps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,22 @@ def test_repro_blend_then_noop_then_one_dataset_experiment(tmp_path):
     assert len(list((repo / "data" / "shards" / "stdlib-docs").iterdir())) == 2
     verify = subprocess.run([sys.executable, "-m", "nano3.data.shards"], cwd=repo, capture_output=True, text=True)
     assert verify.returncode == 0 and "4 datasets" in verify.stdout, verify.stdout + verify.stderr
+
+    # Adding a dataset the README's way: DVC sees the one new prep stage, and retrieval does not follow
+    original = (repo / "params.yaml").read_text()
+    tree = yaml.safe_load(original)
+    tree["datasets"]["pkgdocs"] = {"source": "data/sample/stdlib-docs", "text_field": "text"}
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    make = subprocess.run(["make", "prep", "NANO3_SYSTEM_PYTHON=1"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert make.returncode != 0 and "missing key 'datasets.pkgdocs.watch'" in make.stderr, make.stderr[-2000:]
+    assert "Running stage" not in make.stdout + make.stderr  # refused before DVC read dvc.yaml
+    tree["datasets"]["pkgdocs"]["watch"] = "data/sample/stdlib-docs"
+    (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    status = json.loads(dvc(repo, "status", "--json").strip().splitlines()[-1])
+    data_stages = {s for s in status if s in ("sample", "retrieval", "tokenizer", "blend") or s.startswith("prep@")}
+    assert data_stages == {"prep@pkgdocs"}, status
+    (repo / "params.yaml").write_text(original)
 
     # A training hyperparameter touches no data stage (training needs a GPU: a dry run here; lc follows
     # pretrain through the checkpoint manifest it depends on).

@@ -64,7 +64,7 @@ class PrepConfig:
 class DatasetSource:
     """One entry of `datasets`: name -> source."""
     source: str = knob(doc="path, glob or `hf://org/name[/subset]` (names: no `.`, `/` or spaces)")
-    watch: str | None = knob(None, "the local path DVC tracks for the dataset (the source itself; for hub datasets the reader's code, with `revision` pinned)")
+    watch: str = knob(doc="the local path DVC tracks for the dataset (a local dataset: its source; a hub dataset: `src/nano3/data/sources.py`, the reader, with `revision` pinned)")
     text_field: str = knob("text", "the field holding each document's text")
     split: str = knob("train", "the split of a hub dataset or DatasetDict")
     revision: str | None = knob(None, "the hub revision, for exact reruns")
