@@ -70,7 +70,7 @@ def make_params(tmp: Path, tokenizer_dir: Path, datasets: dict, **sections) -> P
     tree["prep"].update(out_dir=str(tmp / "prepared"), shards_dir=str(tmp / "shards"), work_dir=str(tmp / "work"),
                         workers=1)
     tree["blend"].update(out_dir=str(tmp / "blend"), cache_dir=str(tmp / "blend-cache"), report_dir=str(tmp / "reports"))
-    tree["datasets"] = datasets
+    tree["datasets"] = {name: {"watch": spec["source"], **spec} for name, spec in datasets.items()}  # watch: required
     for section, values in sections.items():
         tree.setdefault(section, {}).update(values)
     params = Params(tree)

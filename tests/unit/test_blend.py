@@ -95,6 +95,12 @@ def test_report_warns_about_over_repeated_datasets_and_plots(prepared):
     row = next(r for r in (tmp / "reports" / "shares.csv").read_text().splitlines() if r.startswith("phase1/docs"))
     phase1_tokens = round(4_000_000 * 0.94 / (16 * 1024)) * 16 * 1024
     assert float(row.split(",")[4]) == pytest.approx(0.3 * phase1_tokens / docs_tokens, rel=1e-4)
+    params["blend"]["strict_epochs"] = True  # the same blend is refused, the report still written for reading
+    (tmp / "reports" / "report.md").unlink()
+    with pytest.raises(UserError, match=r"blend.strict_epochs: \d+ dataset\(s\) above blend.max_epochs=0.5, e.g. "
+                                        r"phase1: \w+ read [\d.]+ times"):
+        build_blends(params, log=lambda *_: None)
+    assert (tmp / "reports" / "report.md").exists()
 
 
 @pytest.mark.parametrize("phases,message", [
@@ -111,7 +117,8 @@ def test_bad_weights_are_one_line_errors(prepared, phases, message):
 
 def test_a_blend_naming_an_unprepared_dataset(prepared, sample_dir):
     params = blend_params(prepared, phases={**WEIGHTS, "lc": {"code": 1, "fresh": 1}})
-    params["datasets"]["fresh"] = {"source": str(sample_dir / "stdlib-docs")}
+    docs = str(sample_dir / "stdlib-docs")
+    params["datasets"]["fresh"] = {"source": docs, "watch": docs}
     with pytest.raises(UserError, match=r"prepared/fresh/manifest.json: dataset 'fresh' is not prepared; run `make prep`"):
         build_blends(params, log=lambda *_: None)
 

@@ -54,7 +54,9 @@ def test_every_key_of_both_params_files_is_known_and_parses():
     (lambda t: t["prep"].update(encoder="fast"), r"'prep.encoder' must be one of auto \| reference \| gigatoken, got 'fast'"),
     (lambda t: t["train"].update(seq_length="long"), r"'train.seq_length' must be a whole number, got 'long'"),
     (lambda t: t["datasets"]["stdlib-code"].pop("source"), r"missing key 'datasets.stdlib-code.source'"),
-    (lambda t: t["datasets"].update({"a.b": {"source": "x"}}), r"dataset name 'a.b' must not contain"),
+    (lambda t: t["datasets"].update({"a.b": {"source": "x", "watch": "x"}}), r"dataset name 'a.b' must not contain"),
+    (lambda t: t["datasets"]["stdlib-code"].pop("watch"), r"missing key 'datasets.stdlib-code.watch'"),
+    (lambda t: t["datasets"]["stdlib-code"].update(watch=None), r"'datasets.stdlib-code.watch' must be a string"),
     (lambda t: t["blend"]["phases"].update(phase3={"stdlib-code": 1.0}), r"unknown blend phase 'blend.phases.phase3'"),
     (lambda t: t["datasets"]["stdlib-code"].update(valid_fraction=0.6, test_fraction=None) or
      t["prep"].update(test_fraction=0.5),  # null takes prep's share: 0.6 + 0.5

@@ -41,8 +41,13 @@ def build_blends(params, log=print) -> dict:
     max_epochs = float(params.settings.blend.max_epochs)
     report_dir = Path(params.settings.blend.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    for warning in write_report(rows, max_epochs, report_dir, gaps):
+    warnings = write_report(rows, max_epochs, report_dir, gaps)
+    for warning in warnings:
         log(f"warning: {warning}")
+    if params.settings.blend.strict_epochs and (over := [r for r in rows if r.epochs > max_epochs]):
+        raise UserError(f"blend.strict_epochs: {len(over)} dataset(s) above blend.max_epochs={max_epochs:g}, e.g. "
+                        f"{over[0].phase}: {over[0].dataset} read {over[0].epochs:.2f} times; lower its weight, the "
+                        f"phase's tokens, or add data (report: {report_dir / 'report.md'})")
 
     cache_dir = Path(params.settings.blend.cache_dir)  # kept: megatron-core names each entry by what built it
     prebuild = params.settings.blend.prebuild_cache

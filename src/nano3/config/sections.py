@@ -84,6 +84,7 @@ class BlendConfig:
     report_dir: str = knob("reports/blend", "report.md, report.png, shares.csv (dvc plots)")
     phases: dict[str, dict[str, float]] = knob(doc="`phase1`, `phase2`, `lc`: dataset -> weight (token share within the phase)", factory=dict)
     max_epochs: float = knob(4.0, "warn when a phase would read a dataset more often than this", positive)
+    strict_epochs: bool = knob(False, "... and stop the blend instead, in one line (the report is still written)")
     validate: bool = knob(True, "build each blend with megatron-core's BlendedMegatronDatasetBuilder on the CPU")
     prebuild_cache: bool = knob(True, "... and keep its index cache so a GPU job starts without rebuilding")
 
