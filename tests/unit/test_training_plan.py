@@ -417,6 +417,29 @@ def test_dry_run_stage_prints_the_plan_and_writes_json(tmp_path, spm_dir):
     assert bad.returncode == 2 and bad.stderr.startswith("error: train.parallel") and "Traceback" not in bad.stderr
 
 
+def test_the_plan_warns_about_unpinned_hub_data_and_strict_refuses_it(tmp_path, spm_dir):
+    """Issue 31: a hub dataset without a revision reads whatever the Hub holds when prep runs. `make plan` warns;
+    `make plan STRICT=1` (`--strict`) refuses in one line; a pinned revision passes both."""
+    import subprocess
+    import sys
+
+    def plan(revision: str, *flags: str):
+        hub = "{source: hf://nvidia/Nemotron-CC-v2/High-Quality, watch: params.yaml" + revision + "}"
+        cmd = [sys.executable, str(ROOT / "stages" / "pretrain.py"), "--params", str(ROOT / "params.yaml"),
+               "--dry-run", *flags, f"tokenizer.dir={spm_dir}", f"datasets.cc-hq={hub}"]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+
+    warned = plan("")
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: 1 hub dataset(s) without a revision (cc-hq): prep reads whatever the Hub holds" in warned.stdout
+    refused = plan("", "--strict")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().startswith("error: 1 hub dataset(s) without a revision (cc-hq)")
+    assert refused.stderr.strip().endswith("(--strict)") and "\n" not in refused.stderr.strip()
+    pinned = plan(", revision: 0123456789abcdef0123456789abcdef01234567", "--strict")
+    assert pinned.returncode == 0 and "without a revision" not in pinned.stdout + pinned.stderr, pinned.stderr
+
+
 def test_dry_run_refuses_a_cluster_whose_nodes_lack_the_host_memory(tmp_path, spm_dir):
     """`make plan CLUSTER=...` checks the ranks of a node against the profile's host_memory_gib, in one line."""
     import os

@@ -163,8 +163,22 @@ def check_bridge_fields(bridge_cli: list[str], log) -> None:
     log(f"dry run: {names} set on Megatron-Bridge's recipe config")
 
 
+def check_pinned_data(params, strict: bool, log) -> None:
+    """A hub dataset without a `revision` reads whatever the Hub holds when prep runs: a rerun months later is other
+    data under the same params. The plan says so; `--strict` (`make plan STRICT=1`) refuses it."""
+    unpinned = [n for n, d in params.settings.datasets.items() if d.source.startswith("hf://") and not d.revision]
+    if not unpinned:
+        return
+    text = (f"{len(unpinned)} hub dataset(s) without a revision ({', '.join(unpinned[:3])}"
+            f"{', ...' if len(unpinned) > 3 else ''}): prep reads whatever the Hub holds then; pin "
+            f"datasets.<name>.revision to a commit")
+    if strict:
+        raise UserError(f"{text} (--strict)")
+    log(f"warning: {text}")
+
+
 def run_training_stage(stage: str, requested, params_file: str, our_overrides: list[str], bridge_cli: list[str],
-                       dry_run: bool, log=print, gpu_memory_gib: float | None = None) -> dict | None:
+                       dry_run: bool, log=print, gpu_memory_gib: float | None = None, strict: bool = False) -> dict | None:
     """`requested`: params.yaml with `our_overrides` applied; the training processes reload the same file and
     overrides (`params_file`, `our_overrides`) and get the Megatron-Bridge fields `bridge_cli`."""
 
@@ -182,6 +196,7 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     atomic_write_json(report / f"{stage}.json", plan.as_dict() | {"backend": backend})
     if dry_run:
         check_bridge_fields(bridge_cli, log)
+        check_pinned_data(params, strict, log)
         return None
 
     layout = plan.stages[section_name(stage)].layout
@@ -254,10 +269,12 @@ def add_options(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (no GPU needed) and exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB",
                         help="plan for GPUs of this many GiB (default: the CLUSTER profile's, this machine's, or 79.6)")
+    parser.add_argument("--strict", action="store_true",
+                        help="with --dry-run: refuse hub datasets without a pinned revision (a warning otherwise)")
     parser.set_defaults(takes_bridge_overrides=True)
 
 
 def run(params, args) -> dict | None:
     """Stages `pretrain` and `lc` (`args.stage`): the plan, then each phase on the backend; the stage manifest."""
     return run_training_stage(args.stage, params, args.params, args.overrides, args.bridge, dry_run=args.dry_run,
-                              gpu_memory_gib=args.gpu_memory)
+                              gpu_memory_gib=args.gpu_memory, strict=args.strict)
