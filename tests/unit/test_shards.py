@@ -77,3 +77,5 @@ def test_verify_data_checks_sizes_quickly_and_every_byte_with_sha256(docs, capsy
     rc, out = verify(tmp, capsys, "--sha256")  # ... every byte can
     assert rc == 1 and f"{path}: its sha256 differs from the manifest of dataset 'docs'" in out
     assert [line for line in out.splitlines() if "error" in line] == [out.splitlines()[-1]]  # one line
+    rc, out = verify(tmp, capsys, "nosuch")  # a dataset never prepared: one line too, not a traceback
+    assert rc == 1 and out.startswith("error: ") and "nosuch/manifest.json" in out and "Traceback" not in out

@@ -41,8 +41,7 @@ def build_blends(params, log=print) -> dict:
     max_epochs = float(params.settings.blend.max_epochs)
     report_dir = Path(params.settings.blend.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    warnings = write_report(rows, max_epochs, report_dir, gaps)
-    for warning in warnings:
+    for warning in write_report(rows, max_epochs, report_dir, gaps):
         log(f"warning: {warning}")
     if params.settings.blend.strict_epochs and (over := [r for r in rows if r.epochs > max_epochs]):
         raise UserError(f"blend.strict_epochs: {len(over)} dataset(s) above blend.max_epochs={max_epochs:g}, e.g. "

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
-from nano3.data.shards import MANIFEST, check_shards, shard_prefix
+from nano3.data.shards import check_shards, manifest_path, shard_prefix
 from nano3.errors import UserError
 from nano3.files import read_json
 
@@ -54,12 +53,11 @@ def phase_weights(params, phase: str) -> dict[str, float]:
 
 def load_manifests(params, names) -> dict[str, dict]:
     """Manifests of the named datasets; an unprepared one, or a tokenizer mismatch, is an error."""
-    prepared = Path(params.settings.prep.out_dir)
     manifests = {}
     for name in sorted(names):
         if name not in params.settings.datasets:
             raise UserError(f"{params.source}: the blend names '{name}', which is not in `datasets`; add it or drop it")
-        path = prepared / name / MANIFEST
+        path = manifest_path(params.settings.prep, name)
         if not path.exists():
             raise UserError(f"{path}: dataset '{name}' is not prepared; run `make prep` (or dvc repro prep@{name})")
         manifests[name] = read_json(path, f"manifest of dataset '{name}'")

@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sha256", action="store_true", help="read every byte (default: sizes only, seconds)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    prep = params.settings.prep
-    names = args.datasets or [n for n in params.settings.datasets if manifest_path(prep, n).exists()]
-    manifests = [read_json(manifest_path(prep, n), f"prepared dataset '{n}' (run make prep)") for n in names]
-    total = sum(size for m in manifests for _, size, _ in shard_files(m))
-    try:
+    try:  # a bad params file, an unprepared dataset or a shard unlike its manifest: one line each
+        params = load_params(args.params)
+        prep = params.settings.prep
+        names = args.datasets or [n for n in params.settings.datasets if manifest_path(prep, n).exists()]
+        manifests = [read_json(manifest_path(prep, n), f"prepared dataset '{n}' (run make prep)") for n in names]
+        total = sum(size for m in manifests for _, size, _ in shard_files(m))
         with Progress("{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                       disable=not args.sha256) as bar:
             task = bar.add_task("sha256", total=total)
