@@ -72,6 +72,22 @@ def adapt_overrides(cfg, overrides: dict[str, Any]) -> tuple[dict[str, Any], lis
     return out, notes
 
 
+def graph_modules(names: Iterable[str]) -> list:
+    """CUDA-graph module names (`mamba`, `attn`, `moe`...) as the installed megatron-core's enum members
+    (CudaGraphModule, or the older CudaGraphScope); an unknown name is one error line listing the known ones."""
+    from megatron.core.transformer import enums
+
+    kind = getattr(enums, "CudaGraphModule", None) or enums.CudaGraphScope
+    out = []
+    for name in names:
+        member = name if not isinstance(name, str) else kind.__members__.get(name.rsplit(".", 1)[-1])
+        if member is None:
+            raise UserError(f"model.cuda_graph_modules: unknown module {name!r}; this megatron-core knows "
+                            f"{', '.join(kind.__members__)}")
+        out.append(member)
+    return out
+
+
 def model_pattern(model_config) -> str:
     """The hybrid layer pattern of a Bridge model config or megatron-core model, whichever field it has."""
     for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):

@@ -319,6 +319,34 @@ def test_mapping_emits_only_fields_bridge_has(params, tmp_path):
     assert p1["model.hybrid_layer_pattern"] == PRESETS["tiny"].hybrid_layer_pattern
 
 
+def test_speed_settings_map_to_bridges_recipes_and_fields(params):
+    """Issue 34's knobs: the FP8 scaling recipes Bridge registers, its first/last-layer BF16 switch, and CUDA graphs
+    with TE's RNG tracker (megatron-core refuses graphs without it)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training.config import RNGConfig
+
+    s = build_schedule(params.settings)
+    base = bridge_overrides(params, s, s.phase("phase1"), "run")
+    assert base["mixed_precision"] == "bf16_mixed" and "mixed_precision.first_last_layers_bf16" not in base
+    assert "rng.te_rng_tracker" not in base and base["model.cuda_graph_modules"] == []
+    names = {}
+    for precision in ("fp8", "fp8_delayed", "fp8_blockwise", "mxfp8"):
+        params["train"]["precision"] = precision
+        names[precision] = bridge_overrides(params, s, s.phase("phase1"), "run")["mixed_precision"]
+    assert names == {"fp8": "bf16_with_fp8_current_scaling_mixed", "fp8_delayed": "bf16_with_fp8_delayed_scaling_mixed",
+                     "fp8_blockwise": "bf16_with_fp8_subchannel_scaling_mixed", "mxfp8": "bf16_with_mxfp8_mixed"}
+    params["train"]["precision"] = "fp8"
+    params["train"]["fp8_edge_layers_bf16"] = False
+    params["train"]["kernels"]["cuda_graphs"] = "transformer_engine"
+    o = bridge_overrides(params, s, s.phase("phase1"), "run")
+    assert list(o).index("mixed_precision.first_last_layers_bf16") > list(o).index("mixed_precision")  # set after
+    assert o["mixed_precision.first_last_layers_bf16"] is False
+    assert o["model.use_te_rng_tracker"] is o["rng.te_rng_tracker"] is True
+    assert {"use_te_rng_tracker"} <= {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert {"te_rng_tracker"} <= {f.name for f in dataclasses.fields(RNGConfig)}
+    assert run_digest(params, "pretrain", {}) == run_digest(load_params(params.source), "pretrain", {})  # speed only
+
+
 def test_bridge_fields_are_explicit_on_the_command_line(params):
     """`bridge.<section>.<field>` goes to Bridge; everything else is a params.yaml key, checked on load."""
     ours, bridge = split_cli_overrides(["train.lr=3e-4", "bridge.model.recompute_granularity=full", "prep.workers=3",

@@ -58,6 +58,15 @@ class PrepConfig:
     encoder: Literal["auto", "reference", "gigatoken"] = knob("auto", "`auto` (gigatoken where it gives the tokenizer's ids on the first MB, else the tokenizer), `reference`, `gigatoken`")
     verify_encoder: bool = knob(False, "re-encode every document with the tokenizer itself and fail on a difference (`--verify`)")
     array_tasks: int = knob(1, "on Slurm: tasks of each dataset's prep job array (1 = one job)", positive)
+    request_timeout_s: float = knob(300, "hub streaming: seconds one HTTP request may stall before it is retried "
+                                         "(NVIDIA's pipeline: 300)", positive)
+    request_retries: int = knob(20, "hub streaming: retries of a read cut off mid-file, `retry_wait_s` apart (on "
+                                    "top of huggingface_hub's own 5 with backoff 1..8 s per request)", positive)
+    unit_attempts: int = knob(3, "hub streaming: a unit that still fails is read again from its start, up to this "
+                                 "many times in all; then prep stops, naming the file (finished units stay done)",
+                              positive)
+    retry_wait_s: float = knob(5, "hub streaming: wait before a retry; doubled before each new attempt of a unit",
+                               non_negative)
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,11 @@ class TrainConfig:
     nodes: int | None = knob(None, "GPUs = nodes x gpus_per_node; null = the cluster profile's, the Slurm allocation's, or this machine's", positive)
     gpus_per_node: int | None = knob(None, "as `nodes`", positive)
     parallel: Parallel = knob(doc="parallel layout of pretraining", factory=Parallel)
-    precision: Literal["bf16", "fp8", "mxfp8"] = knob("bf16", "`bf16`, `fp8` (H100 current scaling) or `mxfp8` (Blackwell)")
+    precision: Literal["bf16", "fp8", "fp8_delayed", "fp8_blockwise", "mxfp8"] = knob(
+        "bf16", "`bf16`; FP8 with TE's current (`fp8`), delayed (`fp8_delayed`) or 128-block (`fp8_blockwise`, "
+                "Hopper) scaling; `mxfp8` (Blackwell)")
+    fp8_edge_layers_bf16: bool = knob(True, "FP8 recipes keep the first and last layer in BF16 (Bridge's current "
+                                            "scaling default); false quantizes them too, as NVIDIA's benchmarks do")
     recompute_modules: list[str] = knob(doc="selective activation recompute (recipe: `[moe, layernorm]`)", factory=tuple)
     kernels: Kernels = knob(doc="what the machine's stack supports (the NeMo container has all of it)", factory=Kernels)
     num_workers: int = knob(2, "data loader workers per rank (the reference backend's too)", non_negative)

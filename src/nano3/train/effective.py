@@ -217,7 +217,8 @@ def _iters(steps, gbs: int):
 def _precision_name(model_config) -> str:
     if not model_config.fp8:
         return "bf16" if model_config.bf16 else str(model_config.params_dtype).replace("torch.", "")
-    return "mxfp8" if getattr(model_config, "fp8_recipe", None) == "mxfp8" else "fp8"
+    recipe = getattr(model_config, "fp8_recipe", None)
+    return {"mxfp8": "mxfp8", "delayed": "fp8_delayed", "blockwise": "fp8_blockwise"}.get(recipe, "fp8")
 
 
 def _parallel_size(name: str, model_config) -> int:

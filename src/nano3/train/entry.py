@@ -24,6 +24,7 @@ from nano3.files import atomic_write_json
 from nano3.megatron_compat import (
     adapt_overrides,
     dataset_providers,
+    graph_modules,
     installed_stack,
     require_packed_mamba,
     run_pretrain,
@@ -127,6 +128,8 @@ def build_config(overrides: dict[str, Any]) -> tuple[Any, list[str]]:
             cfg.mixed_precision = mp
         elif key == "comm_overlap":
             cfg.comm_overlap = value
+        elif key in ("model.cuda_graph_modules", "model.cuda_graph_scope") and value:
+            set_field(cfg, key, graph_modules(value))
         else:
             set_field(cfg, key, value)
     return cfg, notes

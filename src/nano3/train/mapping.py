@@ -26,12 +26,14 @@ from nano3.model.presets import bridge_model_extras, model_preset
 from nano3.schedule import PhasePlan, TrainingSchedule
 from nano3.train.plan import CROSS_ENTROPY, model_vocab, read_layout
 
-PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed", "mxfp8": "bf16_with_mxfp8_mixed"}
+PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed",
+              "fp8_delayed": "bf16_with_fp8_delayed_scaling_mixed", "fp8_blockwise": "bf16_with_fp8_subchannel_scaling_mixed",
+              "mxfp8": "bf16_with_mxfp8_mixed"}
 
 # train.* keys that do not change what is learned: a changed value resumes the same run.
 OPERATIONAL_KEYS = {"keep_checkpoints", "nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "save_minutes", "live_dir",
                     "eval_interval", "eval_iters", "measured_tflops_per_gpu", "kernels", "recompute_modules",
-                    "precision", "bridge_overrides", "backend", "num_workers", "env"}
+                    "precision", "fp8_edge_layers_bf16", "bridge_overrides", "backend", "num_workers", "env"}
 
 
 def run_digest(params, stage: str, upstream: dict[str, str]) -> str:
@@ -66,6 +68,8 @@ def _kernels(k: Kernels) -> dict[str, Any]:
         out["model.moe_flex_dispatcher_backend"] = k.flex_backend
     if out["model.cuda_graph_impl"] == "none":
         out["model.cuda_graph_modules"] = []
+    else:  # captured graphs replay TE's RNG states (Bridge's benchmarks set both whenever graphs run)
+        out["model.use_te_rng_tracker"] = out["rng.te_rng_tracker"] = True
     return out
 
 
@@ -150,6 +154,8 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "rng.seed": cfg.train.seed,
         "mixed_precision": PRECISIONS[cfg.train.precision],  # a key of PRECISIONS: the typed sections checked it
     })
+    if cfg.train.precision.startswith("fp8") and not cfg.train.fp8_edge_layers_bf16:
+        o["mixed_precision.first_last_layers_bf16"] = False  # set on the recipe object the line above names
     if layout.tp == 1:
         o["comm_overlap"] = None  # the recipe's TP communication overlap needs TP > 1
     if cfg.wandb.enabled:

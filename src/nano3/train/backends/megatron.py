@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,7 @@ from nano3.train import rundir
 from nano3.train.backends import TrainingRun
 from nano3.train.environment import training_environment
 from nano3.train.rundir import exit_if_stopped, failure_path, latest_iteration
+from nano3.train.startup import StartupWatch, startup_caches
 
 # Bridge's files in a run directory beside Megatron's tracker (rundir.TRACKER), and in each checkpoint
 BRIDGE_TRACKER = "latest_train_state.pt"
@@ -45,9 +47,11 @@ def train(run: TrainingRun, log=print) -> None:
         cmd += [f"--override={o}" for o in run.overrides] + [f"--bridge={b}" for b in run.bridge]
         if run.pretrained:
             cmd += ["--pretrained", run.pretrained]
-        rc, stopped = run_forwarding_sigterm(cmd, {**os.environ, **training_environment(run.params, layout.tp,
-                                                                                         os.environ)},
-                                             keep_fds=() if run.lock_fd is None else (run.lock_fd,))
+        env = {**os.environ, **training_environment(run.params, layout.tp, os.environ)}
+        watch = StartupWatch(f"{run.stage}: {phase.name}", run.live_dir / "plots" / "metrics",
+                             startup_caches(env, run.params.settings.blend.cache_dir), log=log)
+        rc, stopped = run_forwarding_sigterm(cmd, env, keep_fds=() if run.lock_fd is None else (run.lock_fd,),
+                                             on_wait=watch.tick)
         refused = failure_path(run.run_dir, phase.name)
         if rc != 0 and refused.exists():
             reason = refused.read_text().strip()
@@ -141,8 +145,8 @@ def torchrun_command(nproc: int) -> list[str]:
     return cmd + ["-m", "nano3.train.entry"]
 
 
-def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None,
-                           keep_fds: tuple[int, ...] = ()) -> tuple[int, bool]:
+def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None, keep_fds: tuple[int, ...] = (),
+                           on_wait: Callable[[int], None] | None = None) -> tuple[int, bool]:
     """Run torchrun in its own session and return (its exit status, whether a stop was asked for). A stop is asked
     for by SIGTERM (passed on by a job script or Slurm), Ctrl-C, or the job's stop file (nano3.train.stopping); it
     goes to the training ranks alone, torchrun's direct children, as SIGTERM: Bridge's handler saves a checkpoint
@@ -151,7 +155,8 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None,
 
     If this process dies without a word (SIGKILL, the OOM killer), torchrun gets SIGTERM from the kernel and stops
     its ranks (SIGTERM, then SIGKILL after 30 s) instead of training on, orphaned, beside the rerun. `keep_fds` (the
-    run's lock, rundir.hold_run) stay open in torchrun, so the lock is held until its ranks have stopped."""
+    run's lock, rundir.hold_run) stay open in torchrun, so the lock is held until its ranks have stopped.
+    `on_wait(torchrun's pid)` runs about once a second while it waits (nano3.train.startup's progress lines)."""
     import signal
 
     import psutil
@@ -175,6 +180,8 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str] | None = None,
             except subprocess.TimeoutExpired:
                 if stop_requested() and not asked["stop"]:
                     forward()
+                if on_wait is not None:
+                    on_wait(proc.pid)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
