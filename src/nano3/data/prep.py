@@ -37,7 +37,15 @@ from nano3.code import code_digest
 from nano3.config.sections import PrepConfig
 from nano3.data.binidx import BinIdxWriter
 from nano3.data.shards import MANIFEST, check_shards
-from nano3.data.sources import DatasetSpec, Source, Unit, check_gated_access, hub_token
+from nano3.data.sources import (
+    DatasetSpec,
+    Source,
+    TransientReadError,
+    Unit,
+    check_gated_access,
+    configure_hub_requests,
+    hub_token,
+)
 from nano3.data.tokenizer import Encoder, choose_encoder, read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir, atomic_write_json, read_json, sha256_file
@@ -59,6 +67,11 @@ class PrepJob:
     encoder: str = "reference"  # tokenizer.choose_encoder's pick: same ids, possibly faster
     threads: int = 1  # encoder threads per worker: the cores no other unit uses
     verify: bool = False  # encode every batch with the reference too, and fail on any difference
+    # hub streaming (prep.request_*, prep.unit_attempts, prep.retry_wait_s)
+    request_timeout_s: float = 300
+    request_retries: int = 20
+    unit_attempts: int = 1
+    retry_wait_s: float = 5
 
 
 def split_of(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, bytes]:
@@ -75,6 +88,8 @@ _worker: dict = {}
 
 
 def _init_worker(job: PrepJob, progress_queue) -> None:
+    if job.spec.source.startswith("hf://"):
+        configure_hub_requests(job.request_timeout_s, job.request_retries, job.retry_wait_s)
     reference = Encoder(job.tokenizer_dir) if job.verify and job.encoder != "reference" else None
     _worker.update(job=job, encoder=Encoder(job.tokenizer_dir, job.encoder, job.threads), reference=reference,
                    source=Source(job.spec, job.hf_mirror), progress=progress_queue)
@@ -152,7 +167,26 @@ def verify_batch(documents: list[np.ndarray], reference: list[list[int]], unit: 
 
 
 def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
-    """Tokenize one unit into its train/valid/test pieces; return (and save) its receipt."""
+    """Tokenize one unit into its train/valid/test pieces; return (and save) its receipt. A hub unit whose read
+    fails for the network's sake is read again from its start, `unit_attempts` times in all, with a doubling wait."""
+    job: PrepJob = _worker["job"]
+    started = time.time()
+    for attempt in range(1, job.unit_attempts + 1):
+        try:
+            return _prepare_unit_once(unit, row_limit)
+        except TransientReadError as e:
+            if attempt == job.unit_attempts:
+                raise UserError(f"{e.where}: gave up after {attempt} attempts over {time.time() - started:.0f} s "
+                                f"(last: {e.reason}); finished units keep their receipts in {job.work_dir}: rerun "
+                                f"prep to resume (prep.unit_attempts, prep.retry_wait_s, prep.request_timeout_s)") from None
+            wait = job.retry_wait_s * 2 ** (attempt - 1)
+            print(f"prep {job.spec.name}: {e.where}: attempt {attempt}/{job.unit_attempts} failed ({e.reason}); "
+                  f"reading the unit again in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _prepare_unit_once(unit: Unit, row_limit: int | None) -> dict:
     job: PrepJob = _worker["job"]
     dtype = _worker["encoder"].info.token_dtype
     prefixes = {s: unit_prefix(job.work_dir, unit.index, s) for s in SPLITS}
@@ -419,6 +453,8 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
         sample_rows = prep.sample_rows
     workers = workers or prep.workers or os.cpu_count() or 1  # 0 / None: all cores
     source = Source(spec, prep.hf_mirror)
+    if spec.source.startswith("hf://"):
+        configure_hub_requests(prep.request_timeout_s, prep.request_retries, prep.retry_wait_s)
     units = source.plan(unit_bytes(prep.unit_mb, source))
     fingerprint = _plan_fingerprint(spec, units, tok.fingerprint, sample_rows)
     work_plan = {"fingerprint": fingerprint, "code": prep_code_digest()}  # what the work directory's receipts are of
@@ -458,12 +494,16 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
         job = PrepJob(spec=spec, hf_mirror=prep.hf_mirror, tokenizer_dir=tokenizer_dir,
                       work_dir=str(work_dir), batch_size=batch_size, batch_chars=int(prep.batch_mb) << 20,
                       encoder=encoder, threads=max(1, workers // left) if sample_rows is None else workers,
-                      verify=bool(verify or prep.verify_encoder))
+                      verify=bool(verify or prep.verify_encoder), request_timeout_s=prep.request_timeout_s,
+                      request_retries=prep.request_retries, unit_attempts=prep.unit_attempts,
+                      retry_wait_s=prep.retry_wait_s)
         receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress,
                               float(prep.log_interval_s))
         if step == "units":
             return None
 
+    # the Hub commit every unit read (sources.Source.resolve_revision); None from a local mirror
+    read_commit = units[0].files[1] if units[0].kind == "hf" and len(units[0].files) > 1 else None
     unit_digests = hashlib.sha256("".join(receipts[i]["digest"] for i in sorted(receipts)).encode()).hexdigest()[:16]
     documents = sum(sum(r["documents"].values()) for r in receipts.values())
     if documents == 0:
@@ -482,7 +522,8 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
         return {
             "dataset": name, "format_version": FORMAT_VERSION, "plan_fingerprint": fingerprint,
             "source": {"source": spec.source, "text_field": spec.text_field, "split": spec.split,
-                       "revision": spec.revision, "units": len(units), "content_fingerprint": unit_digests},
+                       "revision": spec.revision, "units": len(units), "content_fingerprint": unit_digests,
+                       **({"resolved_revision": read_commit} if spec.source.startswith("hf://") else {})},
             "tokenizer": {"kind": tok.kind, "source": tok.source, "fingerprint": tok.fingerprint,
                           "vocab_size": tok.vocab_size, "eod_id": tok.eod_id},
             "dtype": np.dtype(tok.token_dtype).name, "sample_rows": sample_rows,

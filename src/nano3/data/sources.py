@@ -17,6 +17,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -85,6 +86,43 @@ def _suffix_kind(path: str) -> str | None:
     if name.endswith(TEXT_SUFFIXES):
         return "text"
     return None
+
+
+class TransientReadError(UserError):
+    """A hub read that failed for the network's sake (a timeout, a dropped connection, HTTP 5xx or 429) after the
+    libraries' own retries: worth reading the unit again later (prep.prepare_unit does, prep.unit_attempts times)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where, self.reason = where, reason
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether an exception, or one it was raised from, is the network's fault rather than the data's."""
+    import httpx
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
+            return True
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def configure_hub_requests(timeout_s: float, retries: int, wait_s: float) -> None:
+    """Streaming's per-request policy (prep.request_*), here and in the worker processes this one starts:
+    huggingface_hub's timeout per HTTP request and datasets' retries of a read cut off mid-file."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = os.environ["HF_HUB_ETAG_TIMEOUT"] = str(max(1, round(timeout_s)))
+    hub.HF_HUB_DOWNLOAD_TIMEOUT = hub.HF_HUB_ETAG_TIMEOUT = timeout_s
+    datasets.config.STREAMING_READ_MAX_RETRIES = retries
+    datasets.config.STREAMING_READ_RETRY_INTERVAL = wait_s
 
 
 class Source:
@@ -205,26 +243,49 @@ class Source:
         return [Unit(i, "arrow", (self.spec.source,), s, min(s + per_unit, rows), 0)
                 for i, s in enumerate(range(0, rows, per_unit))]
 
-    def _hf_stream(self):
-        import datasets
-
+    def _hf_repo(self) -> tuple[str, str | None]:
         parts = self.spec.source.removeprefix("hf://").strip("/").split("/")
         if len(parts) not in (2, 3):
             raise UserError(f"{self.where}: expected hf://org/name or hf://org/name/subset")
-        repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+        return "/".join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+
+    def _hf_stream(self, revision: str | None = None):
+        import datasets
+
+        repo, subset = self._hf_repo()
         path = str(Path(self.hf_mirror) / repo) if self.hf_mirror else repo
         if self.hf_mirror and not Path(path).is_dir():
             raise UserError(f"{self.where}: prep.hf_mirror has no copy at {path}; download it there or unset prep.hf_mirror")
         try:
             return datasets.load_dataset(path, name=subset, split=self.spec.split, streaming=True,
-                                         revision=None if self.hf_mirror else self.spec.revision)
+                                         revision=None if self.hf_mirror else revision or self.spec.revision)
         except Exception as e:
             raise UserError(f"{self.where}: cannot open the dataset ({type(e).__name__}: {brief(e, 200)}); "
                             f"check the name and subset, or set prep.hf_mirror to a local copy") from None
 
+    def resolve_revision(self) -> str | None:
+        """The commit the Hub serves for the dataset's `revision` (a branch, a tag or a commit; null: main), so
+        every unit of a prep that runs for days reads that one commit and the manifest records it. None for a
+        local mirror (prep.hf_mirror), which has no Hub history, and offline (HF_HUB_OFFLINE)."""
+        import huggingface_hub.constants as hub
+
+        if self.hf_mirror or hub.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            return None  # offline, `datasets` reads its cached copy: there is no Hub to ask
+        from huggingface_hub import HfApi
+
+        repo, _ = self._hf_repo()
+        try:
+            return HfApi().dataset_info(repo, revision=self.spec.revision).sha
+        except Exception as e:
+            raise UserError(f"{self.where}: cannot resolve revision {self.spec.revision or 'main'} on the Hub "
+                            f"({type(e).__name__}: {brief(e, 200)}); check the name and revision, the token, or "
+                            f"set prep.hf_mirror to a local copy") from None
+
     def _plan_hf(self) -> list[Unit]:
-        n = self._hf_stream().num_shards
-        return [Unit(i, "hf", (self.spec.source,), i, n, 0) for i in range(n)]
+        commit = self.resolve_revision()
+        n = self._hf_stream(commit).num_shards
+        files = (self.spec.source, commit) if commit else (self.spec.source,)  # the commit every unit reads
+        return [Unit(i, "hf", files, i, n, 0) for i in range(n)]
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -238,7 +299,9 @@ class Source:
             raise
         except Exception as e:  # the same one-line contract for every source kind (pyarrow, datasets, ...)
             where = (f"{self.spec.source} shard {unit.start}" + (f" (mirror {self.hf_mirror})" if self.hf_mirror else "")
-                     if unit.kind == "hf" else str(unit.paths[0]))
+                     if unit.kind == "hf" else str(unit.files[0]))
+            if unit.kind == "hf" and not self.hf_mirror and is_transient(e):
+                raise TransientReadError(where, f"{type(e).__name__}: {brief(e, 300)}") from None
             raise UserError(f"{where}: unreadable data ({type(e).__name__}: {brief(e)}); re-download or fix it, "
                             f"or drop it from datasets.{self.spec.name}") from None
 
@@ -326,7 +389,8 @@ class Source:
             yield ds[s:min(s + batch_size, unit.stop)].column(0).to_pylist()
 
     def _read_hf(self, unit: Unit, batch_size: int) -> Iterator[list]:
-        stream = self._hf_stream().shard(num_shards=unit.stop, index=unit.start)
+        commit = unit.files[1] if len(unit.files) > 1 else None
+        stream = self._hf_stream(commit).shard(num_shards=unit.stop, index=unit.start)
         for batch in stream.iter(batch_size=batch_size):
             if self.spec.text_field not in batch:
                 raise self._missing_field(f"{self.spec.source} shard {unit.start}", batch)
