@@ -26,10 +26,12 @@ echo "nano3: job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) on ${SLURM_JOB_NODELI
 STEP_ARGS=(--kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK})
 
 # Run a command on every task of a job step, inside the container (exec: the caller's process is srun),
-# after stages/in_image.sh has checked (or, with image_extras = "install", completed) the image.
+# after stages/in_image.sh has checked (or, with image_extras = "install", completed) the image. pyxis: the container
+# is named after the job, so the image is imported at its first step and reused by the others.
 in_container() {
   case "${NANO3_RUNTIME:-none}" in
-    pyxis) exec srun "${STEP_ARGS[@]}" --container-image="$NANO3_IMAGE" --container-workdir="$PWD" --no-container-mount-home \
+    pyxis) exec srun "${STEP_ARGS[@]}" --container-image="$NANO3_IMAGE" --container-name="nano3-${SLURM_JOB_ID:-$$}" \
+             --container-workdir="$PWD" --no-container-mount-home \
              --container-mounts="$PWD:$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" bash "$STAGES/in_image.sh" "$@" ;;
     apptainer) exec srun "${STEP_ARGS[@]}" apptainer exec --nv --pwd "$PWD" --bind "$PWD${NANO3_MOUNTS:+,$NANO3_MOUNTS}" "$NANO3_IMAGE" \
                  bash "$STAGES/in_image.sh" "$@" ;;

@@ -136,7 +136,7 @@ def test_every_stage_renders_for_two_nodes_of_eight_gpus_and_passes_test_only(re
         out = launch(repo, "submit", stage, "--cluster", "twonode", "--test-only", *args)
         line, verdict = out.stdout.strip().splitlines()[-2:]
         assert f"stages/{stage}.sbatch" in line and "--account=proj123" in line and "NANO3_RUNTIME=pyxis" in line
-        assert "NANO3_IMAGE=nvcr.io/nvidia/nemo:25.11.nemotron_3_nano" in line and "--partition=render" in line
+        assert "NANO3_IMAGE='nvcr.io#nvidia/nemo:25.11.nemotron_3_nano'" in line  # quoted for the shell and "--partition=render" in line
         if stage in ("pretrain", "lc"):
             assert "--nodes=2" in line and "--gpus-per-node=8" in line and "--ntasks-per-node=1" in line
             assert "on nodes vm,vm-r2" in verdict or "nodes" in verdict

@@ -233,3 +233,39 @@ def test_following_a_log_that_a_requeued_run_started_afresh_reads_it_from_the_to
     assert slurm.wait_for("0", log, job, stream=shown, cancel_on_interrupt=False, offset=log.stat().st_size) == 0
     later.join()
     assert shown.getvalue() == "second run done\n"
+
+
+@pytest.mark.parametrize("written,used", [
+    ("nvcr.io/nvidia/nemo:25.11.nemotron_3_nano", "nvcr.io#nvidia/nemo:25.11.nemotron_3_nano"),  # docker-style
+    ("nvcr.io#nvidia/nemo:25.11.nemotron_3_nano", "nvcr.io#nvidia/nemo:25.11.nemotron_3_nano"),  # enroot's own
+    ("registry.local:5000/team/nemo:26.02", "registry.local:5000#team/nemo:26.02"),
+    ("/lustre/images/nemo-25.11.sqsh", "/lustre/images/nemo-25.11.sqsh"),  # a squash file, imported once per site
+    ("ubuntu:24.04", "ubuntu:24.04"),  # Docker Hub: no registry host
+])
+def test_pyxis_gets_the_image_in_the_form_enroot_3_and_4_both_read(tmp_path, written, used):
+    """Issue 32: pyxis documents `nvcr.io#nvidia/nemo:tag`; enroot before 4.0 reads `nvcr.io/nvidia/...` as a Docker
+    Hub name (401). A registry host before the first `/` becomes enroot's `#` form; paths and Hub names stay."""
+    text = GOOD.replace("nvcr.io/nvidia/nemo:25.11.nemotron_3_nano", written)
+    profile = get_profile("big", profile_file(tmp_path, text))
+    assert profile.container_image == used
+    request = build_request("sample", load_params(ROOT / "params.yaml"), profile)
+    assert request.env["NANO3_IMAGE"] == used
+    apptainer = text.replace('runtime = "pyxis"', 'runtime = "apptainer"')
+    assert get_profile("big", profile_file(tmp_path, apptainer)).container_image == written  # apptainer's own forms
+
+
+def test_a_job_imports_the_image_once_and_every_step_reuses_it(tmp_path):
+    """Each srun step of a pyxis job names its container after the job: pyxis imports the image at the first step
+    and reuses the container for the others. Pyxis is not installed here, so srun is a stand-in that prints the
+    arguments slurm.sh's real in_container gives it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "NANO3_RUNTIME": "pyxis", "SLURM_JOB_ID": "4242",
+           "NANO3_IMAGE": "nvcr.io#nvidia/nemo:25.11.nemotron_3_nano", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", "-c", f"source {ROOT / 'stages' / 'slurm.sh'} && in_container python3 -V"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert "--container-image=nvcr.io#nvidia/nemo:25.11.nemotron_3_nano" in out
+    assert "--container-name=nano3-4242" in out  # one container per job, whatever its steps
+    assert out[-3:] == [f"{tmp_path}/stages/in_image.sh", "python3", "-V"]

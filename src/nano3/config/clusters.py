@@ -118,7 +118,21 @@ def get_profile(name: str, path: str | Path = PROFILES_FILE) -> ClusterProfile:
         raise UserError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
     raw["mounts"] = tuple(raw.get("mounts", ()))
     raw["sbatch_extra"] = tuple(raw.get("sbatch_extra", ()))
+    if raw["runtime"] == "pyxis":
+        raw["container_image"] = enroot_image(raw["container_image"])
     return ClusterProfile(name=name, **raw)
+
+
+def enroot_image(ref: str) -> str:
+    """An image reference as pyxis documents it and enroot 3.x and 4.x both read: `registry#repo:tag`. enroot before
+    4.0 reads the docker form `nvcr.io/nvidia/nemo:tag` as a Docker Hub name and fails with 401. A path (a squash file
+    imported once per site) and a Docker Hub name (no registry host before the first `/`) stay as written."""
+    if "#" in ref or ref.startswith(("/", "./", "../")) or ref.endswith(".sqsh") or "/" not in ref:
+        return ref
+    host, _, rest = ref.partition("/")
+    if "." in host or ":" in host or host == "localhost":
+        return f"{host}#{rest}"
+    return ref
 
 
 def local_gpu_memory() -> tuple[float, str] | None:
