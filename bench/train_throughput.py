@@ -142,25 +142,43 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     env = {"TRITON_CACHE_DIR": str(out_dir / "triton-cache"), **os.environ,
            **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
     log_file = out_dir / f"{name}.log"
-    rc, first_row_s = run_with_progress(cmd, env, log_file, ckpt, name)
+    rc, first_row_s = run_with_progress(cmd, env, log_file, ckpt, name, iters)
+    runs = sorted(ckpt.glob("pretrain/*/live"))  # the run's own metrics: the stage is stopped before it publishes them
+    rows = {key: read_metric(runs[-1], key) if runs else [] for key in METRICS}
     shutil.rmtree(ckpt, ignore_errors=True)
     if rc != 0:
         return {"variant": name, "error": f"exit {rc}; see {log_file}"}
     metrics = {}
-    for key in ("perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu_true", "perf/tflops_per_gpu_bridge",
-                "perf/max_memory_gib", "perf/max_memory_reserved_gib", "moe/max_over_mean_load"):
-        values = [v for s, v in read_metric(live / name / "pretrain", key) if s > warmup]
+    for key in METRICS[:6]:
+        values = [v for s, v in rows[key] if s > warmup]
         metrics[key.split("/")[1]] = statistics.median(values) if values else float("nan")
-    for key in ("perf/host_rank_peak_gib", "perf/host_pinned_gib"):  # peaks, from the first step on
-        values = [v for _, v in read_metric(live / name / "pretrain", key)]
+    for key in METRICS[6:]:  # peaks, from the first step on
+        values = [v for _, v in rows[key]]
         metrics[key.split("/")[1]] = max(values) if values else float("nan")
     return {"variant": name, "seq": seq, **metrics, "plan_allocated_gib": plan_allocated_gib, "plan_gib": plan_gib,
             "first_row_s": first_row_s, "seconds": round(time.time() - t0, 1)}
 
 
-def run_with_progress(cmd: list[str], env: dict, log_file: Path, ckpt: Path, name: str) -> tuple[int, float | None]:
+METRICS = ("perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu_true", "perf/tflops_per_gpu_bridge", "perf/max_memory_gib",
+           "perf/max_memory_reserved_gib", "moe/max_over_mean_load", "perf/host_rank_peak_gib", "perf/host_pinned_gib")
+
+
+def last_step(ckpt: Path) -> int:
+    """The last iteration a variant's run has logged so far (a row being written is read on the next poll)."""
+    try:
+        return max((step for run in ckpt.glob("pretrain/*/live") for step, _ in read_metric(run, METRICS[0])), default=0)
+    except (ValueError, KeyError):
+        return 0
+
+
+def run_with_progress(cmd: list[str], env: dict, log_file: Path, ckpt: Path, name: str,
+                      iters: int) -> tuple[int, float | None]:
     """Run one variant with its output in `log_file`, echoing the stage's own lines (its start-up progress among
-    them) and each logged iteration as it comes; returns the exit status and the seconds to the first logged row."""
+    them) and each logged iteration as it comes; returns the exit status and the seconds to the first logged row.
+    Once the last iteration is logged the stage and its ranks are killed: their final checkpoint save (~50 s for the
+    5-layer slice) is not what is measured, and the variant's checkpoints are deleted anyway."""
+    import psutil
+
     t0, first_row, seen = time.time(), None, 0
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
@@ -177,6 +195,16 @@ def run_with_progress(cmd: list[str], env: dict, log_file: Path, ckpt: Path, nam
                 first_row = round(time.time() - t0, 1)
             if rc is not None:
                 return rc, first_row
+            if last_step(ckpt) >= iters:
+                for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                    try:
+                        p.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                proc.wait()
+                print(f"[{name} {time.time() - t0:6.0f} s] iteration {iters} logged: stopped before the final save",
+                      flush=True)
+                return 0, first_row
             time.sleep(2)
 
 
