@@ -1,0 +1,78 @@
+"""Issue 32: a job on the bare recipe image (`image_extras = "install"`) installs nano3's packages at its start, first on
+PYTHONPATH. The image's transformers (before 5) requires huggingface-hub before 1.0; nano3's pinned datasets 5.2 brings
+huggingface-hub 1.x, which used to land in the install and break the image's transformers at import. On a stand-in of
+the image's Python stack (tests/standin/recipe_image.txt, a real venv from PyPI), stages/in_image.sh's install runs for
+real: it installs only what the image lacks, shadows nothing, and the data stages run there with the same bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, copy_repo, make_params
+
+STANDIN = ROOT / "tests" / "standin" / "recipe_image.txt"
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    """A venv holding the stand-in's packages: the 'image' Python."""
+    venv = tmp_path_factory.mktemp("standin") / "image"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir", "-r", str(STANDIN)],
+                   check=True, capture_output=True, text=True, timeout=900)
+    return venv
+
+
+def in_image(repo: Path, image: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {"PATH": f"{image / 'bin'}:/usr/bin:/bin", "HOME": str(repo), "NANO3_IMAGE_EXTRAS": "install",
+           "PYTHONPATH": str(repo / "src"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(["bash", "stages/in_image.sh", *cmd], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=1200)
+
+
+def test_the_extras_install_shadows_nothing_of_the_image_and_the_data_stages_run_there(image, tmp_path, spm_dir,
+                                                                                        sample_dir):
+    repo = copy_repo(tmp_path / "repo")
+    versions = ("import transformers, huggingface_hub, datasets, dvc, dvclive, sentencepiece, gigatoken; "
+                "print(transformers.__version__, huggingface_hub.__version__, datasets.__version__)")
+    done = in_image(repo, image, "python", "-c", versions)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the image's own versions, with nano3's packages importable beside them
+    assert done.stdout.split()[-3:] == ["4.57.6", "0.36.2", "4.4.2"]
+    assert "image ok: nano3's packages" in done.stdout
+    extras = next((repo / ".nano3-extras").glob("py*"))
+    installed = {canonical(line.split("==")[0]) for line in (extras / "INSTALLED.txt").read_text().split()}
+    image_has = {canonical(line.split("==")[0]) for line in subprocess.run(
+        [str(image / "bin" / "pip"), "freeze", "--all"], capture_output=True, text=True, check=True).stdout.split()}
+    assert {"dvc", "dvclive", "sentencepiece", "gigatoken"} <= installed
+    assert not installed & image_has  # nothing the image has is installed again: nothing shadows it
+    on_path = {canonical(p.name.split("-")[0]) for p in extras.glob("*.dist-info")}
+    assert on_path == {canonical(n) for n in installed}
+
+    # prep in the image's Python gives the bytes it gives in the project's own environment
+    source = sample_dir / "stdlib-docs"
+    for where, python, extra_path in (("image", str(image / "bin" / "python"), str(extras)),
+                                      ("project", sys.executable, "")):
+        params = make_params(tmp_path / where, spm_dir, {"docs": {"source": str(source)}}, prep={"workers": 1})
+        (tmp_path / where).mkdir(parents=True, exist_ok=True)
+        (tmp_path / where / "params.yaml").write_text(yaml.safe_dump(dict(params)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), extra_path]))}
+        run = subprocess.run([python, str(ROOT / "stages" / "prep.py"), "--params", str(tmp_path / where / "params.yaml"),
+                              "docs"], cwd=tmp_path / where, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"{where}: {run.stderr[-3000:]}"
+    manifests = [json.loads((tmp_path / w / "prepared" / "docs" / "manifest.json").read_text()) for w in ("image", "project")]
+    shards = [[(s["sha256_bin"], s["sha256_idx"]) for split in m["splits"].values() for s in split["shards"]]
+              for m in manifests]
+    assert shards[0] == shards[1] and manifests[0]["tokens"] == manifests[1]["tokens"] > 0
