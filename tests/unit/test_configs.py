@@ -38,7 +38,7 @@ def test_production_blend_is_nvidias_open_datasets_and_plans_at_recipe_scale(tmp
     assert abs(lc["retrieval"] / sum(lc.values()) - 0.01) < 1e-4  # the tech report's 1% synthetic retrieval
     plan = build_plan(p)
     assert plan.params_total / 1e9 > 31 and plan.schedule.pretrain_iters == round(25e12 / (8192 * 4096))
-    assert plan.stages["lc"].layout.world == 256 and plan.stages["lc"].layout.cp == 8
+    assert plan.stages["lc"].layout.world == 256 and plan.stages["lc"].layout.cp == 32  # TP 2: the recipe image
 
 
 def test_console_scripts_point_at_callables():

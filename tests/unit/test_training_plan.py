@@ -531,7 +531,7 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
     p["train"]["parallel"]["tp"] = 1
     assert build_plan(p, stages=("train",), gpu_memory=(139.8, "an H200"))  # the 1-node layout fits an H200  # fits there
 
-    lc = load_params(ROOT / "configs" / "nano3.yaml")
+    lc = load_params(ROOT / "configs" / "nano3.yaml", ["lc.parallel.tp=8", "lc.parallel.cp=8"])  # the recipe's
     lc["lc"]["seq_length"] = 1048576
     lc["lc"]["parallel"]["pp"] = 1
     with pytest.raises(UserError, match=r"lc: the plan estimates 86.2 GiB .* nearest layouts that fit: lc\.parallel\.pp=4 "):
@@ -592,7 +592,7 @@ def test_tp_above_the_kv_groups_is_refused_where_the_stack_cannot_split_them(mon
     assert tp_splits_kv_groups() is True  # the installed megatron-core (0.19.2)
     older = "self.num_query_groups_per_partition = divide(self.config.num_query_groups, world_size)"
     assert tp_splits_kv_groups(older) is False
-    params = load_params(ROOT / "configs" / "nano3.yaml")
+    params = load_params(ROOT / "configs" / "nano3.yaml", ["lc.parallel.tp=8", "lc.parallel.cp=8"])  # the recipe's
     assert build_plan(params, stages=("lc",)).stages["lc"].layout.tp == 8  # builds on today's stack
     with pytest.raises(UserError) as err:
         build_plan(params, stages=("lc",), tp_above_kv_groups=False)
@@ -600,7 +600,8 @@ def test_tp_above_the_kv_groups_is_refused_where_the_stack_cannot_split_them(mon
     assert message.startswith("lc.parallel.tp=8 is above the 2 KV groups, which the stack that runs it cannot split")
     assert "nearest layouts that build there and fit: lc.parallel.tp=2 lc.parallel.cp=32 (" in message
     assert "\n" not in message
-    fixed = load_params(ROOT / "configs" / "nano3.yaml", ["lc.parallel.tp=2", "lc.parallel.cp=32"])
+    fixed = load_params(ROOT / "configs" / "nano3.yaml")  # production's lc layout is the first that builds there
+    assert (fixed["lc"]["parallel"]["tp"], fixed["lc"]["parallel"]["cp"]) == (2, 32)
     assert build_plan(fixed, stages=("lc",), tp_above_kv_groups=False).stages["lc"].memory.total_gib < 79.6
     profile = get_profile("example-pyxis", ROOT / "stages" / "clusters.toml")  # the recipe image
     assert profile.tp_above_kv_groups is False
