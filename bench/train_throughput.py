@@ -128,12 +128,13 @@ def planned_gib(overrides: list[str]) -> tuple[float, float]:
 
 
 def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
-                scale: str = "reduced", seq: int = 4096, cp_from: int = 65536, gpus_per_run: int = 2) -> dict:
+                scale: str = "reduced", seq: int = 4096, cp_from: int = 65536, gpus_per_run: int = 2,
+                seed: int | None = None) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
     gbs = int([o for o in [*SCALES[scale], *overrides] if o.startswith("train.global_batch_size=")][-1].split("=")[1])
     cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from, gpus_per_run),
-           f"train.seq_length={seq}", *overrides,
+           f"train.seq_length={seq}", *overrides, *([f"train.seed={seed}"] if seed is not None else []),
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
     plan_allocated_gib, plan_gib = planned_gib(cmd[2:])
     t0 = time.time()
@@ -144,7 +145,7 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     log_file = out_dir / f"{name}.log"
     rc, first_row_s = run_with_progress(cmd, env, log_file, ckpt, name, iters)
     runs = sorted(ckpt.glob("pretrain/*/live"))  # the run's own metrics: the stage is stopped before it publishes them
-    rows = {key: read_metric(runs[-1], key) if runs else [] for key in METRICS}
+    rows = {key: read_metric(runs[-1], key) if runs else [] for key in (*METRICS, "train/loss")}
     shutil.rmtree(ckpt, ignore_errors=True)
     if rc != 0:
         return {"variant": name, "error": f"exit {rc}; see {log_file}"}
@@ -155,8 +156,9 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     for key in METRICS[6:]:  # peaks, from the first step on
         values = [v for _, v in rows[key]]
         metrics[key.split("/")[1]] = max(values) if values else float("nan")
-    return {"variant": name, "seq": seq, **metrics, "plan_allocated_gib": plan_allocated_gib, "plan_gib": plan_gib,
-            "first_row_s": first_row_s, "seconds": round(time.time() - t0, 1)}
+    return {"variant": name, "seq": seq, "seed": seed, **metrics, "plan_allocated_gib": plan_allocated_gib,
+            "plan_gib": plan_gib, "first_row_s": first_row_s, "seconds": round(time.time() - t0, 1),
+            "loss": rows["train/loss"]}
 
 
 METRICS = ("perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu_true", "perf/tflops_per_gpu_bridge", "perf/max_memory_gib",
@@ -223,6 +225,9 @@ def main() -> None:
     ap.add_argument("--cp-from", type=int, default=65536, help="--scale long: CP 2 from this length on")
     ap.add_argument("--gpus-per-run", type=int, choices=[1, 2], default=2,
                     help="--scale long: GPUs of one run (1: no CP, no DP; for a machine with one GPU)")
+    ap.add_argument("--seeds", default=None, help="comma-separated train.seed values: every variant at each, then "
+                    "each variant's loss curve against the first variant's at the same seed, beside the first "
+                    "variant's own seed-to-seed difference (a speed setting must not change the loss)")
     args = ap.parse_args()
     if args.lengths:
         return by_length(args)
@@ -234,24 +239,68 @@ def main() -> None:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     names = args.variants.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+    runs = [(n, seed) for seed in seeds for n in names]  # every variant at the first seed first
     gpus = args.gpus.split(",")
-    queues = {g: names[i::len(gpus)] for i, g in enumerate(gpus)}  # each GPU runs its variants one by one
+    queues = {g: runs[i::len(gpus)] for i, g in enumerate(gpus)}  # each GPU runs its variants one by one
+
+    def key(name: str, seed: int | None) -> str:
+        return name if seed in (None, seeds[0]) else f"{name}@{seed}"
 
     results: dict[str, dict] = {}
 
     def run_queue(gpu: str) -> None:
         visible = None if gpu == "all" else gpu
-        for n in queues[gpu]:
-            results[n] = run_variant(n, VARIANTS[n], args.iters, args.warmup, out_dir, visible, args.scale, args.seq)
-            print_result(results[n], results.get(names[0]), device)  # as each ends: a cut run keeps its lines
+        for n, seed in queues[gpu]:
+            k = key(n, seed)
+            results[k] = run_variant(k, VARIANTS[n], args.iters, args.warmup, out_dir, visible, args.scale, args.seq,
+                                     seed=seed)
+            print_result(results[k], results.get(key(names[0], seed)), device)  # as each ends: a cut run keeps it
             (out_dir / "train_throughput.json").write_text(json.dumps(
-                {"device": device, "results": [results[k] for k in names if k in results]}, indent=2))
+                {"device": device, "results": [results[key(*r)] for r in runs if key(*r) in results]}, indent=2))
 
     with cf.ThreadPoolExecutor(len(gpus)) as pool:
         list(pool.map(run_queue, gpus))
     print("\nall variants (ratios to the first):", flush=True)
-    for n in names:
-        print_result(results[n], results[names[0]], device)
+    for n, seed in runs:
+        print_result(results[key(n, seed)], results[key(names[0], seed)], device)
+    if len(seeds) > 1:
+        loss_check(results, names, seeds, key, out_dir)
+
+
+def loss_check(results: dict, names: list[str], seeds: list[int], key, out_dir: Path) -> None:
+    """Each variant's loss against the first variant's at the same seed (mean |difference| over the iterations both
+    logged), beside the first variant's own difference between seeds: the run-to-run noise a speed setting must stay
+    within. Writes loss_curves.png."""
+    def curve(name: str, seed: int) -> dict[int, float]:
+        return dict(results[key(name, seed)].get("loss", []))
+
+    def mean_gap(a: dict, b: dict) -> float:
+        steps = sorted(set(a) & set(b))
+        return statistics.mean(abs(a[i] - b[i]) for i in steps) if steps else float("nan")
+
+    base = names[0]
+    noise = statistics.mean(mean_gap(curve(base, s), curve(base, t)) for s in seeds for t in seeds if s < t)
+    print(f"\nloss: {base} seed to seed, mean |difference| {noise:.4f} (the run-to-run noise)", flush=True)
+    for name in names[1:]:
+        gap = statistics.mean(mean_gap(curve(name, s), curve(base, s)) for s in seeds)
+        verdict = "within" if gap <= noise else "OUTSIDE"
+        print(f"loss: {name:18s} vs {base} at the same seed, mean |difference| {gap:.4f}: {verdict} the noise",
+              flush=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name in names:
+        for seed in seeds:
+            steps, losses = zip(*sorted(curve(name, seed).items())) if curve(name, seed) else ((), ())
+            ax.plot(steps, losses, label=f"{name} seed {seed}", linestyle="-" if seed == seeds[0] else "--")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("lm loss")
+    ax.legend(fontsize=7)
+    fig.savefig(out_dir / "loss_curves.png", dpi=120, bbox_inches="tight")
 
 
 def print_result(r: dict, base: dict | None, device: str) -> None:
