@@ -88,6 +88,15 @@ VARIANTS = {
                        "bridge.train.manual_gc=true", "bridge.train.manual_gc_interval=100"],
     "prod_mbs4_fp8": ["train.micro_batch_size=4", "train.recompute_modules=[moe,layernorm]", "train.precision=fp8",
                       "train.fp8_edge_layers_bf16=false"],
+    # ... and on top of micro-batch 4 without recompute (the best of the first H200 run: 325.8 TFLOP/s)
+    "mbs8": ["train.micro_batch_size=8"],
+    "mbs4_fp8": ["train.micro_batch_size=4", "train.precision=fp8", "train.fp8_edge_layers_bf16=false"],
+    "mbs4_fp8_delayed": ["train.micro_batch_size=4", "train.precision=fp8_delayed"],
+    "mbs4_fp8_block": ["train.micro_batch_size=4", "train.precision=fp8_blockwise"],
+    "mbs4_graphs": ["train.micro_batch_size=4", "train.kernels.cuda_graphs=transformer_engine",
+                    "bridge.model.cuda_graph_modules=[mamba,attn]"],
+    "mbs4_router_fusion": ["train.micro_batch_size=4", "bridge.model.moe_router_fusion=true"],
+    "mbs4_manual_gc": ["train.micro_batch_size=4", "bridge.train.manual_gc=true", "bridge.train.manual_gc_interval=100"],
     "prod_best": ["train.micro_batch_size=4", "train.recompute_modules=[moe,layernorm]", "train.precision=fp8",
                   "train.fp8_edge_layers_bf16=false", "bridge.model.moe_router_fusion=true",
                   "bridge.train.manual_gc=true", "bridge.train.manual_gc_interval=100"],
@@ -129,12 +138,13 @@ def planned_gib(overrides: list[str]) -> tuple[float, float]:
 
 def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_dir: Path, gpu: str | None = None,
                 scale: str = "reduced", seq: int = 4096, cp_from: int = 65536, gpus_per_run: int = 2,
-                seed: int | None = None) -> dict:
+                seed: int | None = None, profile: bool = False) -> dict:
     live = out_dir / "live"
     ckpt = out_dir / "ckpt" / name
     gbs = int([o for o in [*SCALES[scale], *overrides] if o.startswith("train.global_batch_size=")][-1].split("=")[1])
     cmd = [sys.executable, "stages/pretrain.py", *COMMON, *SCALES[scale], *layout_for(scale, seq, cp_from, gpus_per_run),
            f"train.seq_length={seq}", *overrides, *([f"train.seed={seed}"] if seed is not None else []),
+           *(profiled(iters) if profile else []),
            f"train.tokens={iters * gbs * seq}", f"train.live_dir={live / name}", f"train.checkpoint_dir={ckpt}"]
     plan_allocated_gib, plan_gib = planned_gib(cmd[2:])
     t0 = time.time()
@@ -146,6 +156,8 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
     rc, first_row_s = run_with_progress(cmd, env, log_file, ckpt, name, iters)
     runs = sorted(ckpt.glob("pretrain/*/live"))  # the run's own metrics: the stage is stopped before it publishes them
     rows = {key: read_metric(runs[-1], key) if runs else [] for key in (*METRICS, "train/loss")}
+    traces = sorted(ckpt.glob("pretrain/*/torch_profile/rank-0.json*"))
+    kernels = top_kernels(traces[-1]) if profile and traces else None
     shutil.rmtree(ckpt, ignore_errors=True)
     if rc != 0:
         return {"variant": name, "error": f"exit {rc}; see {log_file}"}
@@ -158,7 +170,50 @@ def run_variant(name: str, overrides: list[str], iters: int, warmup: int, out_di
         metrics[key.split("/")[1]] = max(values) if values else float("nan")
     return {"variant": name, "seq": seq, "seed": seed, **metrics, "plan_allocated_gib": plan_allocated_gib,
             "plan_gib": plan_gib, "first_row_s": first_row_s, "seconds": round(time.time() - t0, 1),
-            "loss": rows["train/loss"]}
+            "loss": rows["train/loss"], **({"kernels": kernels} if kernels else {})}
+
+
+def profiled(iters: int) -> list[str]:
+    """Bridge's torch-profiler window over two iterations near the end (exported before the bench stops the run)."""
+    return ["bridge.profiling.use_pytorch_profiler=true", f"bridge.profiling.profile_step_start={iters - 4}",
+            f"bridge.profiling.profile_step_end={iters - 2}", "bridge.profiling.profile_ranks=[0]"]
+
+
+DENSE_BF16_PEAK = 989.0  # TFLOP/s, H100 and H200 SXM (FACTS.md)
+
+# Kernel families by name, for the profile summary (first match wins)
+FAMILIES = (("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgrad", "dgrad")),
+            ("attention", ("flash", "fmha", "attn")),
+            ("Mamba scan/conv", ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "causal_conv",
+                                 "ssd", "selective")),
+            ("MoE permute/router", ("permut", "topk", "router", "moe", "sort", "scatter", "gather", "index")),
+            ("FP8 cast/amax", ("cast", "amax", "quantiz", "fp8")),
+            ("NCCL", ("nccl",)),
+            ("norm", ("norm",)),
+            ("memory", ("memcpy", "memset")))
+
+
+def top_kernels(trace: Path, top: int = 15) -> dict:
+    """GPU time by kernel name and by family in a chrome trace of torch's profiler: where the step's time goes."""
+    import gzip
+
+    opener = gzip.open if trace.suffix == ".gz" else open
+    with opener(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    by_name: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            by_name[e["name"]] = by_name.get(e["name"], 0.0) + float(e.get("dur", 0))
+    total = sum(by_name.values()) or 1.0
+    families: dict[str, float] = {}
+    for name, us in by_name.items():
+        low = name.lower()
+        family = next((f for f, words in FAMILIES if any(w in low for w in words)), "other elementwise")
+        families[family] = families.get(family, 0.0) + us
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"gpu_ms": round(total / 1e3, 1),
+            "families": {f: round(us / total, 4) for f, us in sorted(families.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": n[:120], "ms": round(us / 1e3, 2), "share": round(us / total, 4)} for n, us in ranked]}
 
 
 METRICS = ("perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu_true", "perf/tflops_per_gpu_bridge", "perf/max_memory_gib",
@@ -225,6 +280,9 @@ def main() -> None:
     ap.add_argument("--cp-from", type=int, default=65536, help="--scale long: CP 2 from this length on")
     ap.add_argument("--gpus-per-run", type=int, choices=[1, 2], default=2,
                     help="--scale long: GPUs of one run (1: no CP, no DP; for a machine with one GPU)")
+    ap.add_argument("--profile", default=None, metavar="VARIANT", help="afterwards, run VARIANT once more under "
+                    "torch's profiler (two iterations near the end) and print GPU time by kernel family and the top "
+                    "kernels (profile_<VARIANT>.json); its throughput is not reported")
     ap.add_argument("--seeds", default=None, help="comma-separated train.seed values: every variant at each, then "
                     "each variant's loss curve against the first variant's at the same seed, beside the first "
                     "variant's own seed-to-seed difference (a speed setting must not change the loss)")
@@ -266,6 +324,28 @@ def main() -> None:
         print_result(results[key(n, seed)], results[key(names[0], seed)], device)
     if len(seeds) > 1:
         loss_check(results, names, seeds, key, out_dir)
+    if args.profile:
+        r = run_variant(f"{args.profile}-profile", VARIANTS[args.profile], args.iters, args.warmup, out_dir,
+                        None if gpus[0] == "all" else gpus[0], args.scale, args.seq, profile=True)
+        print_profile(r, out_dir)
+
+
+def print_profile(r: dict, out_dir: Path) -> None:
+    if "kernels" not in r:
+        print(f"profile {r['variant']}: no trace ({r.get('error', 'the profiler wrote none')})", flush=True)
+        return
+    k = r["kernels"]
+    (out_dir / f"profile_{r['variant']}.json").write_text(json.dumps(k, indent=2))
+    print(f"\nprofile {r['variant']}: {k['gpu_ms']:,.1f} ms of GPU kernels over the profiled iterations", flush=True)
+    for family, share in k["families"].items():
+        print(f"  {family:22s} {100 * share:5.1f}%", flush=True)
+    gemm, rate = k["families"].get("GEMM", 0.0), r.get("tflops_per_gpu_true", float("nan"))
+    if gemm:  # nearly all of the model's FLOPs are GEMMs: their rate is at most the step's rate over their share
+        print(f"  the step runs at {rate:.0f} TFLOP/s (true count), {rate / DENSE_BF16_PEAK:.0%} of the BF16 peak; "
+              f"its GEMMs at most {rate / gemm:.0f} TFLOP/s ({rate / gemm / DENSE_BF16_PEAK:.0%}) while they run",
+              flush=True)
+    for row in k["top"]:
+        print(f"  {100 * row['share']:5.1f}%  {row['ms']:9.2f} ms  {row['kernel']}", flush=True)
 
 
 def loss_check(results: dict, names: list[str], seeds: list[int], key, out_dir: Path) -> None:
