@@ -72,6 +72,9 @@ apply: setup  ## EXP=<name>: make the workspace that experiment's, models includ
 verify-data: setup  ## prepared shards vs their manifests: sizes (seconds); SHA256=1 reads every byte
 	python -m nano3.data.shards $(if $(SHA256),--sha256)
 
+prune-data: setup  ## shard versions and removed datasets' folders params.yaml no longer uses; APPLY=1 removes
+	python -m nano3.data.shards --prune $(if $(APPLY),--apply)
+
 clean-runs: setup  ## remove checkpoints no commit, experiment or workspace refers to (DRY=1 lists them)
 	python -m nano3.train.reclaim $(if $(DRY),--dry-run)
 
@@ -82,4 +85,4 @@ container:  ## build the image (FROM the NeMo container) with docker, enroot or 
 	containers/build.sh $(RUNTIME)
 
 .PHONY: help setup test smoke plan conform sample retrieval tokenizer prep blend pretrain lc export eval all exps apply \
-        verify-data clean-runs status cancel logs container
+        verify-data prune-data clean-runs status cancel logs container

@@ -79,3 +79,30 @@ def test_verify_data_checks_sizes_quickly_and_every_byte_with_sha256(docs, capsy
     assert [line for line in out.splitlines() if "error" in line] == [out.splitlines()[-1]]  # one line
     rc, out = verify(tmp, capsys, "nosuch")  # a dataset never prepared: one line too, not a traceback
     assert rc == 1 and out.startswith("error: ") and "nosuch/manifest.json" in out and "Traceback" not in out
+
+
+def test_prune_lists_then_removes_only_what_no_dataset_uses(docs, spm_dir, capsys):
+    """Issue 31: a removed dataset left data/prepared/<name> (and its work and shards) behind, and old shard versions
+    stayed forever. `make prune-data` lists them with their sizes; APPLY=1 removes them, and only them."""
+    tmp, params, first = docs
+    other = make_params(tmp, spm_dir, {"docs": {**params["datasets"]["docs"], "valid_fraction": 0.1}},
+                        prep={"unit_mb": 1})
+    second = prepare_dataset(other, "docs", show_progress=False)  # a new plan: a second shard version
+    for root in ("prepared", "work", "shards"):  # a dataset removed from params.yaml since it was prepared
+        (tmp / root / "gone" / ("v1" if root == "shards" else "")).mkdir(parents=True, exist_ok=True)
+        (tmp / root / "gone" / "file").write_bytes(b"x" * 1000)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(dict(other)))
+
+    rc, listed = verify(tmp, capsys, "--prune")
+    assert rc == 0
+    expected = sorted([str(tmp / "prepared" / "gone"), str(tmp / "work" / "gone"), str(tmp / "shards" / "gone"),
+                       first["shards_dir"]])
+    assert sorted(line.split(": ", 1)[1].rsplit(" (", 1)[0] for line in listed.splitlines()
+                  if line.startswith("unused: ")) == expected
+    assert "prune-data: 4 folders" in listed and all(Path(p).exists() for p in expected)  # a dry run
+
+    rc, removed = verify(tmp, capsys, "--prune", "--apply")
+    assert rc == 0 and removed.count("removed: ") == 4 and not any(Path(p).exists() for p in expected)
+    assert Path(second["shards_dir"]).exists() and (tmp / "prepared" / "docs" / "manifest.json").exists()
+    assert verify(tmp, capsys)[0] == 0  # what is left still verifies
+    assert "every folder is in use" in verify(tmp, capsys, "--prune")[1]

@@ -9,11 +9,18 @@ an older experiment finds the older version beside the newer one. Their check is
 verify-data` compares sizes (a stat per file) and with `--sha256` every byte; every reader checks sizes first.
 
     python -m nano3.data.shards [--sha256] [dataset ...]
+    python -m nano3.data.shards --prune [--apply]     # what no dataset of params.yaml uses; --apply removes it
+
+Old versions stay until pruned: they are what makes going back to an older experiment free. `make prune-data` lists
+what no dataset of params.yaml uses now (a removed dataset's manifest, work and shards; shard versions other than the
+one each manifest names) with its size; `APPLY=1` removes it, after which going back re-prepares those datasets.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +67,42 @@ def check_shards(manifest: dict, splits=None, *, sha256: bool = False, progress=
             progress(size)
 
 
+def unused(prep, datasets) -> list[Path]:
+    """Folders under prep's three directories that no dataset in `datasets` uses: a removed dataset's manifest, work
+    and shards folders, and every shard version but the one its dataset's current manifest names."""
+    out: list[Path] = []
+    for root in (Path(prep.out_dir), Path(prep.work_dir)):
+        out += [d for d in sorted(root.glob("*")) if d.is_dir() and d.name not in datasets]
+    for folder in sorted(Path(prep.shards_dir).glob("*")):
+        if not folder.is_dir():
+            continue
+        if folder.name not in datasets:
+            out.append(folder)
+            continue
+        manifest = manifest_path(prep, folder.name)
+        current = Path(read_json(manifest, "manifest")["shards_dir"]).resolve() if manifest.exists() else None
+        out += [v for v in sorted(folder.glob("*")) if v.is_dir() and v.resolve() != current]
+    return out
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def prune(params, apply: bool) -> int:
+    """`make prune-data`: list (and with `apply` remove) what `unused` finds; returns the bytes it holds."""
+    found = [(path, folder_bytes(path)) for path in unused(params.settings.prep, set(params.settings.datasets))]
+    for path, size in found:
+        print(f"{'removed' if apply else 'unused'}: {path} ({size / 2**30:.2f} GiB)")
+        if apply:
+            shutil.rmtree(path)
+    total = sum(size for _, size in found)
+    verb = "removed" if apply else "to remove with APPLY=1 (an older experiment's datasets are then prepared again)"
+    print(f"prune-data: {len(found)} folders, {total / 2**30:.2f} GiB {verb}" if found else
+          "prune-data: every folder is in use")
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     """`make verify-data`: every dataset of params.yaml (or those named) against its manifest."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
@@ -70,9 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("datasets", nargs="*", help="default: every dataset in params.yaml that is prepared")
     parser.add_argument("--sha256", action="store_true", help="read every byte (default: sizes only, seconds)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prune", action="store_true", help="list what no dataset of params.yaml uses (make prune-data)")
+    parser.add_argument("--apply", action="store_true", help="with --prune: remove it")
     args = parser.parse_args(argv)
     try:  # a bad params file, an unprepared dataset or a shard unlike its manifest: one line each
         params = load_params(args.params)
+        if args.prune:
+            prune(params, args.apply)
+            return 0
         prep = params.settings.prep
         names = args.datasets or [n for n in params.settings.datasets if manifest_path(prep, n).exists()]
         manifests = [read_json(manifest_path(prep, n), f"prepared dataset '{n}' (run make prep)") for n in names]
