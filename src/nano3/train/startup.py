@@ -19,7 +19,10 @@ from pathlib import Path
 
 def startup_caches(env: Mapping[str, str], blend_cache: str | Path) -> dict[str, Path]:
     """Where the ranks write while they start (the defaults are Triton's and Inductor's own)."""
-    user = getpass.getuser() if hasattr(os, "getuid") else "user"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no passwd entry and no USER
+        user = "user"
     return {
         "Triton kernel cache": Path(env.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache"),
         "Inductor cache": Path(env.get("TORCHINDUCTOR_CACHE_DIR") or Path(tempfile.gettempdir()) / f"torchinductor_{user}"),
