@@ -280,9 +280,9 @@ def main() -> None:
     ap.add_argument("--cp-from", type=int, default=65536, help="--scale long: CP 2 from this length on")
     ap.add_argument("--gpus-per-run", type=int, choices=[1, 2], default=2,
                     help="--scale long: GPUs of one run (1: no CP, no DP; for a machine with one GPU)")
-    ap.add_argument("--profile", default=None, metavar="VARIANT", help="afterwards, run VARIANT once more under "
-                    "torch's profiler (two iterations near the end) and print GPU time by kernel family and the top "
-                    "kernels (profile_<VARIANT>.json); its throughput is not reported")
+    ap.add_argument("--profile", default=None, metavar="VARIANT", help="afterwards, run VARIANT (or `best`: the "
+                    "fastest of this run) once more under torch's profiler (two iterations near the end) and print GPU "
+                    "time by kernel family and the top kernels (profile_<VARIANT>.json); its throughput is not reported")
     ap.add_argument("--seeds", default=None, help="comma-separated train.seed values: every variant at each, then "
                     "each variant's loss curve against the first variant's at the same seed, beside the first "
                     "variant's own seed-to-seed difference (a speed setting must not change the loss)")
@@ -325,9 +325,16 @@ def main() -> None:
     if len(seeds) > 1:
         loss_check(results, names, seeds, key, out_dir)
     if args.profile:
-        r = run_variant(f"{args.profile}-profile", VARIANTS[args.profile], args.iters, args.warmup, out_dir,
+        name = fastest(results) if args.profile == "best" else args.profile
+        r = run_variant(f"{name}-profile", VARIANTS[name], args.iters, args.warmup, out_dir,
                         None if gpus[0] == "all" else gpus[0], args.scale, args.seq, profile=True)
         print_profile(r, out_dir)
+
+
+def fastest(results: dict) -> str:
+    """The variant of this run with the highest Bridge TFLOP/s (a seed's repeat counts as its variant)."""
+    done = [r for r in results.values() if "error" not in r]
+    return max(done, key=lambda r: r["tflops_per_gpu_bridge"])["variant"].split("@")[0]
 
 
 def print_profile(r: dict, out_dir: Path) -> None:

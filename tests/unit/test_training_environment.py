@@ -70,12 +70,14 @@ def test_the_ranks_compile_triton_kernels_into_a_cache_beside_the_checkpoints(pa
     outlives the job (the pyxis container's home directory does not), so a requeued job skips the compile."""
     params["train"]["checkpoint_dir"] = str(tmp_path / "ckpts")
     env = {"PATH": "/usr/bin:/bin", **training_environment(params, 1, {})}
-    code = ("from triton.runtime.cache import get_cache_manager; "
-            "print(get_cache_manager('c0ffee').put(b'kernel', 'k.cubin'))")
+    code = ("from triton import knobs; from triton.runtime.cache import get_cache_manager; "
+            "print(knobs.autotuning.cache); print(get_cache_manager('c0ffee').put(b'kernel', 'k.cubin'))")
     child = (f"import sys; from nano3.train.backends.megatron import run_forwarding_sigterm as r; "
              f"sys.exit(r([sys.executable, '-c', {code!r}], {env!r})[0])")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
-    written = Path(out.stdout.strip())
+    autotune_cached, written = out.stdout.split()
+    assert autotune_cached == "True"  # the chosen autotune configurations are kept too: no re-timing on a restart
+    written = Path(written)
     assert written.read_bytes() == b"kernel" and written.is_relative_to(tmp_path / "ckpts" / ".triton-cache")
     site = {"TRITON_CACHE_DIR": "/scratch/triton"}  # a site's own cache wins, as any shell setting
     assert training_environment(params, 1, site)["TRITON_CACHE_DIR"] == "/scratch/triton"

@@ -37,7 +37,9 @@ HYBRID_EP_ENV = {"NUM_OF_HYBRID_EP_RANKS_PER_NVLINK_DOMAIN": "8", "NUM_OF_TOKENS
 # warm (tiny at 64k on an H200, docs/benchmarks.md). Its default cache, ~/.triton, is gone with the container of a
 # pyxis job (slurm.sh does not mount the home directory), so every requeue and resume paid it again. Beside the
 # checkpoints (shared storage, kept between jobs) it is paid once per kernel version; Triton writes each cache entry
-# by an atomic rename, so ranks and nodes share it safely.
+# by an atomic rename, so ranks and nodes share it safely. Even warm, ~60 s of a start went to re-timing every
+# autotuned kernel's configurations (one H200, 2026-12-03): TRITON_CACHE_AUTOTUNING keeps the chosen configuration in
+# the same cache, so a requeue or resume starts without it.
 TRITON_CACHE = ".triton-cache"
 
 
@@ -55,7 +57,7 @@ def recipe_environment(params, tp: int) -> dict[str, str]:
 
 def training_environment(params, tp: int, shell: Mapping[str, str]) -> dict[str, str]:
     """The variables this repository decides for the ranks (the rest of `shell` passes through unchanged)."""
-    env = {**recipe_environment(params, tp), "TRITON_CACHE_DIR": triton_cache_dir(params)}
+    env = {**recipe_environment(params, tp), "TRITON_CACHE_DIR": triton_cache_dir(params), "TRITON_CACHE_AUTOTUNING": "1"}
     env.update({k: shell[k] for k in env if k in shell})
     env.update({str(k): str(v) for k, v in (params.settings.train.env or {}).items()})
     return env
