@@ -120,3 +120,19 @@ def link_or_copy(source: str, target: str) -> str:
     except OSError:
         shutil.copy2(source, target)
     return target
+
+
+def tree_size(root: str | Path) -> tuple[int, int]:
+    """(bytes, files) of the regular files under `root`, symlinks not followed (a link is not a copy). A file that
+    vanishes while the tree is walked (a cache being written, a run being removed) is skipped."""
+    total = count = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if not os.path.islink(os.path.join(dirpath, name)):
+                total += st.st_size
+                count += 1
+    return total, count

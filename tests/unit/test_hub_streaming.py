@@ -85,3 +85,28 @@ def test_a_file_that_stalls_then_keeps_failing_is_retried_then_stops_prep_in_one
     assert "resuming, 1 of 2 units already done" in resumed.stdout
     assert receipt_path(tmp_path / "work" / "hq", 0).read_bytes() == kept
     assert json.loads((tmp_path / "prepared" / "hq" / MANIFEST).read_text())["rows"] == 40
+
+
+def test_a_broken_read_is_transient_in_either_http_client_the_hub_uses():
+    """huggingface_hub >= 1.0 reads through httpx, the recipe image's 0.36 through requests: a connection cut or a
+    stall in either is retried; a 404 or a bad file is the data's fault and stops at once."""
+    import httpx
+    import requests
+
+    from nano3.data.sources import is_transient
+
+    for cut in (httpx.ReadTimeout("stalled"), httpx.RemoteProtocolError("peer closed"),
+                requests.ConnectionError("reset"), requests.ReadTimeout("stalled"),
+                requests.exceptions.ChunkedEncodingError("cut mid-body")):
+        try:
+            try:
+                raise cut
+            except Exception as e:
+                raise ValueError("parquet: unexpected end of stream") from e
+        except ValueError as wrapped:
+            assert is_transient(wrapped), cut  # the reader's own error, raised from the client's
+    missing = requests.HTTPError("404")
+    missing.response = type("R", (), {"status_code": 404})()
+    busy = requests.HTTPError("503")
+    busy.response = type("R", (), {"status_code": 503})()
+    assert not is_transient(missing) and is_transient(busy) and not is_transient(ValueError("bad row"))

@@ -106,3 +106,17 @@ def test_prune_lists_then_removes_only_what_no_dataset_uses(docs, spm_dir, capsy
     assert Path(second["shards_dir"]).exists() and (tmp / "prepared" / "docs" / "manifest.json").exists()
     assert verify(tmp, capsys)[0] == 0  # what is left still verifies
     assert "every folder is in use" in verify(tmp, capsys, "--prune")[1]
+
+
+def test_tree_size_counts_each_file_once_and_no_link(tmp_path):
+    """The one "bytes under a folder" of prune, reclaim and the start-up watch: a symlink (a run's `latest`, a
+    shard linked from another version) is not a second copy, and a nested folder is walked."""
+    from nano3.files import tree_size
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(b"0" * 1000)
+    (tmp_path / "y.idx").write_bytes(b"0" * 24)
+    (tmp_path / "latest").symlink_to(tmp_path / "a" / "x.bin")
+    (tmp_path / "dir-link").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert tree_size(tmp_path) == (1024, 2)
+    assert tree_size(tmp_path / "missing") == (0, 0)

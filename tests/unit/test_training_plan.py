@@ -329,10 +329,13 @@ def test_speed_settings_map_to_bridges_recipes_and_fields(params):
     base = bridge_overrides(params, s, s.phase("phase1"), "run")
     assert base["mixed_precision"] == "bf16_mixed" and "mixed_precision.first_last_layers_bf16" not in base
     assert "rng.te_rng_tracker" not in base and base["model.cuda_graph_modules"] == []
-    names = {}
+    names, edges = {}, {}
     for precision in ("fp8", "fp8_delayed", "fp8_blockwise", "mxfp8"):
         params["train"]["precision"] = precision
-        names[precision] = bridge_overrides(params, s, s.phase("phase1"), "run")["mixed_precision"]
+        o = bridge_overrides(params, s, s.phase("phase1"), "run")
+        names[precision], edges[precision] = o["mixed_precision"], o.get("mixed_precision.first_last_layers_bf16")
+    # the knob's default holds for every recipe (Bridge's delayed and blockwise recipes quantize the edges)
+    assert set(edges.values()) == {True}
     assert names == {"fp8": "bf16_with_fp8_current_scaling_mixed", "fp8_delayed": "bf16_with_fp8_delayed_scaling_mixed",
                      "fp8_blockwise": "bf16_with_fp8_subchannel_scaling_mixed", "mxfp8": "bf16_with_mxfp8_mixed"}
     params["train"]["precision"] = "fp8"

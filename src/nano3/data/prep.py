@@ -59,19 +59,16 @@ class PrepJob:
     """Everything a worker needs to turn one unit into shard pieces (picklable)."""
 
     spec: DatasetSpec
-    hf_mirror: str | None
+    prep: PrepConfig  # the `prep` knobs: batch bounds, the hub mirror, the streaming retry policy
     tokenizer_dir: str
     work_dir: str
-    batch_size: int
-    batch_chars: int = 8 << 20
     encoder: str = "reference"  # tokenizer.choose_encoder's pick: same ids, possibly faster
     threads: int = 1  # encoder threads per worker: the cores no other unit uses
     verify: bool = False  # encode every batch with the reference too, and fail on any difference
-    # hub streaming (prep.request_*, prep.unit_attempts, prep.retry_wait_s)
-    request_timeout_s: float = 300
-    request_retries: int = 20
-    unit_attempts: int = 1
-    retry_wait_s: float = 5
+
+    @property
+    def batch_chars(self) -> int:
+        return int(self.prep.batch_mb) << 20
 
 
 def split_of(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, bytes]:
@@ -89,10 +86,10 @@ _worker: dict = {}
 
 def _init_worker(job: PrepJob, progress_queue) -> None:
     if job.spec.source.startswith("hf://"):
-        configure_hub_requests(job.request_timeout_s, job.request_retries, job.retry_wait_s)
+        configure_hub_requests(job.prep.request_timeout_s, job.prep.request_retries, job.prep.retry_wait_s)
     reference = Encoder(job.tokenizer_dir) if job.verify and job.encoder != "reference" else None
     _worker.update(job=job, encoder=Encoder(job.tokenizer_dir, job.encoder, job.threads), reference=reference,
-                   source=Source(job.spec, job.hf_mirror), progress=progress_queue)
+                   source=Source(job.spec, job.prep.hf_mirror), progress=progress_queue)
 
 
 def unit_prefix(work_dir: str | Path, index: int, split: str) -> Path:
@@ -124,7 +121,7 @@ def _tokenize_into(builders: dict, unit: Unit, row_limit: int | None) -> dict:
     counts = {"rows": 0, "documents": dict.fromkeys(SPLITS, 0), "tokens": dict.fromkeys(SPLITS, 0),
               "skipped": {"null": 0, "not_string": 0, "empty": 0, "short": 0}}
     unit_digest = hashlib.blake2b(digest_size=16)
-    for batch in _worker["source"].read(unit, job.batch_size):
+    for batch in _worker["source"].read(unit, job.prep.batch_size):
         if row_limit is not None:
             batch = batch[: row_limit - counts["rows"]]
         counts["rows"] += len(batch)
@@ -171,16 +168,16 @@ def prepare_unit(unit: Unit, row_limit: int | None = None) -> dict:
     fails for the network's sake is read again from its start, `unit_attempts` times in all, with a doubling wait."""
     job: PrepJob = _worker["job"]
     started = time.time()
-    for attempt in range(1, job.unit_attempts + 1):
+    for attempt in range(1, job.prep.unit_attempts + 1):
         try:
             return _prepare_unit_once(unit, row_limit)
         except TransientReadError as e:
-            if attempt == job.unit_attempts:
+            if attempt == job.prep.unit_attempts:
                 raise UserError(f"{e.where}: gave up after {attempt} attempts over {time.time() - started:.0f} s "
                                 f"(last: {e.reason}); finished units keep their receipts in {job.work_dir}: rerun "
                                 f"prep to resume (prep.unit_attempts, prep.retry_wait_s, prep.request_timeout_s)") from None
-            wait = job.retry_wait_s * 2 ** (attempt - 1)
-            print(f"prep {job.spec.name}: {e.where}: attempt {attempt}/{job.unit_attempts} failed ({e.reason}); "
+            wait = job.prep.retry_wait_s * 2 ** (attempt - 1)
+            print(f"prep {job.spec.name}: {e.where}: attempt {attempt}/{job.prep.unit_attempts} failed ({e.reason}); "
                   f"reading the unit again in {wait:g} s", file=sys.stderr, flush=True)
             time.sleep(wait)
     raise AssertionError("unreachable")
@@ -491,12 +488,9 @@ def prepare(spec: DatasetSpec, prep: PrepConfig, tokenizer_dir: str, workers: in
         if show_progress:
             print(f"prep {name}: encoder {why}")
         left = max(1, len(mine) - len(mine_done))
-        job = PrepJob(spec=spec, hf_mirror=prep.hf_mirror, tokenizer_dir=tokenizer_dir,
-                      work_dir=str(work_dir), batch_size=batch_size, batch_chars=int(prep.batch_mb) << 20,
-                      encoder=encoder, threads=max(1, workers // left) if sample_rows is None else workers,
-                      verify=bool(verify or prep.verify_encoder), request_timeout_s=prep.request_timeout_s,
-                      request_retries=prep.request_retries, unit_attempts=prep.unit_attempts,
-                      retry_wait_s=prep.retry_wait_s)
+        job = PrepJob(spec=spec, prep=prep, tokenizer_dir=tokenizer_dir, work_dir=str(work_dir), encoder=encoder,
+                      threads=max(1, workers // left) if sample_rows is None else workers,
+                      verify=bool(verify or prep.verify_encoder))
         receipts = _run_units(job, mine, mine_done, max(1, min(workers, len(mine))), sample_rows, show_progress,
                               float(prep.log_interval_s))
         if step == "units":

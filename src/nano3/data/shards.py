@@ -19,13 +19,12 @@ one each manifest names) with its size; `APPLY=1` removes it, after which going 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from nano3.errors import UserError
-from nano3.files import read_json, sha256_file
+from nano3.files import read_json, sha256_file, tree_size
 
 MANIFEST = "manifest.json"
 SUFFIXES = (".bin", ".idx")
@@ -85,13 +84,9 @@ def unused(prep, datasets) -> list[Path]:
     return out
 
 
-def folder_bytes(root: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
-
-
 def prune(params, apply: bool) -> int:
     """`make prune-data`: list (and with `apply` remove) what `unused` finds; returns the bytes it holds."""
-    found = [(path, folder_bytes(path)) for path in unused(params.settings.prep, set(params.settings.datasets))]
+    found = [(path, tree_size(path)[0]) for path in unused(params.settings.prep, set(params.settings.datasets))]
     for path, size in found:
         print(f"{'removed' if apply else 'unused'}: {path} ({size / 2**30:.2f} GiB)")
         if apply:

@@ -13,6 +13,7 @@ shard, which is what makes data preparation parallel, resumable and byte-identic
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -97,14 +98,28 @@ class TransientReadError(UserError):
         self.where, self.reason = where, reason
 
 
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """A connection or read that broke, in the HTTP client the installed huggingface_hub uses: httpx from 1.0 on,
+    requests before (the recipe image's 0.36). Neither is ours to declare: whichever the hub needs is there."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import httpx
+
+        errors.append(httpx.TransportError)
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errors += [requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError]
+    return tuple(errors)
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """Whether an exception, or one it was raised from, is the network's fault rather than the data's."""
-    import httpx
-
+    transport = transport_errors()
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (ConnectionError, TimeoutError, httpx.TransportError)):
+        if isinstance(exc, transport):
             return True
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if isinstance(status, int) and (status >= 500 or status == 429):

@@ -154,8 +154,9 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         "rng.seed": cfg.train.seed,
         "mixed_precision": PRECISIONS[cfg.train.precision],  # a key of PRECISIONS: the typed sections checked it
     })
-    if cfg.train.precision.startswith("fp8") and not cfg.train.fp8_edge_layers_bf16:
-        o["mixed_precision.first_last_layers_bf16"] = False  # set on the recipe object the line above names
+    if "fp8" in cfg.train.precision:  # set on the recipe object the line above names; said for every FP8
+        # recipe, as Bridge's own defaults differ (current scaling keeps the edges in BF16, delayed and blockwise not)
+        o["mixed_precision.first_last_layers_bf16"] = bool(cfg.train.fp8_edge_layers_bf16)
     if layout.tp == 1:
         o["comm_overlap"] = None  # the recipe's TP communication overlap needs TP > 1
     if cfg.wandb.enabled:

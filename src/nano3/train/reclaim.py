@@ -25,6 +25,7 @@ import yaml
 
 from nano3.config import load_params
 from nano3.errors import UserError
+from nano3.files import tree_size
 from nano3.train import rundir
 
 STAGES = ("pretrain", "lc")
@@ -105,10 +106,6 @@ def in_training(run: Path) -> bool:
         os.close(fd)
 
 
-def size_gib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**30
-
-
 def unreferenced_runs(repo: Path, train) -> list[Path]:
     keep = referenced_runs(repo, train)
     return [run for stage in STAGES for run in rundir.runs(train, stage)
@@ -129,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     total = 0.0
     for run in runs:
-        gib = size_gib(run)
+        gib = tree_size(run)[0] / 2**30
         total += gib
         state = f"at iteration {rundir.latest_iteration(run)}"
         print(f"{'would remove' if args.dry_run else 'removing'} {run} ({state}, {gib:.2f} GiB)")

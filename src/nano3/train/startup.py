@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nano3.files import tree_size
+
 
 def startup_caches(env: Mapping[str, str], blend_cache: str | Path) -> dict[str, Path]:
     """Where the ranks write while they start (the defaults are Triton's and Inductor's own)."""
@@ -28,19 +30,6 @@ def startup_caches(env: Mapping[str, str], blend_cache: str | Path) -> dict[str,
         "Inductor cache": Path(env.get("TORCHINDUCTOR_CACHE_DIR") or Path(tempfile.gettempdir()) / f"torchinductor_{user}"),
         "blend index cache": Path(blend_cache),
     }
-
-
-def tree_size(root: Path) -> tuple[int, int]:
-    """(bytes, files) under `root`; files that vanish while it is walked are skipped."""
-    total = count = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(dirpath, name)).st_size
-                count += 1
-            except FileNotFoundError:
-                continue
-    return total, count
 
 
 def newest_mtime(root: Path) -> float:
