@@ -4,7 +4,8 @@
     <  export  <  eval  <  launch
 
 Lazy imports inside functions count: a layer that reaches up, even lazily, is how cycles and the "export imports
-eval imports export" tangles start. Within train, the backends never import the stage driver (train.run).
+eval imports export" tangles start. Within a package no module imports, through any chain, one that imports it back
+(the layers cannot see that); within train, the backends never import the stage driver (train.run).
 """
 
 from __future__ import annotations
@@ -59,6 +60,62 @@ def test_training_backends_and_entry_never_import_the_stage_driver():
         if module.startswith(("nano3.train.backends", "nano3.train.entry", "nano3.train.rundir")):
             assert not {i for i in imports(path) if i.startswith("nano3.train.run") and
                         not i.startswith("nano3.train.rundir")}, module
+
+
+def module_graph(found: list[tuple[str, Path]]) -> dict[str, set[str]]:
+    """Module -> the modules it imports (lazily too); a package is its `__init__`, `from a import b` is `a.b` where
+    that is a module, else `a`."""
+    names = {m.removesuffix(".__init__"): p for m, p in found}
+
+    def resolve(name: str) -> str | None:
+        parts = name.split(".")
+        return next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in names), None)
+
+    return {m: {r for i in imports(p) if (r := resolve(i)) and r != m} for m, p in names.items()}
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle_inside_any_package():
+    assert circles(module_graph(modules())) == []
+
+
+def test_the_circle_check_finds_a_circle_through_a_lazy_import_and_a_package(tmp_path):
+    pkg = tmp_path / "nano3" / "train" / "backends"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def train():\n    from nano3.train.backends.gpu import go\n")
+    (pkg / "gpu.py").write_text("from nano3.train import check\n")
+    (tmp_path / "nano3" / "train" / "check.py").write_text("def f():\n    from nano3.train.backends import train\n")
+    (tmp_path / "nano3" / "train" / "plain.py").write_text("from nano3.train import check\n")
+    found = [(".".join(("nano3", *p.relative_to(tmp_path / "nano3").with_suffix("").parts)), p)
+             for p in (tmp_path / "nano3").rglob("*.py")]
+    assert circles(module_graph(found)) == [["nano3.train.backends", "nano3.train.backends.gpu", "nano3.train.check"]]
 
 
 def test_the_check_catches_an_upward_import(tmp_path):

@@ -27,7 +27,7 @@ def dvc(*args: str) -> None:
 
 def summarize(params) -> None:
     from nano3.schedule import build_schedule
-    from nano3.train.backends import for_backend
+    from nano3.train.backends.training_run import for_backend
 
     manifests = {s: json.loads(p.read_text()) for s in ("pretrain", "lc")
                  if (p := Path("checkpoints") / f"{s}.json").exists()}

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from nano3.config import load_params, yaml_load
+from nano3.config.sections import phase_section
 from nano3.errors import UserError
 from nano3.files import read_json
+from nano3.train import effective
 from nano3.train.effective import effective_path, expected, flatten
 
 DEVIATIONS_FILE = Path(__file__).resolve().parents[3] / "configs" / "deviations.yaml"
@@ -125,6 +127,54 @@ def assert_run_conforms(effective_doc: dict, params, phase, where: str) -> list[
     return diffs
 
 
+class EffectiveConfigCallback:
+    """A Megatron-Bridge callback: at start-up, write the effective configuration (rank 0) and refuse to
+    train if it contradicts params.yaml (every rank raises, so none waits on the others); record the
+    weight decay applied at the phase's first and last step."""
+
+    def __init__(self, params, phase, run_dir: str, requested: dict | None = None):
+        self.params, self.phase, self.run_dir = params, phase, run_dir
+        self.requested = requested  # filled by the dataset provider before training starts
+        self.doc: dict | None = None
+
+    def on_train_start(self, context) -> None:
+        import torch.distributed as dist
+
+        from nano3.train.environment import training_environment
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        message = [None]
+        if rank0:
+            env_keys = training_environment(self.params, self.layout_tp(), {})
+            self.doc = effective.from_megatron(context, self.phase.name, self.requested or None, env_keys)
+            effective.write(self.run_dir, self.phase.name, self.doc)
+            try:
+                where = str(effective.effective_path(self.run_dir, self.phase.name))
+                assert_run_conforms(self.doc, self.params, self.phase, where)
+            except Exception as e:  # a UserError, or a broken read: no rank may train on it
+                message = [str(e)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(message, src=0)
+        if message[0]:
+            from nano3.errors import UserError
+
+            raise UserError(message[0])
+
+    def layout_tp(self) -> int:
+        from nano3.train.plan import read_layout
+
+        return read_layout(self.params, phase_section(self.phase.name)).tp
+
+    def on_train_step_start(self, context) -> None:
+        if self.doc is None:
+            return
+        it = context.state.train_state.step + 1
+        if it == self.phase.end_iter:
+            self.doc["weight_decay_applied"]["last_step"] = effective.applied_weight_decay(context.optimizer.param_groups)
+            self.doc["weight_decay_applied"]["last_iteration"] = it
+            effective.write(self.run_dir, self.phase.name, self.doc)
+
+
 # ---- params against the recipe ------------------------------------------------------------------------------------
 
 def recipe_view(params) -> dict[str, Any]:
@@ -199,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from nano3.schedule import build_schedule
-    from nano3.train.backends import for_backend
+    from nano3.train.backends.training_run import for_backend
 
     ap = argparse.ArgumentParser(prog="python -m nano3.train.conform", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     from nano3.model.flops import mixed_flops_per_token, padded_vocab
     from nano3.model.presets import model_preset
     from nano3.schedule import build_schedule
-    from nano3.train.effective import EffectiveConfigCallback
+    from nano3.train.conform import EffectiveConfigCallback
     from nano3.train.mapping import bridge_overrides
     from nano3.train.metrics import DvcliveCallback
     from nano3.train.plan import model_vocab, read_layout

@@ -15,7 +15,7 @@ from nano3.config import section_name
 from nano3.errors import UserError
 from nano3.files import atomic_copy
 from nano3.train import rundir
-from nano3.train.backends import TrainingRun
+from nano3.train.backends.training_run import TrainingRun
 from nano3.train.environment import training_environment
 from nano3.train.rundir import exit_if_stopped, failure_path, latest_iteration
 from nano3.train.startup import StartupWatch, startup_caches
