@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 from nano3.errors import UserError
 
-NEWER_IMAGE = "use an image with a newer Megatron-Bridge (the profile's container_image; see README, Supported stacks)"
+NEWER_IMAGE = "use an image with a newer Megatron-Bridge (the profile's container_image; see docs/stacks.md)"
 
 
 def adapt_overrides(cfg, overrides: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -2,7 +2,7 @@
 # The recipe image's generation of the training stack, installed beside ../shared/gpu's current one on a GPU
 # machine: Megatron-Bridge 0.3.1 + megatron-core 0.16.1, the oldest Bridge on the package registry with the
 # Nemotron 3 Nano recipe (the image nemo:25.11.nemotron_3_nano has Bridge's nano-v3 branch, 0.3.0rc0, on
-# megatron-core 0.16.0rc0; README, Supported stacks).
+# megatron-core 0.16.0rc0; docs/stacks.md).
 #
 #   here, in the checkout root:   tests/gpu/older_stack.sh prepare          -> .dev-older/ (git-ignored, ~16 MiB)
 #   on the GPU machine, after ../shared/gpu's install.sh, with .dev-older carried:

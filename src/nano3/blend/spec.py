@@ -37,7 +37,7 @@ def phase_weights(params, phase: str) -> dict[str, float]:
     key = f"blend.phases.{phase}"
     raw = params.settings.blend.phases.get(phase)
     if raw is None:
-        raise UserError(f"{params.source}: missing key '{key}'; add it (see README, 'Parameters')")
+        raise UserError(f"{params.source}: missing key '{key}'; add it (see docs/parameters.md)")
     weights = {}
     for name, value in raw.items():
         w = float(value)  # a number: the typed sections checked it

@@ -1,4 +1,4 @@
-"""`python -m nano3.config --table [PARAMS]`: README's parameter table, generated from the typed sections' field
+"""`python -m nano3.config --table [PARAMS]`: docs/parameters.md's table, generated from the typed sections' field
 docs with the values of PARAMS (params.yaml: the embedded default). `--check PARAMS`: load and check a file."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def parameter_table(params_file: str = "params.yaml") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--table", action="store_true", help="print README's parameter table")
+    ap.add_argument("--table", action="store_true", help="print docs/parameters.md's table")
     ap.add_argument("params", nargs="?", default="params.yaml")
     args = ap.parse_args()
     try:

@@ -73,7 +73,7 @@ def slurm_seconds(text: str) -> int:
 def load_profiles(path: str | Path = PROFILES_FILE) -> dict[str, dict]:
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no cluster profiles file; copy the example from the README (Cluster)")
+        raise UserError(f"{path}: no cluster profiles file; copy the example profiles of stages/clusters.toml (docs/cluster.md)")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -62,7 +62,7 @@ class Params(dict):
             if not isinstance(node, dict) or part not in node:
                 if default is not _MISSING:
                     return default
-                raise UserError(f"{self.source}: missing key '{dotted}'; add it (see README, 'Parameters')")
+                raise UserError(f"{self.source}: missing key '{dotted}'; add it (see docs/parameters.md)")
             node = node[part]
         if kind is not None and node is not None and not isinstance(node, kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)

@@ -55,4 +55,4 @@ def unknown_key_hint(key: str) -> str:
     parts = key.split(".")
     if len(parts) == 2 and parts[0] in BRIDGE_SECTIONS:
         hints.append(f"a Megatron-Bridge field is written bridge.{key}")
-    return " ".join(hints) or "see README, 'Parameters'"
+    return " ".join(hints) or "see docs/parameters.md"

@@ -1,6 +1,6 @@
 """Typed, frozen views of params.yaml sections, parsed once: every key checked against its dataclass field.
 
-A section is a frozen dataclass; each field carries its default, its documentation (`doc`, the README's
+A section is a frozen dataclass; each field carries its default, its documentation (`doc`, docs/parameters.md's
 parameter table is generated from it) and an optional range check (`check`, a predicate plus what it expects).
 `parse` walks a raw mapping into the dataclass: an unknown key is refused with the nearest valid one, a wrong
 type or an out-of-range value names the dotted key and what it must be.
@@ -119,7 +119,7 @@ def parse(cls, raw: dict, prefix: str, source: str):
         where = dotted(prefix, name)
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise UserError(f"{source}: missing key '{where}'; add it (see README, 'Parameters')")
+                raise UserError(f"{source}: missing key '{where}'; add it (see docs/parameters.md)")
             continue
         value = _coerce(raw[name], hints[name], where, source)
         check = f.metadata.get("check")
@@ -131,7 +131,7 @@ def parse(cls, raw: dict, prefix: str, source: str):
 
 def field_docs(cls, prefix: str = "", values=None) -> list[tuple[str, str, str]]:
     """(dotted key, value, doc) for every field of `cls`, nested sections flattened, a `dict[str, section]` as
-    `<name>`: the README's table. Values are `values`' (an instance) where given, else the defaults."""
+    `<name>`: docs/parameters.md's table. Values are `values`' (an instance) where given, else the defaults."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -1,6 +1,6 @@
 """One frozen dataclass per params.yaml section: the keys, their defaults, their documentation and their checks.
 
-params.yaml stays the file DVC tracks and holds every key; these classes say what each key may be. README's
+params.yaml stays the file DVC tracks and holds every key; these classes say what each key may be. docs/parameters.md's
 "Parameters" table is generated from the `doc` of each field (`python -m nano3.config --table`; a test keeps it in
 sync). Defaults here equal the embedded default's params.yaml values.
 """
@@ -182,7 +182,7 @@ class TrainConfig:
     bridge_overrides: dict[str, Any] = knob(doc="any Megatron-Bridge field, `{section.field: value}` (on the command line: `bridge.section.field=value`)",
                                             factory=dict)
     env: dict[str, Any] = knob(doc="environment variables for the GPU ranks, over the recipe's and the shell's "
-                                   "(README: The ranks' environment), e.g. `{PYTORCH_CUDA_ALLOC_CONF: \"\"}`", factory=dict,
+                                   "(docs/training.md: The ranks' environment), e.g. `{PYTORCH_CUDA_ALLOC_CONF: \"\"}`", factory=dict,
                                check=(lambda v: all(isinstance(x, (str, int, float, bool)) for x in v.values()),
                                       "names to plain values (text or numbers)"))
 

@@ -1,7 +1,7 @@
 """Where a prepared dataset's shards live, and the cheap and the full check that they are the bytes its manifest
 names.
 
-Storage design (README "Data at scale"): DVC tracks `<prep.out_dir>/<dataset>/manifest.json` alone. The shards go
+Storage design (docs/data.md, "Data at scale"): DVC tracks `<prep.out_dir>/<dataset>/manifest.json` alone. The shards go
 to `<prep.shards_dir>/<dataset>/<version>/`, outside DVC's cache, where `version` names the plan and prep code that
 wrote them; the manifest lists each shard with its size and sha256 (which prep computes as it writes). So DVC
 hashes and caches kilobytes, not terabytes, a rerun of the same plan finds its shards in place, and going back to

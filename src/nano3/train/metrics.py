@@ -69,7 +69,7 @@ def host_memory_gib() -> dict[str, float]:
         except psutil.Error:  # a worker that just exited, or one we may not read
             pass
     # Apart too, and torch's pinned-host cache inside the rank's: that is what grew to 32 GiB per rank at 64k
-    # (docs/benchmarks.md, "Second run: where the host memory went").
+    # (docs/log/benchmarks-2026-11-27-to-12-03.md, "Second run: where the host memory went").
     out = {"perf/host_rss_gib": (rank + children) / 2**30, "perf/host_rank_peak_gib": rank / 2**30,
            "perf/host_children_gib": children / 2**30, "perf/host_used_gib": psutil.virtual_memory().used / 2**30}
     import torch
