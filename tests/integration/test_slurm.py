@@ -213,7 +213,9 @@ def test_a_prep_job_at_its_time_limit_requeues_and_resumes_from_its_finished_uni
         pytest.skip("needs test_prep_job_array_then_assembly_equals_one_process's single-process output")
     proc = subprocess.Popen([sys.executable, "-m", "nano3.launch", "submit", "prep", "stdlib-code", "--cluster", "local",
                              "--wait", "--only", "prep.unit_mb=1", "prep.workers=1", "prep.out_dir=data/prep-restart",
-                             "prep.work_dir=data/work-restart"], cwd=repo, stdout=subprocess.PIPE,
+                             # sentencepiece itself, not gigatoken (the same ids, ~4x slower): with gigatoken the prep
+                             # of a quiet machine finished all its units before the signal reached the job
+                             "prep.encoder=reference", "prep.work_dir=data/work-restart"], cwd=repo, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env(NANO3_CLUSTERS=str(repo / "clusters-test.toml")))
     deadline, signalled, pending_since = time.time() + 900, None, {}
     while proc.poll() is None and time.time() < deadline:
