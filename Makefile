@@ -46,9 +46,10 @@ test: setup  ## run the tests (GPU tests skip without a GPU; Slurm tests start a
 smoke: setup  ## the whole pipeline on the embedded default (Megatron on GPUs, the CPU reference elsewhere)
 	python -m nano3.launch.smoke
 
-plan: setup  ## dry run of pretrain and lc: schedule, layout, memory, GPU-hours, recipe check (STRICT=1: pinned data)
-	python stages/pretrain.py --dry-run $(if $(STRICT),--strict) $(if $(PARAMS),--params $(PARAMS)) && \
-	python stages/lc.py --dry-run $(if $(PARAMS),--params $(PARAMS)) && python -m nano3.train.conform --recipe-only
+PLAN := --dry-run $(if $(BRIDGE),--bridge-fields) $(if $(PARAMS),--params $(PARAMS))
+plan: setup  ## dry run of pretrain and lc: layout, memory, GPU-hours, recipe check (STRICT=1 pinned data, BRIDGE=1 fields)
+	python stages/pretrain.py $(PLAN) $(if $(STRICT),--strict) && python stages/lc.py $(PLAN) && \
+	python -m nano3.train.conform --recipe-only
 
 conform: setup  ## what the last runs used (read back from their live objects) vs params.yaml vs the recipe
 	python -m nano3.train.conform

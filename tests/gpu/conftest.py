@@ -53,8 +53,8 @@ def after_the_kill(run_dir: Path, save_every: int) -> tuple[int, int, str | None
     """A killed run's tracked iteration, the one its rerun resumes from, and why the tracked checkpoint is unfinished
     (None: whole). A kill as the tracker appears can land before Bridge has written the checkpoint's run_config.yaml
     (seen on an H200); the stage then resumes from the checkpoint before (backends.megatron.set_aside_unfinished_save)."""
-    from nano3.train.backends.megatron import unfinished_save
     from nano3.train.rundir import iteration_dir, latest_iteration
+    from nano3.train.rundir.repair import unfinished_save
 
     killed_at = latest_iteration(run_dir)
     cut_short = unfinished_save(iteration_dir(run_dir, killed_at))

@@ -24,11 +24,11 @@ import pytest
 from nano3.code import code_digest
 from nano3.config import load_params
 from nano3.errors import UserError
-from nano3.train.backends.megatron import unfinished_save
 from nano3.train.effective import effective_path
 from nano3.train.metrics import read_metric
 from nano3.train.plan import build_plan, local_gpu_memory
 from nano3.train.rundir import TRAINING_CODE, iteration_dir, latest_iteration
+from nano3.train.rundir.repair import unfinished_save
 from tests.gpu.conftest import after_the_kill, cut_as_on_the_h200, env, gpus, kill_tree, run
 
 pytestmark = pytest.mark.gpu
@@ -143,7 +143,7 @@ def test_lc_at_long_context_runs_to_completion_after_a_kill(pretrained, tmp_path
     assert manifest["iteration"] == iterations
     assert unfinished_save(iteration_dir(run_dir, iterations)) is None  # what the real Bridge wrote whole counts as whole
     assert manifest["code"] == [{"code": code_digest(TRAINING_CODE), "from_iteration": 1}]  # one code, killed or not
-    over = json.loads((work / manifest["run_dir"] / "bridge_overrides.lc.json").read_text())
+    over = json.loads((work / manifest["run_dir"] / "spec.lc.json").read_text())["bridge"]
     assert over["model.seq_length"] == seq and over["model.context_parallel_size"] == cp
     assert over["dataset.create_attention_mask"] is False
     live_config = json.loads(effective_path(work / manifest["run_dir"], "lc").read_text())

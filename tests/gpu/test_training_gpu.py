@@ -18,9 +18,10 @@ import pytest
 from nano3.code import code_digest
 from nano3.config import load_params
 from nano3.schedule import build_schedule
-from nano3.train.backends.megatron import unfinished_save
+from nano3.train import spec as phase_spec
 from nano3.train.metrics import read_metric
 from nano3.train.rundir import TRAINING_CODE, iteration_dir, latest_iteration
+from nano3.train.rundir.repair import unfinished_save
 from tests.gpu.conftest import after_the_kill, cut_as_on_the_h200, edit_params, env, gpus, kill_tree, run  # noqa: F401  (both_stacks.sh imports edit_params here)
 
 pytestmark = pytest.mark.gpu
@@ -43,8 +44,8 @@ def test_blend_switches_at_the_planned_iteration(smoke):
     sched = build_schedule(params.settings)
     manifest = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
     run_dir = repo / manifest["run_dir"]
-    p1 = json.loads((run_dir / "bridge_overrides.phase1.json").read_text())
-    p2 = json.loads((run_dir / "bridge_overrides.phase2.json").read_text())
+    p1 = json.loads((run_dir / "spec.phase1.json").read_text())["bridge"]
+    p2 = json.loads((run_dir / "spec.phase2.json").read_text())["bridge"]
     assert p1["train.exit_interval"] == sched.switch_iter and p1["dataset.per_split_data_args_path"].endswith("phase1.json")
     assert p2["dataset.per_split_data_args_path"].endswith("phase2.json") and p2["train.exit_interval"] is None
     assert (run_dir / f"iter_{sched.switch_iter:07d}").is_dir()  # phase 1 ended with a checkpoint at the switch
@@ -68,7 +69,7 @@ def test_lc_starts_from_the_pretrain_checkpoint_at_a_longer_sequence(smoke):
     params = load_params(repo / "params.yaml")
     pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
     lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
-    over = json.loads((repo / lc["run_dir"] / "bridge_overrides.lc.json").read_text())
+    over = json.loads((repo / lc["run_dir"] / "spec.lc.json").read_text())["bridge"]
     assert over["checkpoint.pretrained_checkpoint"] == pre["checkpoint"]
     assert over["model.seq_length"] == params["lc"]["seq_length"] > params["train"]["seq_length"]
     first_pretrain = read_metric(repo / "dvclive" / "pretrain", "train/loss")[0][1]
@@ -195,9 +196,9 @@ def test_two_gpu_smoke_pretrained_with_ep2_and_extended_with_cp2(smoke):
     pre = json.loads((repo / "checkpoints" / "pretrain.json").read_text())
     lc = json.loads((repo / "checkpoints" / "lc.json").read_text())
     for phase in ("phase1", "phase2"):
-        over = json.loads((repo / pre["run_dir"] / f"bridge_overrides.{phase}.json").read_text())
+        over = json.loads((repo / pre["run_dir"] / f"spec.{phase}.json").read_text())["bridge"]
         assert over["model.expert_model_parallel_size"] == 2
-    over = json.loads((repo / lc["run_dir"] / "bridge_overrides.lc.json").read_text())
+    over = json.loads((repo / lc["run_dir"] / "spec.lc.json").read_text())["bridge"]
     assert over["model.context_parallel_size"] == 2 and over["model.seq_length"] % 4 == 0
     assert "EP 2" in log and "CP 2" in log
     lc_loss = read_metric(repo / "dvclive" / "lc", "train/loss")
@@ -413,7 +414,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smoke, tmp_path):
+def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smoke, tmp_path, monkeypatch):
     """Issue 12: the recipe image's Bridge has `pretrain(config, forward_step_func)` only. Phase 1 of a shortened
     run, through the real training loop with that signature: the loop hooks (megatron_compat) must give the same
     dvclive metrics, validation loss and effective-config file as Bridge's callbacks do."""
@@ -423,13 +424,16 @@ def test_metrics_and_conformance_are_recorded_on_a_bridge_without_callbacks(smok
     tokens = iters * params["train"]["global_batch_size"] * params["train"]["seq_length"]
     overrides = [f"train.tokens={tokens}", "train.eval_interval=20"]
     run_dir, live_dir = tmp_path / "run", tmp_path / "live"
-    cmd = [sys.executable, "-c", NANO_V3_PRETRAIN, "--params", "params.yaml", "--phase", "phase1",
-           "--run-dir", str(run_dir), "--live-dir", str(live_dir)] + [a for o in overrides for a in ("--override", o)]
+    monkeypatch.chdir(repo)  # the spec names the repo's files as the stage does, relative to it
+    phase = build_schedule(load_params(repo / "params.yaml", overrides).settings).phase("phase1")
+    spec = phase_spec.write(run_dir, phase_spec.build(load_params(repo / "params.yaml", overrides), phase, run_dir,
+                                                      "megatron"))
+    cmd = [sys.executable, "-c", NANO_V3_PRETRAIN, "--spec", str(spec), "--run-dir", str(run_dir),
+           "--live-dir", str(live_dir)]
     one_rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     out = subprocess.run(cmd, cwd=repo, env={**env(), **one_rank}, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    phase = build_schedule(load_params(repo / "params.yaml", overrides).settings).phase("phase1")
     loss = read_metric(live_dir, "train/loss")
     valid = read_metric(live_dir, "valid/loss")
     wd = read_metric(live_dir, "optim/weight_decay")

@@ -14,6 +14,8 @@ import pytest
 from nano3.config import Params, load_params
 from nano3.errors import UserError
 from nano3.schedule import build_schedule
+from nano3.train import spec as phase_spec
+from nano3.train.backends.training_run import for_backend
 from nano3.train.conform import (
     assert_run_conforms,
     check_recipe,
@@ -54,22 +56,29 @@ def test_bridge_scheduler_applies_the_params_weight_decay(params):
         assert o["model.init_method_std"] == 0.0173 and o["model.moe_router_enable_expert_bias"] is True
 
 
-def effective_like(params, phase_name="phase1", backend="megatron") -> tuple[dict, object]:
-    """An effective file as a conforming run writes it: what params.yaml expects, plus the raw groups."""
+def spec_of(params, phase_name="phase1", backend="megatron", bridge_cli=None) -> dict:
+    """The phase's spec as the stage writes it for the ranks (train.spec)."""
+    params = for_backend(params, backend)
     phase = build_schedule(params.settings).phase(phase_name)
-    doc = copy.deepcopy(expected(params, phase, backend))
+    return phase_spec.build(params, phase, "run", backend, "x" if phase_name == "lc" else None, bridge_cli)
+
+
+def effective_like(params, phase_name="phase1", backend="megatron") -> tuple[dict, dict]:
+    """An effective file as a conforming run writes it: what its spec expects, plus the raw groups."""
+    spec = spec_of(params, phase_name, backend)
+    doc = copy.deepcopy(expected(spec))
     doc["optimizer"]["groups"] = [{"lr": 0.0, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "params": 900},
                                   {"lr": 0.0, "weight_decay": 0.0, "betas": [0.9, 0.95], "eps": 1e-8, "params": 10}]
-    return doc, phase
+    return doc, spec
 
 
 def test_a_conforming_run_passes_and_a_changed_value_fails_in_one_line(params):
-    doc, phase = effective_like(params)
-    assert check_run(doc, params, phase) == []
+    doc, spec = effective_like(params)
+    assert check_run(doc, spec) == []
     doc["weight_decay_applied"]["first_step"] = 0.033  # the recipe helper's value, as Megatron would apply it
     doc["scheduler"]["start_weight_decay"] = 0.033
     with pytest.raises(UserError) as err:
-        assert_run_conforms(doc, params, phase, "run/effective_config.phase1.json")
+        assert_run_conforms(doc, spec, "run/effective_config.phase1.json")
     message = str(err.value)
     assert "\n" not in message and message.startswith("run/effective_config.phase1.json: the run does not use")
     assert "weight_decay_applied.first_step: running 0.033, params 0.1" in message and "1 more" in message
@@ -78,45 +87,45 @@ def test_a_conforming_run_passes_and_a_changed_value_fails_in_one_line(params):
 
 def test_missing_values_are_differences_not_passes(params):
     """A reader that silently loses a field must fail the check, not pass it."""
-    doc, phase = effective_like(params)
+    doc, spec = effective_like(params)
     del doc["moe"]["bias_update_rate"]
-    assert [d.key for d in check_run(doc, params, phase)] == ["moe.bias_update_rate"]
+    assert [d.key for d in check_run(doc, spec)] == ["moe.bias_update_rate"]
 
 
 def test_the_last_step_is_checked_after_the_run_but_not_at_start_up(params):
-    doc, phase = effective_like(params)
+    doc, spec = effective_like(params)
     del doc["weight_decay_applied"]["last_step"]
-    assert_run_conforms(doc, params, phase, "x")  # at start-up the last step has not run yet
-    assert [d.key for d in check_run(doc, params, phase)] == ["weight_decay_applied.last_step"]
+    assert_run_conforms(doc, spec, "x")  # at start-up the last step has not run yet
+    assert [d.key for d in check_run(doc, spec)] == ["weight_decay_applied.last_step"]
 
 
 def test_the_ranks_environment_from_params_and_the_allocator_it_asked_for_are_checked(params):
     """params.yaml's train.env is what every rank must have had; and where the rank asked for expandable segments,
     its allocator must run them (a setting read after the allocator started would be silently ignored)."""
     params["train"]["env"] = {"NCCL_DEBUG": "WARN"}
-    doc, phase = effective_like(params)
-    assert doc["environment"] == {"NCCL_DEBUG": "WARN"} and check_run(doc, params, phase) == []
+    doc, spec = effective_like(params)
+    assert doc["environment"] == {"NCCL_DEBUG": "WARN"} and check_run(doc, spec) == []
     doc["environment"]["NCCL_DEBUG"] = None  # the rank did not have it
-    assert [d.key for d in check_run(doc, params, phase)] == ["environment.NCCL_DEBUG"]
+    assert [d.key for d in check_run(doc, spec)] == ["environment.NCCL_DEBUG"]
     doc["environment"]["NCCL_DEBUG"] = "WARN"
     doc["allocator"] = {"asked": {"expandable_segments": True}, "expandable_segments": True}
-    assert check_run(doc, params, phase) == []
+    assert check_run(doc, spec) == []
     doc["allocator"]["expandable_segments"] = False
     with pytest.raises(UserError, match="allocator.expandable_segments: running False, params True"):
-        assert_run_conforms(doc, params, phase, "x")
-    assert "environment" not in expected(params, phase, "reference")  # the CPU reference starts no ranks
+        assert_run_conforms(doc, spec, "x")
+    assert "environment" not in expected(spec_of(params, backend="reference"))  # the CPU reference starts no ranks
 
 
 def test_reference_backend_deviations_are_listed_and_nothing_else_passes(params):
-    doc, phase = effective_like(params, backend="reference")
+    doc, spec = effective_like(params, backend="reference")
     doc.update(precision="float32")
     doc["moe"].update(aux_loss_type="none", aux_loss_coeff=0.0)
-    diffs = check_run(doc, params, phase)
+    diffs = check_run(doc, spec)
     assert {d.key for d in diffs} == {"precision", "moe.aux_loss_type", "moe.aux_loss_coeff"}
     assert all(d.reason for d in diffs)
     doc["optimizer"]["adam_beta2"] = 0.999
     with pytest.raises(UserError, match="optimizer.adam_beta2: running 0.999, params 0.95"):
-        assert_run_conforms(doc, params, phase, "x")
+        assert_run_conforms(doc, spec, "x")
 
 
 def test_optimizer_groups_summarize_to_decayed_and_no_decay_settings():
@@ -169,3 +178,22 @@ def test_make_conform_checks_both_configs_and_the_runs(tmp_path, spm_dir):
 
 def test_flatten_joins_nested_keys():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_the_spec_is_what_the_ranks_apply_and_what_the_read_back_checks(params, tmp_path):
+    """Issue 35: one spec per phase. The ranks set its Bridge fields (params.yaml's, then the command line's); the
+    read-back derives what it expects from the same file, so a command-line field that contradicts params.yaml
+    (the recipe helper's weight decay forced back) is refused, and one params.yaml does not check passes."""
+    spec = spec_of(params, bridge_cli={"scheduler.start_weight_decay": 0.033, "train.manual_gc": False})
+    path = phase_spec.write(tmp_path, spec)
+    assert path.name == "spec.phase1.json" and phase_spec.read(path) == spec
+    applied = phase_spec.bridge_fields(phase_spec.read(path))
+    assert applied["scheduler.start_weight_decay"] == 0.033 and applied["train.manual_gc"] is False
+    assert applied["optimizer.lr"] == spec["bridge"]["optimizer.lr"] == params["train"]["lr"]
+    assert phase_spec.phase_of(spec) == build_schedule(params.settings).phase("phase1")
+    live = copy.deepcopy(expected(spec))  # a run that applied the forced value: the scheduler's start is 0.033
+    live["scheduler"]["start_weight_decay"] = live["weight_decay_applied"]["first_step"] = 0.033
+    with pytest.raises(UserError, match="weight_decay_applied.first_step: running 0.033, params 0.1"):
+        assert_run_conforms(live, spec, str(path))
+    spec["bridge"]["optimizer.adam_beta2"] = 0.999  # what params.yaml says is read from the spec, not params again
+    assert "optimizer.adam_beta2: running 0.95, params 0.999" in [d.line("running", "params") for d in check_run(live, spec)]

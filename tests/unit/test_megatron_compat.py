@@ -233,7 +233,7 @@ def test_the_tokenizer_is_built_by_megatron_core_where_it_can(spm_dir):
     from nano3.data.tokenizer import read_info
 
     info = read_info(spm_dir)
-    tokenizer = build_megatron_tokenizer(bridge_tokenizer_fields(str(spm_dir), info))
+    tokenizer = build_megatron_tokenizer(bridge_tokenizer_fields(str(spm_dir), info.kind))
     assert tokenizer.vocab_size == info.vocab_size and tokenizer.eod == info.eod_id
 
 

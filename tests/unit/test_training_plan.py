@@ -13,8 +13,9 @@ from nano3.errors import UserError
 from nano3.model.flops import flops_per_token, param_counts
 from nano3.model.presets import NANO3_PATTERN, PRESETS, model_preset
 from nano3.schedule import build_schedule
-from nano3.train.mapping import bridge_overrides, run_digest
+from nano3.train.mapping import bridge_overrides
 from nano3.train.plan import build_plan, estimate_memory, layout_errors, read_layout
+from nano3.train.rundir.identity import run_digest
 from tests.conftest import ROOT
 
 
@@ -547,7 +548,7 @@ def test_a_layout_over_the_gpus_memory_fails_with_layouts_that_fit(params):
 def test_lc_run_identity_follows_pretrains_checkpoint_not_its_throughput(params, tmp_path):
     """pretrain.json carries wall-clock throughput; a pretrain rerun to the same run and iteration (same weights)
     must leave lc in the same run directory, a different pretrain iteration must not."""
-    from nano3.train.run import upstream_digests
+    from nano3.train.rundir.identity import upstream_digests
 
     (tmp_path / "blend").mkdir()
     (tmp_path / "blend" / "lc.json").write_text("{}")

@@ -8,8 +8,8 @@ import pytest
 import torch
 import yaml
 
-from nano3.train.backends.megatron import BRIDGE_TRACKER, RUN_CONFIG, TRAIN_STATE, set_aside_unfinished_save
 from nano3.train.rundir import TRACKER, latest_iteration
+from nano3.train.rundir.repair import BRIDGE_TRACKER, RUN_CONFIG, TRAIN_STATE, set_aside_unfinished_save
 
 
 def bridge_config(iteration: int) -> dict:

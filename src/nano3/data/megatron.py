@@ -21,16 +21,17 @@ from nano3.errors import UserError, brief
 from nano3.megatron_compat import build_megatron_tokenizer, process_group_for_dataset_builds
 
 
-def bridge_tokenizer_fields(tokenizer_dir: str, info: TokenizerInfo) -> dict:
-    """The Megatron-Bridge TokenizerConfig fields for our tokenizer directory (also used by training)."""
-    if info.kind == "sentencepiece":
+def bridge_tokenizer_fields(tokenizer_dir: str, kind: str) -> dict:
+    """The Megatron-Bridge TokenizerConfig fields for our tokenizer directory of this kind (TokenizerInfo.kind; also
+    used by training)."""
+    if kind == "sentencepiece":
         return {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": str(Path(tokenizer_dir) / SPM_FILE)}
     return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tokenizer_dir)}
 
 
 def megatron_tokenizer(tokenizer_dir: str, info: TokenizerInfo):
     """The tokenizer object Bridge builds for these fields (Bridge disables mcore's vocab padding)."""
-    return build_megatron_tokenizer(bridge_tokenizer_fields(tokenizer_dir, info))
+    return build_megatron_tokenizer(bridge_tokenizer_fields(tokenizer_dir, info.kind))
 
 
 def split_sizes(phase, eval_interval: int, eval_iters: int) -> list[int]:

@@ -3,8 +3,8 @@
 Two checks, one rule: every difference is either listed with its reason in `configs/deviations.yaml`
 (the one place for intended deviations) or it is an error.
 - `check_run`: a run's effective configuration (effective.py, read back from the live objects) against
-  what params.yaml asks for. Training runs it at start-up and refuses to train on a mismatch; `make
-  conform` runs it again on the files the last runs left.
+  what its phase's spec (train.spec, built from params.yaml) asks for. Training runs it at start-up and refuses
+  to train on a mismatch; `make conform` runs it again on the files the last runs left.
 - `check_recipe`: a params file against the recipe document's table (../shared/reference): the
   production config `configs/nano3.yaml` must match it except for listed deviations.
 
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from nano3.config import load_params, yaml_load
-from nano3.config.sections import phase_section
 from nano3.errors import UserError
 from nano3.files import read_json
 from nano3.train import effective
@@ -108,49 +107,47 @@ def raise_unlisted(differences: list[Difference], what: str, ours_name: str, ref
 AT_START_UNKNOWN = ("weight_decay_applied.last_step",)
 
 
-def check_run(effective_doc: dict, params, phase, deviations: dict | None = None,
+def check_run(effective_doc: dict, spec: dict, deviations: dict | None = None,
               skip: tuple[str, ...] = ()) -> list[Difference]:
-    """Compare one phase's effective configuration with what params.yaml asks for."""
+    """Compare one phase's effective configuration with what its spec (train.spec) asks for."""
     backend = effective_doc.get("backend", "megatron")
     listed = ((deviations or load_deviations()).get("backends") or {}).get(backend) or {}
-    reference = expected(params, phase, backend)
+    reference = expected(spec)
     if (effective_doc.get("allocator") or {}).get("expandable_segments") is not None:
         # the allocator runs what its environment asked (a setting read after it started would not be)
         reference["allocator"] = {"expandable_segments": effective_doc["allocator"]["asked"]["expandable_segments"]}
     return compare(effective_doc, reference, listed, skip)
 
 
-def assert_run_conforms(effective_doc: dict, params, phase, where: str) -> list[Difference]:
+def assert_run_conforms(effective_doc: dict, spec: dict, where: str) -> list[Difference]:
     """At start-up, before any step: refuse to train on a configuration params.yaml does not describe."""
-    diffs = check_run(effective_doc, params, phase, skip=AT_START_UNKNOWN)
-    raise_unlisted(diffs, f"{where}: the run does not use what {params.source} says", "running", "params")
+    diffs = check_run(effective_doc, spec, skip=AT_START_UNKNOWN)
+    raise_unlisted(diffs, f"{where}: the run does not use what {spec['source']} says", "running", "params")
     return diffs
 
 
 class EffectiveConfigCallback:
     """A Megatron-Bridge callback: at start-up, write the effective configuration (rank 0) and refuse to
-    train if it contradicts params.yaml (every rank raises, so none waits on the others); record the
+    train if it contradicts the phase's spec (every rank raises, so none waits on the others); record the
     weight decay applied at the phase's first and last step."""
 
-    def __init__(self, params, phase, run_dir: str, requested: dict | None = None):
-        self.params, self.phase, self.run_dir = params, phase, run_dir
+    def __init__(self, spec: dict, run_dir: str, requested: dict | None = None):
+        self.spec, self.run_dir = spec, run_dir
+        self.phase, self.end_iter = spec["phase"]["name"], spec["phase"]["end_iter"]
         self.requested = requested  # filled by the dataset provider before training starts
         self.doc: dict | None = None
 
     def on_train_start(self, context) -> None:
         import torch.distributed as dist
 
-        from nano3.train.environment import training_environment
-
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         message = [None]
         if rank0:
-            env_keys = training_environment(self.params, self.layout_tp(), {})
-            self.doc = effective.from_megatron(context, self.phase.name, self.requested or None, env_keys)
-            effective.write(self.run_dir, self.phase.name, self.doc)
+            env_keys = self.spec["derived"].get("environment_recorded", ())
+            self.doc = effective.from_megatron(context, self.phase, self.requested or None, env_keys)
+            effective.write(self.run_dir, self.phase, self.doc)
             try:
-                where = str(effective.effective_path(self.run_dir, self.phase.name))
-                assert_run_conforms(self.doc, self.params, self.phase, where)
+                assert_run_conforms(self.doc, self.spec, str(effective.effective_path(self.run_dir, self.phase)))
             except Exception as e:  # a UserError, or a broken read: no rank may train on it
                 message = [str(e)]
         if dist.is_initialized():
@@ -160,19 +157,14 @@ class EffectiveConfigCallback:
 
             raise UserError(message[0])
 
-    def layout_tp(self) -> int:
-        from nano3.train.plan import read_layout
-
-        return read_layout(self.params, phase_section(self.phase.name)).tp
-
     def on_train_step_start(self, context) -> None:
         if self.doc is None:
             return
         it = context.state.train_state.step + 1
-        if it == self.phase.end_iter:
+        if it == self.end_iter:
             self.doc["weight_decay_applied"]["last_step"] = effective.applied_weight_decay(context.optimizer.param_groups)
             self.doc["weight_decay_applied"]["last_iteration"] = it
-            effective.write(self.run_dir, self.phase.name, self.doc)
+            effective.write(self.run_dir, self.phase, self.doc)
 
 
 # ---- params against the recipe ------------------------------------------------------------------------------------
@@ -250,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nano3.schedule import build_schedule
     from nano3.train.backends.training_run import for_backend
+    from nano3.train.spec import build as build_spec
 
     ap = argparse.ArgumentParser(prog="python -m nano3.train.conform", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             errors.append(f"{path}: missing; the run predates effective-config files, rerun its stage")
             continue
         doc = json.loads(path.read_text())
-        effective_params = for_backend(params, doc.get("backend", "megatron"))
+        backend = doc.get("backend", "megatron")
+        effective_params = for_backend(params, backend)
         phase = build_schedule(effective_params.settings).phase(phase_name)
-        diffs = check_run(doc, effective_params, phase, deviations)
+        diffs = check_run(doc, build_spec(effective_params, phase, path.parent, backend), deviations)
         listed = [d for d in diffs if d.reason]
         print(f"run {path}: {len(diffs) - len(listed)} unlisted differences from params, {len(listed)} intended")
         for d in diffs:

@@ -3,9 +3,9 @@
 A config file says what was asked for; Megatron-Bridge's recipe defaults, its finalize() and
 megatron-core's schedulers decide what runs (a recipe helper once left the applied weight decay at
 0.033 while the config said 0.1). So each run writes `effective_config.<phase>.json` next to its
-`bridge_overrides.<phase>.json`, built from the optimizer's parameter groups, the LR/weight-decay
+`spec.<phase>.json` (train.spec), built from the optimizer's parameter groups, the LR/weight-decay
 scheduler, the model's config and weights, the process groups and the data config after set-up,
-and `expected(...)` derives the same document from params.yaml alone. conform.py compares the two.
+and `expected(spec)` derives the same document from the phase's spec. conform.py compares the two.
 
 Both documents are nested dicts; `flatten` turns them into dotted keys for the comparison. Readers of
 live objects import torch / megatron lazily, so this module imports on any machine.
@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nano3.config.sections import phase_section
-from nano3.files import atomic_write_json, read_json
+from nano3.files import atomic_write_json
 
 FILE = "effective_config.{phase}.json"
 
@@ -76,55 +75,49 @@ def read_groups(param_groups) -> list[dict]:
     return out
 
 
-def expected(params, phase, backend: str) -> dict:
-    """What params.yaml says this phase must run with, in the effective file's shape."""
-    from nano3.data.megatron import prefixes_and_weights
-    from nano3.data.tokenizer import read_info
-    from nano3.model.flops import padded_vocab
-    from nano3.model.presets import model_preset
-    from nano3.schedule import build_schedule
-    from nano3.train.plan import model_vocab, read_layout
+def expected(spec: dict) -> dict:
+    """What a phase must run with, in the effective file's shape: its spec's Bridge fields (train.spec) and the
+    few values it records beside them."""
+    from nano3.train.mapping import PRECISIONS
 
-    cfg = params.settings
-    section = phase_section(phase.name)
-    layout = read_layout(params, section)
-    preset = model_preset(params.settings.model)
-    schedule = build_schedule(params.settings)
-    lr = schedule.lc_lr if phase.name == "lc" else schedule.pretrain_lr
-    wd = float(cfg.train.weight_decay)
-    blend = read_json(Path(cfg.blend.out_dir) / f"{phase.blend}.json", f"{phase.blend} blend")
-    ranks_env = {"environment": {str(k): str(v) for k, v in (cfg.train.env or {}).items()}} \
-        if backend == "megatron" else {}
+    b, d = spec["bridge"], spec["derived"]
+    wsd = b["scheduler.lr_decay_style"] == "WSD"
+    fp8 = "mixed_precision.first_last_layers_bf16" in b
+    precision = {bridge: ours for ours, bridge in PRECISIONS.items()}.get(b["mixed_precision"], b["mixed_precision"])
     return {
-        "backend": backend,
-        **ranks_env,
-        "optimizer": {"weight_decay": wd, "no_decay_weight_decay": 0.0, "adam_beta1": float(cfg.train.adam_beta1),
-                      "adam_beta2": float(cfg.train.adam_beta2), "adam_eps": float(cfg.train.adam_eps),
-                      "clip_grad": float(cfg.train.clip_grad)},
-        "weight_decay_applied": {"first_step": wd, "last_step": wd},
-        "scheduler": {"max_lr": lr.lr, "min_lr": lr.min_lr, "lr_warmup_init": lr.warmup_init, "warmup_iters": lr.warmup_iters,
-                      "decay_iters": lr.decay_iters, "decay_style": lr.style,
-                      **({"wsd_decay_style": lr.wsd_decay_style, "wsd_decay_iters": lr.decay_iters - lr.decay_start_iter}
-                         if lr.style == "WSD" else {}),
-                      "start_weight_decay": wd, "end_weight_decay": wd, "weight_decay_incr_style": "constant"},
-        "precision": cfg.train.precision,
-        "fp8_edge_layers_bf16": bool(cfg.train.fp8_edge_layers_bf16) if "fp8" in cfg.train.precision else None,
-        "parallel": {"tp": layout.tp, "pp": layout.pp, "cp": layout.cp, "ep": layout.ep, "etp": layout.etp,
-                     "dp": layout.dp, "world": layout.world, "sequence_parallel": layout.sequence_parallel},
-        "batch": {"seq_length": phase.seq_length, "global_batch_size": phase.global_batch_size,
-                  "micro_batch_size": layout.micro_batch_size, "train_iters": phase.train_iters},
-        "vocab": {"tokenizer": read_info(cfg.tokenizer.dir).vocab_size,
-                  "model": padded_vocab(model_vocab(params), preset, layout.tp)},
-        "moe": {"num_experts": preset.num_moe_experts, "topk": preset.moe_router_topk,
-                "score_function": preset.moe_router_score_function,
-                "topk_scaling_factor": preset.moe_router_topk_scaling_factor,
-                "expert_bias": preset.moe_router_enable_expert_bias,
-                "bias_update_rate": preset.moe_router_bias_update_rate,
-                "aux_loss_type": preset.moe_router_load_balancing_type, "aux_loss_coeff": preset.moe_aux_loss_coeff},
-        "init_std": preset.init_method_std,
-        "data": {"seed": cfg.train.seed,
-                 "blend": blend_shares([prefixes_and_weights(blend.get(split)) for split in ("train", "valid")]),
-                 "train_samples": phase.samples, "sample_offset": phase.sample_offset},
+        "backend": d["backend"],
+        **({"environment": d["environment"]} if "environment" in d else {}),
+        "optimizer": {"weight_decay": b["optimizer.weight_decay"], "no_decay_weight_decay": 0.0,
+                      "adam_beta1": b["optimizer.adam_beta1"], "adam_beta2": b["optimizer.adam_beta2"],
+                      "adam_eps": b["optimizer.adam_eps"], "clip_grad": b["optimizer.clip_grad"]},
+        "weight_decay_applied": {"first_step": b["scheduler.start_weight_decay"],
+                                 "last_step": b["scheduler.end_weight_decay"]},
+        "scheduler": {"max_lr": b["optimizer.lr"], "min_lr": b["optimizer.min_lr"],
+                      "lr_warmup_init": b["scheduler.lr_warmup_init"], "warmup_iters": b["scheduler.lr_warmup_iters"],
+                      "decay_iters": b["scheduler.lr_decay_iters"], "decay_style": b["scheduler.lr_decay_style"],
+                      **({"wsd_decay_style": b["scheduler.lr_wsd_decay_style"],
+                          "wsd_decay_iters": b["scheduler.lr_wsd_decay_iters"]} if wsd else {}),
+                      "start_weight_decay": b["scheduler.start_weight_decay"],
+                      "end_weight_decay": b["scheduler.end_weight_decay"],
+                      "weight_decay_incr_style": b["scheduler.weight_decay_incr_style"]},
+        "precision": precision,
+        "fp8_edge_layers_bf16": b["mixed_precision.first_last_layers_bf16"] if fp8 else None,
+        "parallel": {"tp": b["model.tensor_model_parallel_size"], "pp": b["model.pipeline_model_parallel_size"],
+                     "cp": b["model.context_parallel_size"], "ep": b["model.expert_model_parallel_size"],
+                     "etp": b["model.expert_tensor_parallel_size"], "dp": d["dp"], "world": d["world"],
+                     "sequence_parallel": b["model.sequence_parallel"]},
+        "batch": {"seq_length": b["model.seq_length"], "global_batch_size": b["train.global_batch_size"],
+                  "micro_batch_size": b["train.micro_batch_size"], "train_iters": b["train.train_iters"]},
+        "vocab": d["vocab"],
+        "moe": {"num_experts": b["model.num_moe_experts"], "topk": b["model.moe_router_topk"],
+                "score_function": b["model.moe_router_score_function"],
+                "topk_scaling_factor": b["model.moe_router_topk_scaling_factor"],
+                "expert_bias": b["model.moe_router_enable_expert_bias"],
+                "bias_update_rate": b["model.moe_router_bias_update_rate"],
+                "aux_loss_type": b["model.moe_router_load_balancing_type"], "aux_loss_coeff": b["model.moe_aux_loss_coeff"]},
+        "init_std": b["model.init_method_std"],
+        "data": {"seed": b["dataset.random_seed"], "blend": d["blend"], "train_samples": d["train_samples"],
+                 "sample_offset": d["sample_offset"]},
     }
 
 

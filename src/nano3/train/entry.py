@@ -1,9 +1,10 @@
 """GPU entry point for one training phase, run by torchrun on every rank:
 
-    torchrun --nproc_per_node=N -m nano3.train.entry --stage pretrain --phase phase1 --run-dir DIR [...]
+    torchrun --nproc_per_node=N -m nano3.train.entry --spec DIR/spec.phase1.json --run-dir DIR --live-dir LIVE
 
-Builds Megatron-Bridge's Nemotron 3 Nano recipe config, applies mapping.bridge_overrides, and
-runs Bridge's `pretrain` (through megatron_compat, so the recipe image's older Bridge runs it too).
+Builds Megatron-Bridge's Nemotron 3 Nano recipe config, sets the Bridge fields of the phase's spec (train.spec,
+which the stage wrote from params.yaml: the ranks never read it), and runs Bridge's `pretrain` (through
+megatron_compat, so the recipe image's older Bridge runs it too).
 Megatron-Bridge and Transformer Engine are imported only here.
 Import-safe on purpose: distributed checkpoint saving starts worker processes with spawn.
 """
@@ -11,14 +12,11 @@ Import-safe on purpose: distributed checkpoint saving starts worker processes wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import nano3  # noqa: F401  (quiet imports)
-from nano3.config import load_params, parse_override
-from nano3.config.sections import phase_section
 from nano3.errors import UserError
 from nano3.files import atomic_write_json
 from nano3.megatron_compat import (
@@ -62,8 +60,8 @@ def read_only_the_phase(phase, requested: dict, mix=None) -> None:
     366M, not the 6.1B of train_iters x GBS that Bridge would request) and record what was requested.
 
     Bridge picks the dataset provider from its registry by config type at pretrain() time; the wrapper keeps
-    its two-argument signature so Bridge binds no extra arguments. With `mix` (lc.mix) its share of training
-    samples comes as packed short sequences (data/lc_mix.py).
+    its two-argument signature so Bridge binds no extra arguments. With `mix` (lc.mix as the spec records it) its
+    share of training samples comes as packed short sequences (data/lc_mix.py).
     """
     from megatron.bridge.training.config import GPTDatasetConfig
 
@@ -81,7 +79,7 @@ def read_only_the_phase(phase, requested: dict, mix=None) -> None:
         if train is not None:
             train = PhaseWindow(train, phase.sample_offset)
             if mix is not None:
-                train = ShortSequenceMix(train, mix.short_share, mix.short_length)
+                train = ShortSequenceMix(train, mix["short_share"], mix["short_length"])
         return train, valid, test
 
     registry[GPTDatasetConfig] = provider
@@ -138,60 +136,42 @@ def build_config(overrides: dict[str, Any]) -> tuple[Any, list[str]]:
 def main(argv: list[str] | None = None) -> None:
     from megatron.bridge.training.gpt_step import forward_step
 
-    from nano3.model.flops import mixed_flops_per_token, padded_vocab
-    from nano3.model.presets import model_preset
-    from nano3.schedule import build_schedule
+    from nano3.train import spec as phase_spec
     from nano3.train.conform import EffectiveConfigCallback
-    from nano3.train.mapping import bridge_overrides
     from nano3.train.metrics import DvcliveCallback
-    from nano3.train.plan import model_vocab, read_layout
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--params", required=True)
-    ap.add_argument("--phase", required=True, choices=["phase1", "phase2", "lc"])
+    ap.add_argument("--spec", required=True, help="the phase's spec.<phase>.json (train.spec), which the stage wrote")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--live-dir", required=True)
-    ap.add_argument("--pretrained", default=None)
-    ap.add_argument("--override", action="append", default=[], help="params.yaml override")
-    ap.add_argument("--bridge", action="append", default=[], help="Bridge section.field=value override")
     args = ap.parse_args(argv)
 
-    params = load_params(args.params, args.override)
-    schedule = build_schedule(params.settings)
-    phase = schedule.phase(args.phase)
-    overrides = bridge_overrides(params, schedule, phase, args.run_dir, args.pretrained)
-    overrides.update(dict(parse_override(text) for text in args.bridge))
-    cfg, spelled = build_config(overrides)
+    spec = phase_spec.read(args.spec)
+    phase = phase_spec.phase_of(spec)
+    cfg, spelled = build_config(phase_spec.bridge_fields(spec))
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.run_dir) / f"bridge_overrides.{args.phase}.json").write_text(
-            json.dumps(overrides, indent=2, sort_keys=True, default=str))
-        atomic_write_json(Path(args.run_dir) / f"stack.{args.phase}.json",
+        atomic_write_json(Path(args.run_dir) / f"stack.{phase.name}.json",
                           {"installed": installed_stack(), "spelled_for_this_bridge": spelled})
 
-    preset = model_preset(params.settings.model)
-    layout = read_layout(params, phase_section(args.phase))
-    vocab = padded_vocab(model_vocab(params), preset, layout.tp)
-    mix = params.settings.lc.mix if args.phase == "lc" and params.settings.lc.mix.short_share else None
+    metrics = spec["metrics"]
     callback = DvcliveCallback(
-        live_dir=args.live_dir, stage_label=args.phase, tokens_per_iter=phase.global_batch_size * phase.seq_length,
-        flops_true=mixed_flops_per_token(preset, phase.seq_length, vocab, "true", mix),
-        flops_bridge=mixed_flops_per_token(preset, phase.seq_length, vocab, "bridge", mix),
-        log_interval=params.settings.train.log_interval,
-        extra={"run": Path(args.run_dir).name, "phase": args.phase}, last_iter=phase.end_iter,
+        live_dir=args.live_dir, stage_label=phase.name, tokens_per_iter=metrics["tokens_per_iter"],
+        flops_true=metrics["flops_true"], flops_bridge=metrics["flops_bridge"], log_interval=metrics["log_interval"],
+        extra={"run": Path(args.run_dir).name, "phase": phase.name}, last_iter=phase.end_iter,
     )
+    mix = spec["mix"]
     requested: dict = {}
     read_only_the_phase(phase, requested, mix)
-    conformance = EffectiveConfigCallback(params, phase, args.run_dir, requested)
+    conformance = EffectiveConfigCallback(spec, args.run_dir, requested)
     try:
         if mix is not None:
             require_packed_mamba()
             if int(os.environ.get("RANK", "0")) == 0:
-                record_packed_batches(Path(args.run_dir) / f"packed.{args.phase}.json")
+                record_packed_batches(Path(args.run_dir) / f"packed.{phase.name}.json")
         run_pretrain(cfg, forward_step, [conformance, callback])
     except UserError as e:  # every rank raises it; rank 0 hands the one line to the stage (run.py)
         if int(os.environ.get("RANK", "0")) == 0:
-            failure_path(args.run_dir, args.phase).write_text(f"{e}\n")
+            failure_path(args.run_dir, phase.name).write_text(f"{e}\n")
             print(f"error: {e}", flush=True)
         raise SystemExit(2)
     import torch

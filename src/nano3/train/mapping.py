@@ -11,16 +11,13 @@ Order of precedence: Bridge recipe < this mapping < `train.bridge_overrides` in 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
-from nano3.config import section_name
 from nano3.config.overrides import STAGE_OWNED
-from nano3.config.sections import Kernels, TrainConfig, phase_section
+from nano3.config.sections import Kernels, TokenizerConfig, TrainConfig, phase_section
 from nano3.data.megatron import bridge_tokenizer_fields
-from nano3.data.tokenizer import read_info
+from nano3.data.tokenizer import INFO_FILE, read_info
 from nano3.errors import UserError
 from nano3.model.presets import bridge_model_extras, model_preset
 from nano3.schedule import PhasePlan, TrainingSchedule
@@ -29,30 +26,6 @@ from nano3.train.plan import CROSS_ENTROPY, model_vocab, read_layout
 PRECISIONS = {"bf16": "bf16_mixed", "fp8": "bf16_with_fp8_current_scaling_mixed",
               "fp8_delayed": "bf16_with_fp8_delayed_scaling_mixed", "fp8_blockwise": "bf16_with_fp8_subchannel_scaling_mixed",
               "mxfp8": "bf16_with_mxfp8_mixed"}
-
-# train.* keys that do not change what is learned: a changed value resumes the same run.
-OPERATIONAL_KEYS = {"keep_checkpoints", "nodes", "gpus_per_node", "parallel", "micro_batch_size", "log_interval", "save_interval", "save_minutes", "live_dir",
-                    "eval_interval", "eval_iters", "measured_tflops_per_gpu", "kernels", "recompute_modules",
-                    "precision", "fp8_edge_layers_bf16", "bridge_overrides", "backend", "num_workers", "env"}
-
-
-def run_digest(params, stage: str, upstream: dict[str, str]) -> str:
-    """Identity of a training run: what it learns from. Checkpoints live under it, so a kill resumes
-    the same run while `dvc exp run -S train.lr=...` starts a new one."""
-    section = section_name(stage)
-    learned = {k: v for k, v in params[section].items() if k not in OPERATIONAL_KEYS}  # the tree as written
-    doc = {"stage": stage, "model": params["model"], section: learned, "upstream": upstream}
-    if stage == "lc":
-        doc["train_seed"] = params.settings.train.seed
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def file_digest(path: str | Path) -> str:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: missing; run the stage that writes it (make blend / make pretrain)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
 
 def _kernels(k: Kernels) -> dict[str, Any]:
     out = {
@@ -140,7 +113,7 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         # kills). TE's kernels are not autotuned; they compute the gradient in the forward (plan.LOGITS_BYTES).
         "model.cross_entropy_loss_fusion": True,
         "model.cross_entropy_fusion_impl": CROSS_ENTROPY,
-        **{f"tokenizer.{k}": v for k, v in bridge_tokenizer_fields(tok_dir, read_info(tok_dir)).items()},
+        **{f"tokenizer.{k}": v for k, v in bridge_tokenizer_fields(tok_dir, tokenizer_kind(cfg.tokenizer)).items()},
         "tokenizer.use_tokenizer_vocab_size": cfg.model.vocab_size is None,
         "checkpoint.save": run_dir,
         "checkpoint.load": run_dir,
@@ -168,6 +141,14 @@ def bridge_overrides(params, schedule: TrainingSchedule, phase: PhasePlan, run_d
         raise UserError(f"{params.source}: train.bridge_overrides.{owned[0]}: {STAGE_OWNED[owned[0]]}")
     o.update(extra)
     return o
+
+
+def tokenizer_kind(tokenizer: TokenizerConfig) -> str:
+    """The tokenizer directory's kind: as its info.json says, or, before the tokenizer stage ran (make plan), as
+    params.yaml will make it (`train`: SentencePiece; a hub name or directory: Hugging Face)."""
+    if (Path(tokenizer.dir) / INFO_FILE).exists():
+        return read_info(tokenizer.dir).kind
+    return "sentencepiece" if tokenizer.name == "train" else "huggingface"
 
 
 def save_interval(params, section: str) -> int:

@@ -1,6 +1,6 @@
 """The pretrain and lc stages: plan, then run each phase with torchrun, then write the stage manifest.
 
-Checkpoints go to `checkpoints/<stage>/<run digest>/` (mapping.run_digest): a killed or preempted run
+Checkpoints go to `checkpoints/<stage>/<run digest>/` (rundir.identity): a killed or preempted run
 restarts in the same directory and Bridge resumes from its latest checkpoint; a run with different
 hyperparameters gets a fresh directory. The DVC out is `checkpoints/<stage>.json`, a small manifest
 pointing at the checkpoint, never the checkpoint tree itself, and naming the code that trained it (rundir.record_code).
@@ -8,39 +8,19 @@ pointing at the checkpoint, never the checkpoint tree itself, and naming the cod
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
 
-from nano3.config import section_name
+from nano3.config import parse_override, section_name
 from nano3.errors import UserError
 from nano3.files import atomic_write_json, read_json
-from nano3.train import rundir
+from nano3.train import rundir, spec
 from nano3.train.backends import TrainingRun, for_backend, resolve_backend, train_on
-from nano3.train.backends.megatron import set_aside_unfinished_save
-from nano3.train.mapping import file_digest, run_digest
 from nano3.train.plan import Plan, build_plan, local_gpus
 from nano3.train.rundir import exit_if_stopped, latest_iteration, manifest_path
-
-
-def upstream_digests(params, stage: str) -> dict[str, str]:
-    blend_dir = Path(params.settings.blend.out_dir)
-    tok = Path(params.settings.tokenizer.dir) / "info.json"
-    if stage == "pretrain":
-        return {"phase1": file_digest(blend_dir / "phase1.json"), "phase2": file_digest(blend_dir / "phase2.json"),
-                "tokenizer": file_digest(tok)}
-    return {"lc": file_digest(blend_dir / "lc.json"), "tokenizer": file_digest(tok),
-            "pretrain": pretrained_identity(manifest_path(params.settings.train, "pretrain"))}
-
-
-def pretrained_identity(manifest: Path) -> str:
-    """The checkpoint lc starts from: pretrain's run, iteration and backend. Not the manifest file's bytes, which
-    carry wall-clock throughput: a pretrain rerun to the same weights must not start a new lc run."""
-    pre = read_json(manifest, "pretrain manifest (run make pretrain)")
-    doc = {k: pre.get(k) for k in ("digest", "iteration", "backend")}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+from nano3.train.rundir.identity import run_digest, upstream_digests
+from nano3.train.rundir.repair import set_aside_unfinished_save
 
 
 def print_plan(plan: Plan, stage: str, backend: str, memory: tuple[float, str] | None) -> None:
@@ -163,6 +143,29 @@ def check_bridge_fields(bridge_cli: list[str], log) -> None:
     log(f"dry run: {names} set on Megatron-Bridge's recipe config")
 
 
+def phase_bridge_fields(params, plan: Plan, stage: str, bridge_cli: list[str]) -> dict[str, dict]:
+    """--dry-run: the Bridge fields each phase's spec will hold (train.spec), before any run directory exists."""
+    from nano3.train.mapping import bridge_overrides
+
+    run_dir = str(rundir.run_dir(params.settings.train, stage, "<run digest>"))
+    pretrained = "<pretrain's checkpoint>" if stage == "lc" else None
+    extra = dict(parse_override(text) for text in bridge_cli)
+    return {p.name: bridge_overrides(params, plan.schedule, p, run_dir, pretrained) | extra
+            for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")}
+
+
+def print_bridge_fields(fields: dict[str, dict], stage: str, log) -> None:
+    """Every field of the first phase, then what each later phase changes."""
+    before, previous = {}, None
+    for phase, values in fields.items():
+        changed = {k: v for k, v in values.items() if k not in before or before[k] != v}
+        log(f"{stage} {phase}: Megatron-Bridge fields" + (f" that differ from {previous}" if previous else
+                                                          f" ({len(values)}; Bridge's recipe defaults for the rest)"))
+        for key in sorted(changed):
+            log(f"  {key} = {changed[key]!r}")
+        before, previous = values, phase
+
+
 def check_pinned_data(params, strict: bool, log) -> None:
     """A hub dataset without a `revision` reads whatever the Hub holds when prep runs: a rerun months later is other
     data under the same params. The plan says so; `--strict` (`make plan STRICT=1`) refuses it."""
@@ -177,10 +180,10 @@ def check_pinned_data(params, strict: bool, log) -> None:
     log(f"warning: {text}")
 
 
-def run_training_stage(stage: str, requested, params_file: str, our_overrides: list[str], bridge_cli: list[str],
-                       dry_run: bool, log=print, gpu_memory_gib: float | None = None, strict: bool = False) -> dict | None:
-    """`requested`: params.yaml with `our_overrides` applied; the training processes reload the same file and
-    overrides (`params_file`, `our_overrides`) and get the Megatron-Bridge fields `bridge_cli`."""
+def run_training_stage(stage: str, requested, bridge_cli: list[str], dry_run: bool, log=print,
+                       gpu_memory_gib: float | None = None, strict: bool = False, show_bridge: bool = False) -> dict | None:
+    """`requested`: params.yaml with the command line's overrides applied; `bridge_cli`: the command line's
+    Megatron-Bridge fields (`section.field=value`). Each phase's spec (train.spec) holds both for the ranks."""
 
     backend = resolve_backend(requested)
     params = for_backend(requested, backend)
@@ -193,8 +196,13 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
     print_plan(plan, stage, backend, memory)
     report = Path("reports") / "plan"
     report.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(report / f"{stage}.json", plan.as_dict() | {"backend": backend})
+    fields = phase_bridge_fields(params, plan, stage, bridge_cli) if backend == "megatron" else {}
+    atomic_write_json(report / f"{stage}.json", plan.as_dict() | {"backend": backend, "bridge_fields": fields})
     if dry_run:
+        if show_bridge:
+            print_bridge_fields(fields, stage, log)
+        elif fields:
+            log(f"{stage}: the Megatron-Bridge fields of each phase: make plan BRIDGE=1, or {report / f'{stage}.json'}")
         check_bridge_fields(bridge_cli, log)
         check_pinned_data(params, strict, log)
         return None
@@ -241,9 +249,12 @@ def run_training_stage(stage: str, requested, params_file: str, our_overrides: l
                 log(f"{stage}: run {digest} finished at iteration {done} before: reused, not retrained; its "
                     f"metrics are back in {live_dir}")
         code = rundir.record_code(run_dir, stage, done, phases[-1].end_iter, log) if node0 else []
+        bridge = dict(parse_override(text) for text in bridge_cli)
+        specs = {p.name: spec.write(run_dir, spec.build(params, p, run_dir, backend, pretrained, bridge))
+                 for p in phases if done < p.end_iter}
         training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir,
-                               live_dir=rundir.run_live_dir(run_dir), pretrained=pretrained, params_file=params_file,
-                               overrides=list(our_overrides), bridge=list(bridge_cli), lock_fd=lock_fd)
+                               live_dir=rundir.run_live_dir(run_dir), pretrained=pretrained, specs=specs,
+                               lock_fd=lock_fd)
         try:
             if done < phases[-1].end_iter:
                 train_on(backend, training, log)
@@ -269,6 +280,8 @@ def add_options(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan (no GPU needed) and exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB",
                         help="plan for GPUs of this many GiB (default: the CLUSTER profile's, this machine's, or 79.6)")
+    parser.add_argument("--bridge-fields", action="store_true",
+                        help="with --dry-run: print the Megatron-Bridge fields each phase will get (make plan BRIDGE=1)")
     parser.add_argument("--strict", action="store_true",
                         help="with --dry-run: refuse hub datasets without a pinned revision (a warning otherwise)")
     parser.set_defaults(takes_bridge_overrides=True)
@@ -276,5 +289,5 @@ def add_options(parser) -> None:
 
 def run(params, args) -> dict | None:
     """Stages `pretrain` and `lc` (`args.stage`): the plan, then each phase on the backend; the stage manifest."""
-    return run_training_stage(args.stage, params, args.params, args.overrides, args.bridge, dry_run=args.dry_run,
-                              gpu_memory_gib=args.gpu_memory, strict=args.strict)
+    return run_training_stage(args.stage, params, args.bridge, dry_run=args.dry_run, gpu_memory_gib=args.gpu_memory,
+                              strict=args.strict, show_bridge=args.bridge_fields)

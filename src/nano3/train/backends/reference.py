@@ -229,7 +229,7 @@ def micro_batch_groups(samples: list[dict], first_index: int, mix) -> list[tuple
 
 
 def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: Path, live_dir: Path,
-                    pretrained: str | None, log=print) -> None:
+                    pretrained: str | None, specs: dict[str, Path], log=print) -> None:
     """Run the stage's phases in this process; SIGTERM, Ctrl-C or the job's stop request (nano3.train.stopping)
     checkpoints after the step and stops (the caller resumes later); a second Ctrl-C stops at once."""
     import torch
@@ -241,6 +241,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
     from nano3.train.mapping import keep_checkpoints
     from nano3.train.metrics import host_memory_gib, log_train_step, truncate_metrics
     from nano3.train.rundir import iteration_dir, latest_iteration
+    from nano3.train.spec import read as read_spec
 
     torch.set_num_threads(os.cpu_count() or 1)
     section = section_name(stage)
@@ -280,7 +281,7 @@ def train_reference(params, plan, stage: str, phases: list[PhasePlan], run_dir: 
             train_set, valid_set, _ = phase_datasets(params, phase, run_dir / "dataset_cache", sizes)
             doc = effective_config(params, phase, model, optimizer, schedule, load, train_set, valid_set, sizes)
             effective.write(run_dir, phase.name, doc)
-            assert_run_conforms(doc, params, phase, str(effective.effective_path(run_dir, phase.name)))
+            assert_run_conforms(doc, read_spec(specs[phase.name]), str(effective.effective_path(run_dir, phase.name)))
             first = max(done, phase.start_iter) + 1
             gbs = phase.global_batch_size
             steps = range(max(done, phase.start_iter), phase.end_iter)
@@ -383,4 +384,5 @@ def validate(model, valid_set, samples: int, mbs: int, short_length: int | None 
 
 def train(run, log=print) -> None:
     """The reference backend behind nano3.train.backends.train_on."""
-    train_reference(run.params, run.plan, run.stage, run.phases, run.run_dir, run.live_dir, run.pretrained, log)
+    train_reference(run.params, run.plan, run.stage, run.phases, run.run_dir, run.live_dir, run.pretrained, run.specs,
+                    log)

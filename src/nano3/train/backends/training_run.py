@@ -25,9 +25,7 @@ class TrainingRun:
     run_dir: Path             # nano3.train.rundir.run_dir
     live_dir: Path            # dvclive metrics
     pretrained: str | None    # lc: the pretrain checkpoint it starts from
-    params_file: str          # what the Megatron ranks reload, with ...
-    overrides: list[str]      # ... these params overrides
-    bridge: list[str]         # Megatron-Bridge fields from the command line (`section.field=value`)
+    specs: dict[str, Path]    # phase -> its spec in the run directory (train.spec): what the ranks apply
     lock_fd: int | None = None  # the run's lock (rundir.hold_run), kept open in torchrun
 
 
