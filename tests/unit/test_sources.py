@@ -98,6 +98,60 @@ def test_hf_source_streams_a_hub_layout_mirror(tmp_path, docs):
     assert got == docs[:40][0::2] + docs[:40][1::2]
 
 
+CODE_V2 = ("Question-Answering", "Student-Teacher", "Code-Review", "Rewriting", "Transpilation")
+
+
+def write_code_hub_layouts(root: Path, code: list[str]) -> dict[str, list[str]]:
+    """The recipe's two code families laid out as on the Hub (as public download configs read them: marin's
+    nemotron_v2.py): Nemotron-CC-Code-v1 with one default config, `data/*.parquet`; Nemotron-Pretraining-Code-v2
+    with a README config per synthetic-code folder, and Nemotron-Code-Metadata, which lists GitHub files without
+    their text. Returns the texts each hub source holds, by source."""
+    held = {}
+    cc = root / "nvidia" / "Nemotron-CC-Code-v1"
+    (cc / "data").mkdir(parents=True)
+    for i in range(2):
+        pq.write_table(pa.table({"text": code[i:20:2], "id": [str(k) for k in range(len(code[i:20:2]))]}),
+                       cc / "data" / f"part_{i:05d}.parquet")
+    (cc / "README.md").write_text("---\nlicense: other\n---\n# Nemotron-CC-Code-v1\n")
+    held["hf://nvidia/Nemotron-CC-Code-v1"] = code[0:20:2] + code[1:20:2]
+    v2 = root / "nvidia" / "Nemotron-Pretraining-Code-v2"
+    card = ["---", "configs:"]
+    for k, name in enumerate(CODE_V2):
+        folder = f"Synthetic-Code/synthetic-{name.lower()}"
+        (v2 / folder).mkdir(parents=True)
+        texts = code[20 + 4 * k: 24 + 4 * k]
+        pq.write_table(pa.table({"text": texts}), v2 / folder / "part_00000.parquet")
+        card += [f"- config_name: Synthetic-{name}", "  data_files:", "  - split: train", f"    path: {folder}/*.parquet"]
+        held[f"hf://nvidia/Nemotron-Pretraining-Code-v2/Synthetic-{name}"] = texts
+    (v2 / "Nemotron-Code-Metadata").mkdir()
+    pq.write_table(pa.table({"repo": ["python/cpython"], "commit_id": ["0" * 40], "rel_path": ["Lib/json/__init__.py"]}),
+                   v2 / "Nemotron-Code-Metadata" / "part_00000.parquet")
+    card += ["- config_name: Nemotron-Code-Metadata", "  data_files:", "  - split: train",
+             "    path: Nemotron-Code-Metadata/*.parquet", "---"]
+    (v2 / "README.md").write_text("\n".join(card) + "\n")
+    return held
+
+
+def test_the_production_code_datasets_read_their_hub_layouts(tmp_path, sample_dir):
+    """Issue 31: configs/nano3.yaml's code datasets, as written there, read a local copy in their Hub layout with
+    the reader every hub dataset uses (no code-specific reader); the metadata-only config fails in one line."""
+    from nano3.config import load_params
+    from tests.conftest import ROOT
+
+    code = docs_from(sample_dir, "stdlib-code", 40)
+    held = write_code_hub_layouts(tmp_path, code)
+    params = load_params(ROOT / "configs" / "nano3.yaml")
+    names = [n for n, d in params.settings.datasets.items() if "Code" in d.source]
+    assert sorted(DatasetSpec.from_params(params, n).source for n in names) == sorted(held)
+    for name in names:
+        spec = DatasetSpec.from_params(params, name)
+        assert read_all(spec, hf_mirror=str(tmp_path)) == held[spec.source], name
+    metadata = DatasetSpec(name="code-metadata", source="hf://nvidia/Nemotron-Pretraining-Code-v2/Nemotron-Code-Metadata")
+    with pytest.raises(UserError) as err:
+        read_all(metadata, hf_mirror=str(tmp_path))
+    assert "no field 'text' (has ['repo', 'commit_id', 'rel_path'])" in one_line(err)
+
+
 def test_a_truncated_file_in_a_hub_mirror_is_a_one_line_error(tmp_path, docs):
     """As for a local Parquet source: no 60-line pyarrow traceback from the streaming reader."""
     mirror = write_hub_layout(tmp_path, docs)
