@@ -40,8 +40,11 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	$(UV) sync --frozen --python "$(PY312)"
 	@touch $@
 
+# make test: unit tests on up to 4 cores, then the integration tests (DVC, Slurm) one at a time, as they share the
+# machine's cores and time limits; PYTEST_ARGS="..." runs one pytest with those arguments instead.
 test: setup  ## run the tests (GPU tests skip without a GPU; Slurm tests start a local test cluster as root)
-	python -m pytest -q $(PYTEST_ARGS)
+	$(if $(PYTEST_ARGS),python -m pytest -q $(PYTEST_ARGS),python -m pytest -q -n auto --maxprocesses 4 tests/unit && \
+	  python -m pytest -q tests/integration tests/gpu)
 
 smoke: setup  ## the whole pipeline on the embedded default (Megatron on GPUs, the CPU reference elsewhere)
 	python -m nano3.launch.smoke

@@ -271,7 +271,10 @@ def tp_splits_kv_groups(attention_source: str | None = None) -> bool | None:
     `num_query_groups < world_size`); older cores `divide(num_query_groups, tp)` and assert. Read from the
     installed module's source without importing it; None where megatron-core is not installed."""
     if attention_source is None:
-        spec = importlib.util.find_spec("megatron.core") and importlib.util.find_spec("megatron.core.transformer.attention")
+        try:
+            spec = importlib.util.find_spec("megatron.core.transformer.attention")
+        except ModuleNotFoundError:  # find_spec imports the parent packages: no `megatron` at all (a bare login node)
+            spec = None
         if not spec or not spec.origin:
             return None
         attention_source = Path(spec.origin).read_text()

@@ -2,7 +2,8 @@
 PYTHONPATH. The image's transformers (before 5) requires huggingface-hub before 1.0; nano3's pinned datasets 5.2 brings
 huggingface-hub 1.x, which used to land in the install and break the image's transformers at import. On a stand-in of
 the image's Python stack (tests/standin/recipe_image.txt, a real venv from PyPI), stages/in_image.sh's install runs for
-real: it installs only what the image lacks, shadows nothing, and the data stages run there with the same bytes."""
+real: it installs only what the image lacks, shadows nothing, and the tokenizer and prep stages and the training plan
+run there with the same bytes as in the project's own environment."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def in_image(repo: Path, image: Path, *cmd: str) -> subprocess.CompletedProcess:
                           timeout=1200)
 
 
-def test_the_extras_install_shadows_nothing_of_the_image_and_the_data_stages_run_there(image, tmp_path, spm_dir,
-                                                                                        sample_dir):
+def test_the_extras_install_shadows_nothing_of_the_image_and_the_cpu_stages_run_there(image, tmp_path, spm_dir,
+                                                                                       sample_dir):
     repo = copy_repo(tmp_path / "repo")
     versions = ("import transformers, huggingface_hub, datasets, dvc, dvclive, sentencepiece, gigatoken; "
                 "print(transformers.__version__, huggingface_hub.__version__, datasets.__version__)")
@@ -61,18 +62,30 @@ def test_the_extras_install_shadows_nothing_of_the_image_and_the_data_stages_run
     on_path = {canonical(p.name.split("-")[0]) for p in extras.glob("*.dist-info")}
     assert on_path == {canonical(n) for n in installed}
 
-    # prep in the image's Python gives the bytes it gives in the project's own environment
-    source = sample_dir / "stdlib-docs"
+    # the tokenizer stage, prep and the training plan in the image's Python give what they give in the project's own
+    # environment (blend needs the image's torch and megatron-core, which this stand-in does not hold)
+    datasets = {name: {"source": str(sample_dir / name)} for name in ("stdlib-docs", "stdlib-code")}
     for where, python, extra_path in (("image", str(image / "bin" / "python"), str(extras)),
                                       ("project", sys.executable, "")):
-        params = make_params(tmp_path / where, spm_dir, {"docs": {"source": str(source)}}, prep={"workers": 1})
-        (tmp_path / where).mkdir(parents=True, exist_ok=True)
-        (tmp_path / where / "params.yaml").write_text(yaml.safe_dump(dict(params)))
+        home = tmp_path / where
+        params = make_params(home, home / "tokenizer", datasets, prep={"workers": 1},
+                             tokenizer={"vocab_size": 2048, "max_sentences": 20000})
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "params.yaml").write_text(yaml.safe_dump(dict(params)))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), extra_path]))}
-        run = subprocess.run([python, str(ROOT / "stages" / "prep.py"), "--params", str(tmp_path / where / "params.yaml"),
-                              "docs"], cwd=tmp_path / where, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, f"{where}: {run.stderr[-3000:]}"
-    manifests = [json.loads((tmp_path / w / "prepared" / "docs" / "manifest.json").read_text()) for w in ("image", "project")]
+        for stage, *args in (("tokenizer",), ("prep", "stdlib-docs"),
+                             ("pretrain", "--dry-run", "--bridge-fields", "train.backend=megatron")):
+            run = subprocess.run([python, str(ROOT / "stages" / f"{stage}.py"), "--params", str(home / "params.yaml"),
+                                  *args], cwd=home, env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, f"{where} {stage}: {run.stderr[-3000:]}"
+        assert "pretrain phase1: Megatron-Bridge fields" in run.stdout, run.stdout[-2000:]
+    tokenizers = [(tmp_path / w / "tokenizer" / "tokenizer.model").read_bytes() for w in ("image", "project")]
+    assert tokenizers[0] == tokenizers[1]
+    manifests = [json.loads((tmp_path / w / "prepared" / "stdlib-docs" / "manifest.json").read_text())
+                 for w in ("image", "project")]
     shards = [[(s["sha256_bin"], s["sha256_idx"]) for split in m["splits"].values() for s in split["shards"]]
               for m in manifests]
     assert shards[0] == shards[1] and manifests[0]["tokens"] == manifests[1]["tokens"] > 0
+    plans = [(tmp_path / w / "reports" / "plan" / "pretrain.json").read_text().replace(str(tmp_path / w), "HOME")
+             for w in ("image", "project")]
+    assert plans[0] == plans[1] and json.loads(plans[0])["bridge_fields"]["phase1"]["optimizer.lr"] > 0

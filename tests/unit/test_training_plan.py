@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 
@@ -596,6 +597,11 @@ def test_tp_above_the_kv_groups_is_refused_where_the_stack_cannot_split_them(mon
     assert tp_splits_kv_groups() is True  # the installed megatron-core (0.19.2)
     older = "self.num_query_groups_per_partition = divide(self.config.num_query_groups, world_size)"
     assert tp_splits_kv_groups(older) is False
+    for name in [m for m in sys.modules if m == "megatron" or m.startswith("megatron.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "megatron", None)  # no megatron at all (the image stand-in: it crashed the plan)
+    assert tp_splits_kv_groups() is None
+    monkeypatch.undo()
     params = load_params(ROOT / "configs" / "nano3.yaml", ["lc.parallel.tp=8", "lc.parallel.cp=8"])  # the recipe's
     assert build_plan(params, stages=("lc",)).stages["lc"].layout.tp == 8  # builds on today's stack
     with pytest.raises(UserError) as err:
