@@ -81,7 +81,7 @@ def build_checkpoint(experts: int, work: Path) -> None:
     from megatron.core.transformer.enums import AttnBackend
 
     from nano3.config import load_params
-    from nano3.data.tokenizer import read_info
+    from nano3.data.tokenizers import read_info
     from nano3.model.hf import nemotron_h_config
     from nano3.model.presets import model_preset
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from nano3.data.megatron import megatron_tokenizer, prefixes_and_weights
-from nano3.data.tokenizer import read_info
+from nano3.data.tokenizers import read_info
 
 seq, mask = {seq}, {mask}
 doc = json.loads(Path({blend!r}).read_text())

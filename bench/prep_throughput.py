@@ -61,7 +61,7 @@ def bpe_131k(corpus: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from nano3.data.tokenizer import save_huggingface
+    from nano3.data.tokenizers import save_huggingface
 
     def texts(limit: int = 64 << 20):  # the corpus's first 64 MB: enough for 131k merges, minutes not tens
         with open(corpus) as f:

@@ -60,7 +60,7 @@ def build_large_corpus(dest: Path, limit_mb: int, shard_mb: int = 32) -> Path:
 
 def child_raw(source: str, tokenizer_dir: str) -> dict:
     from nano3.data.sources import DatasetSpec, Source, iter_texts
-    from nano3.data.tokenizer import Encoder
+    from nano3.data.tokenizers import Encoder
 
     texts = list(iter_texts(Source(DatasetSpec(name="b", source=source))))
     enc = Encoder(tokenizer_dir)

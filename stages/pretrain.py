@@ -7,7 +7,7 @@
 """
 
 from nano3.cli import stage_main
-from nano3.train.run import add_options, run
+from nano3.train.pretrain import add_options, run
 
 if __name__ == "__main__":
-    stage_main(run, __doc__, add_options, stage="pretrain")
+    stage_main(run, __doc__, add_options)

@@ -54,7 +54,7 @@ def sample_dir(tmp_path_factory) -> Path:
 def spm_dir(tmp_path_factory, sample_dir) -> Path:
     """A SentencePiece tokenizer trained on the sample corpus (smaller than the default, for speed)."""
     from nano3.data.sources import DatasetSpec, Source, iter_texts
-    from nano3.data.tokenizer import train_sentencepiece
+    from nano3.data.tokenizers import train_sentencepiece
 
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     texts = (t for name in ("stdlib-code", "stdlib-docs")

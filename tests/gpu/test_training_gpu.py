@@ -210,7 +210,7 @@ def test_exported_model_gives_megatrons_logits(smoke):
     next-token logits on held-out tokens (both BF16; tolerance: README "Export")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nano3.data.tokenizer import Encoder
+    from nano3.data.tokenizers import Encoder
 
     repo, _ = smoke
     log = run(repo, ["dvc", "repro", "export"])

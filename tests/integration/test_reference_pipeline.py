@@ -113,7 +113,7 @@ def test_eval_holds_one_model_at_a_time(smoke, tmp_path, monkeypatch):
     import weakref
 
     from nano3.config import load_params
-    from nano3.eval import stage
+    from nano3.eval import eval as stage
 
     repo, _ = smoke
     monkeypatch.chdir(repo)
@@ -309,7 +309,7 @@ def test_the_experiment_loop_goes_back_and_forth(smoke):
 
     dvc(repo, "exp", "apply", "back")  # the model in models/ (not in DVC's cache) is still low's ...
     assert model_bytes(repo) == low_model and "models/hf" in dvc(repo, "status")
-    for name, model, runs in (("back", base_model, base), ("low", low_model, low)):  # there and back again
+    for name, model, runs in (("back", base_model, base), ("low", low_model, low), ("back", base_model, base)):
         applied = make(repo, "apply", f"EXP={name}")  # ... so `make apply` re-exports the applied run's
         assert applied.returncode == 0, applied.stderr[-2000:]
         assert ran(applied.stdout + applied.stderr) == {"export"}, applied.stdout[-2000:]

@@ -120,9 +120,9 @@ def test_the_circle_check_finds_a_circle_through_a_lazy_import_and_a_package(tmp
 
 def test_the_check_catches_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from nano3.eval.stage import run\n")
-    assert "nano3.eval.stage" in imports(bad)
-    assert LAYER[top("nano3.eval.stage")] > LAYER["export"]
+    bad.write_text("def f():\n    from nano3.eval.eval import run\n")
+    assert "nano3.eval.eval" in imports(bad)
+    assert LAYER[top("nano3.eval.eval")] > LAYER["export"]
 
 
 STAGES = ("sample", "tokenizer", "retrieval", "prep", "blend", "pretrain", "lc", "export", "eval")
@@ -141,3 +141,20 @@ def test_every_stage_entry_is_stage_main_of_a_run(stage):
     run = getattr(importlib.import_module(imported["run"]), "run")
     assert list(inspect.signature(run).parameters) == ["params", "args"]
     assert len([n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]) == 0, "logic belongs in run"
+
+
+def test_every_stage_entry_is_run_in_the_module_named_after_the_stage():
+    """Issue 35: one naming pattern. `stages/<stage>.py` calls `run(params, args)` of `nano3.<package>.<stage>`, so
+    `make <stage>`'s code is found by its name; each stage keeps its own module, so DVC's deps stay the stage's own."""
+    import importlib
+
+    entries = sorted((ROOT / "stages").glob("*.py"))
+    assert {e.stem for e in entries} >= {"sample", "tokenizer", "prep", "retrieval", "blend", "pretrain", "lc", "export",
+                                         "eval"}
+    for entry in entries:
+        found = [node.module for node in ast.walk(ast.parse(entry.read_text()))
+                 if isinstance(node, ast.ImportFrom) and any(a.name == "run" for a in node.names)]
+        assert len(found) == 1, f"{entry.name}: imports run from {found}"
+        package, module = found[0].split(".")[1:] if found[0].count(".") == 2 else (None, found[0])
+        assert module == entry.stem and package in LAYER, f"{entry.name}: run comes from {found[0]}"
+        assert callable(getattr(importlib.import_module(found[0]), "run"))

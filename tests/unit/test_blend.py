@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.utils import get_blend_from_list
 
-from nano3.blend.build import build_blends
+from nano3.blend.blend import build_blends
 from nano3.data.prep import prepare_dataset
 from nano3.errors import UserError
 from tests.conftest import make_params
@@ -67,7 +67,7 @@ def test_megatron_builder_draws_samples_in_the_blend_proportions(prepared):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     from nano3.data.megatron import megatron_tokenizer
-    from nano3.data.tokenizer import read_info
+    from nano3.data.tokenizers import read_info
 
     tok_dir = blend_params(prepared)["tokenizer"]["dir"]
     doc = json.loads((tmp / "blend" / "phase1.json").read_text())
@@ -145,7 +145,7 @@ def test_long_samples_come_without_a_quadratic_attention_mask(prepared):
     """At 64k tokens megatron-core's default mask is a 16 GiB float32 tensor per sample, built in every data-loader
     worker; it killed issue 13's ranks. Our datasets (and training's, mapping.py) leave it out; the GPU makes its own."""
     from nano3.data.megatron import build_phase_datasets, megatron_tokenizer
-    from nano3.data.tokenizer import read_info
+    from nano3.data.tokenizers import read_info
 
     tmp, params = prepared
     build_blends(blend_params(prepared, validate=False, prebuild_cache=False), log=lambda *_: None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nano3.data.tokenizer import Encoder, read_info
+from nano3.data.tokenizers import Encoder, read_info
 from nano3.export.hf import save_hf_tokenizer
 from nano3.model.flops import param_counts
 from nano3.model.hf import nemotron_h_config
@@ -63,7 +63,7 @@ def test_exported_sentencepiece_tokenizer_encodes_exactly_as_training(tmp_path, 
 def test_exported_huggingface_tokenizer_is_the_pinned_one(tmp_path, sample_dir):
     from transformers import AutoTokenizer
 
-    from nano3.data.tokenizer import save_huggingface
+    from nano3.data.tokenizers import save_huggingface
 
     docs = docs_from(sample_dir, "stdlib-docs", 100)
     save_huggingface(str(hf_tokenizer_dir(tmp_path / "src", docs)), tmp_path / "pinned")

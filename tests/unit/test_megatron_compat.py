@@ -230,7 +230,7 @@ def test_the_dataset_provider_registry_is_found_or_refused(monkeypatch):
 def test_the_tokenizer_is_built_by_megatron_core_where_it_can(spm_dir):
     """This machine's megatron-core (0.19) has the builder: the real one runs."""
     from nano3.data.megatron import bridge_tokenizer_fields
-    from nano3.data.tokenizer import read_info
+    from nano3.data.tokenizers import read_info
 
     info = read_info(spm_dir)
     tokenizer = build_megatron_tokenizer(bridge_tokenizer_fields(str(spm_dir), info.kind))

@@ -18,7 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nano3.data.prep import prepare_dataset, split_of
 from nano3.data.shards import shard_prefix
-from nano3.data.tokenizer import Encoder
+from nano3.data.tokenizers import Encoder
 from nano3.errors import UserError
 from tests.conftest import ROOT
 from tests.unit.test_sources import docs_from, write_jsonl
@@ -262,7 +262,7 @@ def test_our_bin_idx_writer_gives_megatron_cores_bytes(tmp_path, dtype):
 
 def test_data_preparation_does_not_import_torch():
     """13 s of every prep run on 2 cores was importing megatron-core (torch) before any work."""
-    code = ("import sys; import nano3.data.prep, nano3.data.sources, nano3.data.tokenizer; "
+    code = ("import sys; import nano3.data.prep, nano3.data.sources, nano3.data.tokenizers; "
             "print(sorted(m for m in ('torch', 'megatron') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -272,8 +272,8 @@ def test_the_fast_encoder_writes_the_same_bytes_and_verify_catches_a_wrong_one(t
     """Issue 14: with a byte-level BPE (the production kind), `auto` prepares with gigatoken; the dataset is byte
     for byte the one the tokenizer's own library gives, with 1 or 8 workers (8 workers on 4 units: 2 encoder
     threads each). `--verify` re-encodes with the tokenizer and stops in one line where an encoder is wrong."""
-    from nano3.data import tokenizer as tok_module
-    from nano3.data.tokenizer import save_huggingface
+    from nano3.data import tokenizers as tok_module
+    from nano3.data.tokenizers import save_huggingface
     from nano3.errors import UserError
     from tests.conftest import make_params
     from tests.unit.test_tokenizer import hf_tokenizer_dir

@@ -73,7 +73,7 @@ def test_a_stage_without_haystack_text_fails_in_one_line(tmp_path, spm_dir):
 
 
 def encoder(spm_dir):
-    from nano3.data.tokenizer import Encoder
+    from nano3.data.tokenizers import Encoder
 
     enc = Encoder(spm_dir)
     return lambda text: [int(t) for t in enc.encode_batch([text])[0]]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nano3.blend.build import build_blends
+from nano3.blend.blend import build_blends
 from nano3.data.prep import prepare_dataset
 from nano3.data.shards import main as verify_data
 from nano3.data.shards import shard_files

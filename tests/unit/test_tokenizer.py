@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nano3.data.tokenizer import Encoder, read_info, save_huggingface, train_sentencepiece
+from nano3.data.tokenizers import Encoder, read_info, save_huggingface, train_sentencepiece
 from tests.unit.test_sources import docs_from
 
 
@@ -73,7 +73,7 @@ def test_huggingface_tokenizer_by_hub_name_from_the_local_cache(tmp_path, sample
     (repo / "refs" / "main").write_text(rev)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     script = (
-        "import sys; from nano3.data.tokenizer import save_huggingface; from nano3.errors import UserError\n"
+        "import sys; from nano3.data.tokenizers import save_huggingface; from nano3.errors import UserError\n"
         "info = save_huggingface('nvidia/Fake-Nano-Tokenizer', sys.argv[1])\n"
         "print(info.source, info.vocab_size, info.eod_token)\n"
         "try:\n    save_huggingface('nvidia/Not-In-Cache', sys.argv[2])\n"
@@ -93,7 +93,7 @@ def test_huggingface_tokenizer_by_hub_name_from_the_local_cache(tmp_path, sample
 def test_gigatoken_gives_tokenizers_ids_on_the_whole_sample_corpus(tmp_path, sample_dir):
     """A byte-level BPE trained with `tokenizers` on real text (the production tokenizer's kind): gigatoken's ids
     equal tokenizers' on every document of both sample datasets, so `auto` takes it."""
-    from nano3.data.tokenizer import choose_encoder
+    from nano3.data.tokenizers import choose_encoder
 
     docs = docs_from(sample_dir, "stdlib-code") + docs_from(sample_dir, "stdlib-docs")
     src = hf_tokenizer_dir(tmp_path / "src", docs[:400], vocab_size=4096, all_bytes=True)
@@ -123,8 +123,8 @@ def test_sentencepiece_through_gigatoken_gives_sentencepieces_ids_and_a_differin
     refused (auto falls back; insisting on it is one line)."""
     import pytest
 
-    from nano3.data import tokenizer as tok_module
-    from nano3.data.tokenizer import choose_encoder, first_difference
+    from nano3.data import tokenizers as tok_module
+    from nano3.data.tokenizers import choose_encoder, first_difference
     from nano3.errors import UserError
 
     docs = docs_from(sample_dir, "stdlib-code") + docs_from(sample_dir, "stdlib-docs")

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from nano3.data.tokenizer import SPM_FILE, TokenizerInfo
+from nano3.data.tokenizers import SPM_FILE, TokenizerInfo
 from nano3.errors import UserError, brief
 from nano3.megatron_compat import build_megatron_tokenizer, process_group_for_dataset_builds
 

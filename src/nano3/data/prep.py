@@ -46,7 +46,7 @@ from nano3.data.sources import (
     configure_hub_requests,
     hub_token,
 )
-from nano3.data.tokenizer import Encoder, choose_encoder, read_info
+from nano3.data.tokenizers import Encoder, choose_encoder, read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir, atomic_write_json, read_json, sha256_file
 
@@ -210,7 +210,7 @@ def _prepare_unit_once(unit: Unit, row_limit: int | None) -> dict:
 # Orchestration
 
 
-CODE_MODULES = ("data/prep.py", "data/sources.py", "data/tokenizer.py", "data/binidx.py")  # a unit's bytes, receipt
+CODE_MODULES = ("data/prep.py", "data/sources.py", "data/tokenizers.py", "data/binidx.py")  # a unit's bytes, receipt
 
 
 def prep_code_digest() -> str:

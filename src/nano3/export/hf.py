@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from nano3.data.tokenizer import SPM_FILE, read_info
+from nano3.data.tokenizers import SPM_FILE, read_info
 from nano3.errors import UserError
 
 

@@ -13,7 +13,7 @@ def model_vocab(params) -> int:
     """
     from pathlib import Path
 
-    from nano3.data.tokenizer import read_info
+    from nano3.data.tokenizers import read_info
 
     info_file = Path(params.settings.tokenizer.dir) / "info.json"
     if info_file.exists():

@@ -17,7 +17,7 @@ from typing import Any
 from nano3.config.overrides import STAGE_OWNED
 from nano3.config.sections import Kernels, TokenizerConfig, TrainConfig, phase_section
 from nano3.data.megatron import bridge_tokenizer_fields
-from nano3.data.tokenizer import INFO_FILE, read_info
+from nano3.data.tokenizers import INFO_FILE, read_info
 from nano3.errors import UserError
 from nano3.model.presets import bridge_model_extras, model_preset
 from nano3.schedule import PhasePlan, TrainingSchedule

@@ -1,4 +1,5 @@
-"""The pretrain and lc stages: plan, then run each phase with torchrun, then write the stage manifest.
+"""The training driver of the pretrain and lc stages (train.pretrain, train.lc): plan, then run each phase with
+torchrun, then write the stage manifest.
 
 Checkpoints go to `checkpoints/<stage>/<run digest>/` (rundir.identity): a killed or preempted run
 restarts in the same directory and Bridge resumes from its latest checkpoint; a run with different
@@ -287,7 +288,8 @@ def add_options(parser) -> None:
     parser.set_defaults(takes_bridge_overrides=True)
 
 
-def run(params, args) -> dict | None:
-    """Stages `pretrain` and `lc` (`args.stage`): the plan, then each phase on the backend; the stage manifest."""
-    return run_training_stage(args.stage, params, args.bridge, dry_run=args.dry_run, gpu_memory_gib=args.gpu_memory,
+def run_from_args(stage: str, params, args) -> dict | None:
+    """Stage `pretrain` or `lc` from its command line (train.pretrain, train.lc): the plan, then each phase on the
+    backend; the stage manifest."""
+    return run_training_stage(stage, params, args.bridge, dry_run=args.dry_run, gpu_memory_gib=args.gpu_memory,
                               strict=args.strict, show_bridge=args.bridge_fields)

@@ -37,7 +37,7 @@ def build(params, phase: PhasePlan, run_dir: str | Path, backend: str, pretraine
           bridge_cli: dict[str, Any] | None = None) -> dict:
     """The spec of one phase, from params as `backend` runs them (backends.for_backend)."""
     from nano3.data.megatron import prefixes_and_weights
-    from nano3.data.tokenizer import read_info
+    from nano3.data.tokenizers import read_info
     from nano3.model.flops import mixed_flops_per_token, padded_vocab
     from nano3.model.presets import model_preset
     from nano3.model.vocab import model_vocab

@@ -22,7 +22,7 @@ from pathlib import Path
 from nano3.config import section_name
 from nano3.config.sections import Mix
 from nano3.data.lc_mix import is_short
-from nano3.data.tokenizer import read_info
+from nano3.data.tokenizers import read_info
 from nano3.errors import UserError
 from nano3.files import atomic_dir
 from nano3.schedule import PhasePlan

@@ -40,7 +40,7 @@ LIVE = "live"
 # stays in the plots, the run's live/metrics.json and the stage manifest.
 HEADLINE_METRICS = {"loss": ("train", "loss"), "valid_loss": ("valid", "loss")}
 # The package code a training run's weights depend on: the pretrain stage's code deps in dvc.yaml
-TRAINING_CODE = ("train", "model", "data/megatron.py", "data/lc_mix.py", "data/tokenizer.py", "data/binidx.py",
+TRAINING_CODE = ("train", "model", "data/megatron.py", "data/lc_mix.py", "data/tokenizers.py", "data/binidx.py",
                  "schedule.py", "config", "megatron_compat.py")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from nano3.blend.report import write_report
 from nano3.blend.spec import PHASES, blend_rows, held_out_gaps, load_manifests, per_split_blend, phase_weights
 from nano3.data.megatron import build_phase, megatron_tokenizer, split_sizes
-from nano3.data.tokenizer import read_info
+from nano3.data.tokenizers import read_info
 from nano3.errors import UserError
 from nano3.files import atomic_write_json
 from nano3.schedule import build_schedule

@@ -15,7 +15,7 @@ import numpy as np
 
 from nano3.config.clusters import local_gpu_memory
 from nano3.data.splits import blend_datasets, split_stream, windows
-from nano3.data.tokenizer import read_info
+from nano3.data.tokenizers import read_info
 from nano3.errors import UserError
 from nano3.export.footprint import check_stage
 from nano3.export.hf import save_hf_tokenizer
