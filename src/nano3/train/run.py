@@ -123,18 +123,16 @@ def check_lc_mix_on_megatron(params) -> None:
                         f"make lc.mix.short_length ({mix.short_length}) a multiple of {2 * cp}")
 
 
-def check_bridge_fields(bridge_cli: list[str], log) -> None:
-    """--dry-run: set the `bridge.*` fields on Bridge's recipe config as the ranks will (an unknown field is an
-    error); where Bridge does not import (a CPU machine), say that they were not checked."""
-    if not bridge_cli:
+def check_bridge_fields(bridge: dict, log) -> None:
+    """--dry-run: set the command line's `bridge.*` fields on Bridge's recipe config as the ranks will (an unknown
+    field is an error); where Bridge does not import (a CPU machine), say that they were not checked."""
+    if not bridge:
         return
-    from nano3.config import parse_override
-
-    names = ", ".join(f"bridge.{item.partition('=')[0]}" for item in bridge_cli)
+    names = ", ".join(f"bridge.{key}" for key in bridge)
     try:
         from nano3.train.entry import build_config
 
-        build_config(dict(parse_override(text) for text in bridge_cli))
+        build_config(dict(bridge))
     except UserError:
         raise
     except Exception as e:  # not installed, or no GPU stack under it (Transformer Engine)
@@ -144,14 +142,13 @@ def check_bridge_fields(bridge_cli: list[str], log) -> None:
     log(f"dry run: {names} set on Megatron-Bridge's recipe config")
 
 
-def phase_bridge_fields(params, plan: Plan, stage: str, bridge_cli: list[str]) -> dict[str, dict]:
+def phase_bridge_fields(params, plan: Plan, stage: str, bridge: dict) -> dict[str, dict]:
     """--dry-run: the Bridge fields each phase's spec will hold (train.spec), before any run directory exists."""
     from nano3.train.mapping import bridge_overrides
 
     run_dir = str(rundir.run_dir(params.settings.train, stage, "<run digest>"))
     pretrained = "<pretrain's checkpoint>" if stage == "lc" else None
-    extra = dict(parse_override(text) for text in bridge_cli)
-    return {p.name: bridge_overrides(params, plan.schedule, p, run_dir, pretrained) | extra
+    return {p.name: bridge_overrides(params, plan.schedule, p, run_dir, pretrained) | bridge
             for p in plan.schedule.phases if (p.name == "lc") == (stage == "lc")}
 
 
@@ -188,6 +185,7 @@ def run_training_stage(stage: str, requested, bridge_cli: list[str], dry_run: bo
 
     backend = resolve_backend(requested)
     params = for_backend(requested, backend)
+    bridge = dict(parse_override(text) for text in bridge_cli)
     if stage == "lc" and backend == "megatron":
         check_lc_mix_on_megatron(params)
     memory = gpu_memory_target(gpu_memory_gib) if backend == "megatron" else None
@@ -197,14 +195,14 @@ def run_training_stage(stage: str, requested, bridge_cli: list[str], dry_run: bo
     print_plan(plan, stage, backend, memory)
     report = Path("reports") / "plan"
     report.mkdir(parents=True, exist_ok=True)
-    fields = phase_bridge_fields(params, plan, stage, bridge_cli) if backend == "megatron" else {}
+    fields = phase_bridge_fields(params, plan, stage, bridge) if backend == "megatron" else {}
     atomic_write_json(report / f"{stage}.json", plan.as_dict() | {"backend": backend, "bridge_fields": fields})
     if dry_run:
         if show_bridge:
             print_bridge_fields(fields, stage, log)
         elif fields:
             log(f"{stage}: the Megatron-Bridge fields of each phase: make plan BRIDGE=1, or {report / f'{stage}.json'}")
-        check_bridge_fields(bridge_cli, log)
+        check_bridge_fields(bridge, log)
         check_pinned_data(params, strict, log)
         return None
 
@@ -250,7 +248,6 @@ def run_training_stage(stage: str, requested, bridge_cli: list[str], dry_run: bo
                 log(f"{stage}: run {digest} finished at iteration {done} before: reused, not retrained; its "
                     f"metrics are back in {live_dir}")
         code = rundir.record_code(run_dir, stage, done, phases[-1].end_iter, log) if node0 else []
-        bridge = dict(parse_override(text) for text in bridge_cli)
         specs = {p.name: spec.write(run_dir, spec.build(params, p, run_dir, backend, pretrained, bridge))
                  for p in phases if done < p.end_iter}
         training = TrainingRun(stage=stage, params=params, plan=plan, phases=phases, run_dir=run_dir,
