@@ -86,6 +86,24 @@ def params_factory(tmp_path, spm_dir):
     return factory
 
 
+def write_hub_repo(repo: Path, configs: dict[str, tuple[str, list[dict]]]) -> Path:
+    """A dataset repo laid out as on the Hub, as `prep.hf_mirror` reads it: per config, a folder of Parquet files
+    (one per table of columns) and its entry in the README card's `configs`; a config named `default` with the
+    folder `data` is the card-less default layout (data/*.parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    card = []
+    for name, (folder, tables) in configs.items():
+        (repo / folder).mkdir(parents=True)
+        for i, columns in enumerate(tables):
+            pq.write_table(pa.table(columns), repo / folder / f"part_{i}.parquet")
+        if (name, folder) != ("default", "data"):
+            card.append({"config_name": name, "data_files": [{"split": "train", "path": f"{folder}/*.parquet"}]})
+    (repo / "README.md").write_text(f"---\n{yaml.safe_dump({'configs': card}) if card else 'license: other\n'}---\n")
+    return repo
+
+
 SKIP_WHEN_NOT_GIT = {".git", ".venv", "data", "checkpoints", "dvclive", "reports", "logs", "__pycache__",
                      ".pytest_cache", ".ruff_cache"}
 

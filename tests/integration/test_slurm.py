@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from nano3.launch.slurm import job_state
-from tests.conftest import ROOT, copy_repo
+from tests.conftest import ROOT, copy_repo, write_hub_repo
 from tests.unit.test_prep import tree_digest
 
 pytestmark = [pytest.mark.slurm]
@@ -493,17 +493,9 @@ def hub_mirror_of_the_stdlib(root: Path) -> Path:
     own standard-library modules (real text, as the sample corpus)."""
     import sysconfig
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    subset = root / "nvidia" / "Nemotron-Stdlib" / "Modules"
-    subset.mkdir(parents=True)
-    for i in range(2):
-        texts = [f.read_text(errors="replace") for f in files[i::2]]
-        pq.write_table(pa.table({"text": texts}), subset / f"part_{i}.parquet")
-    (subset.parent / "README.md").write_text("---\nconfigs:\n- config_name: Modules\n  data_files:\n  - split: train\n"
-                                             "    path: Modules/*.parquet\n---\n")
+    write_hub_repo(root / "nvidia" / "Nemotron-Stdlib", {"Modules": ("Modules", [
+        {"text": [f.read_text(errors="replace") for f in files[i::2]]} for i in range(2)])})
     return root
 
 

@@ -13,6 +13,7 @@ import zstandard
 
 from nano3.data.sources import DatasetSpec, Source, iter_texts
 from nano3.errors import UserError
+from tests.conftest import write_hub_repo
 
 
 def docs_from(sample_dir: Path, name: str, n: int | None = None) -> list[str]:
@@ -76,16 +77,9 @@ def test_save_to_disk_directory(tmp_path, docs):
 
 def write_hub_layout(root: Path, docs: list[str]) -> Path:
     """A dataset repo laid out as on the Hub: README configs + per-subset Parquet files."""
-    repo = root / "nvidia" / "Nemotron-Fake"
-    for subset, chunk in (("High-Quality", docs[:40]), ("Medium-Quality", docs[40:])):
-        (repo / subset).mkdir(parents=True)
-        for i in range(2):
-            part = chunk[i::2]
-            pq.write_table(pa.table({"text": part, "id": list(range(len(part)))}), repo / subset / f"part_{i}.parquet")
-    (repo / "README.md").write_text(
-        "---\nconfigs:\n"
-        "- config_name: High-Quality\n  data_files:\n  - split: train\n    path: High-Quality/*.parquet\n"
-        "- config_name: Medium-Quality\n  data_files:\n  - split: train\n    path: Medium-Quality/*.parquet\n---\n")
+    write_hub_repo(root / "nvidia" / "Nemotron-Fake", {
+        subset: (subset, [{"text": chunk[i::2], "id": list(range(len(chunk[i::2])))} for i in range(2)])
+        for subset, chunk in (("High-Quality", docs[:40]), ("Medium-Quality", docs[40:]))})
     return root
 
 
@@ -106,29 +100,18 @@ def write_code_hub_layouts(root: Path, code: list[str]) -> dict[str, list[str]]:
     nemotron_v2.py): Nemotron-CC-Code-v1 with one default config, `data/*.parquet`; Nemotron-Pretraining-Code-v2
     with a README config per synthetic-code folder, and Nemotron-Code-Metadata, which lists GitHub files without
     their text. Returns the texts each hub source holds, by source."""
-    held = {}
-    cc = root / "nvidia" / "Nemotron-CC-Code-v1"
-    (cc / "data").mkdir(parents=True)
-    for i in range(2):
-        pq.write_table(pa.table({"text": code[i:20:2], "id": [str(k) for k in range(len(code[i:20:2]))]}),
-                       cc / "data" / f"part_{i:05d}.parquet")
-    (cc / "README.md").write_text("---\nlicense: other\n---\n# Nemotron-CC-Code-v1\n")
-    held["hf://nvidia/Nemotron-CC-Code-v1"] = code[0:20:2] + code[1:20:2]
-    v2 = root / "nvidia" / "Nemotron-Pretraining-Code-v2"
-    card = ["---", "configs:"]
+    cc = [code[i:20:2] for i in range(2)]
+    write_hub_repo(root / "nvidia" / "Nemotron-CC-Code-v1",
+                   {"default": ("data", [{"text": part, "id": [str(k) for k in range(len(part))]} for part in cc])})
+    held = {"hf://nvidia/Nemotron-CC-Code-v1": cc[0] + cc[1]}
+    configs = {}
     for k, name in enumerate(CODE_V2):
-        folder = f"Synthetic-Code/synthetic-{name.lower()}"
-        (v2 / folder).mkdir(parents=True)
         texts = code[20 + 4 * k: 24 + 4 * k]
-        pq.write_table(pa.table({"text": texts}), v2 / folder / "part_00000.parquet")
-        card += [f"- config_name: Synthetic-{name}", "  data_files:", "  - split: train", f"    path: {folder}/*.parquet"]
+        configs[f"Synthetic-{name}"] = (f"Synthetic-Code/synthetic-{name.lower()}", [{"text": texts}])
         held[f"hf://nvidia/Nemotron-Pretraining-Code-v2/Synthetic-{name}"] = texts
-    (v2 / "Nemotron-Code-Metadata").mkdir()
-    pq.write_table(pa.table({"repo": ["python/cpython"], "commit_id": ["0" * 40], "rel_path": ["Lib/json/__init__.py"]}),
-                   v2 / "Nemotron-Code-Metadata" / "part_00000.parquet")
-    card += ["- config_name: Nemotron-Code-Metadata", "  data_files:", "  - split: train",
-             "    path: Nemotron-Code-Metadata/*.parquet", "---"]
-    (v2 / "README.md").write_text("\n".join(card) + "\n")
+    configs["Nemotron-Code-Metadata"] = ("Nemotron-Code-Metadata", [
+        {"repo": ["python/cpython"], "commit_id": ["0" * 40], "rel_path": ["Lib/json/__init__.py"]}])
+    write_hub_repo(root / "nvidia" / "Nemotron-Pretraining-Code-v2", configs)
     return held
 
 
