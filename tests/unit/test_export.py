@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nano3.data.tokenizers import Encoder, read_info
@@ -70,3 +72,17 @@ def test_exported_huggingface_tokenizer_is_the_pinned_one(tmp_path, sample_dir):
     save_hf_tokenizer(tmp_path / "pinned", tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert [tok.encode(d, add_special_tokens=False) for d in docs[:20]] == Encoder(tmp_path / "pinned").encode_batch(docs[:20])
+
+
+def test_the_exported_tokenizer_files_do_not_depend_on_the_machines_hub_settings(spm_dir, tmp_path):
+    """Found on the recipe-image stand-in: under HF_HUB_OFFLINE=1 (a cluster job) transformers wrote
+    `local_files_only: true` into tokenizer_config.json, so the same tokenizer exported to different bytes."""
+    import subprocess
+    import sys
+
+    code = "import sys; from nano3.export.hf import save_hf_tokenizer; save_hf_tokenizer(sys.argv[1], sys.argv[2])"
+    for offline in ("0", "1"):
+        env = {**os.environ, "HF_HUB_OFFLINE": offline}
+        subprocess.run([sys.executable, "-c", code, str(spm_dir), str(tmp_path / offline)], env=env, check=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "0" / name).read_bytes() == (tmp_path / "1" / name).read_bytes(), name

@@ -39,3 +39,9 @@ def save_hf_tokenizer(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
     }))
     AutoTokenizer.from_pretrained(staging).save_pretrained(out_dir)
     shutil.rmtree(staging)
+    # transformers writes the load's `local_files_only` (True under HF_HUB_OFFLINE) into the saved config: a setting of
+    # the machine that exported, which would make the export's bytes depend on it
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    if config.pop("local_files_only", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
