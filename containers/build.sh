@@ -27,7 +27,8 @@ case "$tool" in
     enroot start --rw -m "$PWD:/opt/nano3-src" nano3-build bash -c \
       "mkdir -p /opt/nano3 && cp /opt/nano3-src/containers/requirements.txt /opt/nano3/ && \
        bash /opt/nano3-src/containers/install_extras.sh /opt/nano3/requirements.txt /opt/nano3/constraints.txt && \
-       cd /opt/nano3-src && bash containers/sanity.sh"
+       cd /opt/nano3-src && PYTHONPATH=src python -m nano3.extras --bake /opt/nano3/nemotron-h && \
+       bash containers/sanity.sh"
     enroot export -o containers/nano3.sqsh nano3-build
     enroot remove -f nano3-build ;;
   *) echo "error: unknown container tool '$tool' (docker, podman, apptainer, enroot)" >&2; exit 2 ;;

@@ -310,6 +310,8 @@ def test_a_queued_job_runs_the_params_and_code_it_was_submitted_with(repo):
         status = launch(repo, "status").stdout
         assert f"warning: params.yaml changed after job(s) {job} were submitted; they keep" in status, status
         frozen = next(f for f in (repo / "logs" / "frozen").iterdir() if job in (f / "jobs").read_text().split())
+        # what a job-start install reads is frozen too (image_extras = install)
+        assert (frozen / "containers" / "requirements.txt").read_bytes() == (repo / "containers" / "requirements.txt").read_bytes()
         month_old = time.time() - 30 * 86400
         os.utime(frozen, (month_old, month_old))
         prune = [sys.executable, "-c", "from nano3.launch.slurm import prune_frozen; print(len(prune_frozen()))"]

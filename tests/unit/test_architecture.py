@@ -1,6 +1,6 @@
 """The package's layers point one way: a module imports only its own package and the layers below it.
 
-    errors  <  files, code, megatron_compat  <  config  <  cli  <  data  <  model, schedule  <  blend  <  train
+    errors  <  files, code, megatron_compat, extras  <  config  <  cli  <  data  <  model, schedule  <  blend  <  train
     <  export  <  eval  <  launch
 
 Lazy imports inside functions count: a layer that reaches up, even lazily, is how cycles and the "export imports
@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "src" / "nano3"
-LAYER = {"__init__": 0, "errors": 0, "files": 1, "code": 1, "megatron_compat": 1, "config": 2, "cli": 3, "data": 4, "model": 5,
+LAYER = {"__init__": 0, "errors": 0, "files": 1, "code": 1, "megatron_compat": 1, "extras": 1, "config": 2, "cli": 3, "data": 4, "model": 5,
          "schedule": 5, "blend": 6, "train": 7, "export": 8, "eval": 9, "launch": 10}
 
 

@@ -6,14 +6,16 @@ from tests.conftest import ROOT
 
 
 def test_container_requirements_match_the_lock():
+    """nano3's packages, and the side folder of export and eval (transformers 5 where the image has 4.57)."""
     lock = {p["name"]: p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
-    lines = [line for line in (ROOT / "containers" / "requirements.txt").read_text().splitlines()
-             if line and not line.startswith("#")]
-    assert len(lines) >= 10
-    for line in lines:
-        name, version = line.split("==")
-        key = name.lower().replace("_", "-").replace(".", "-")
-        assert lock[key] == version, f"{name}: {version} vs uv.lock {lock.get(name)}"
+    for file, least in (("requirements.txt", 10), ("nemotron-h.txt", 3)):
+        lines = [line for line in (ROOT / "containers" / file).read_text().splitlines()
+                 if line and not line.startswith("#")]
+        assert len(lines) >= least, file
+        for line in lines:
+            name, version = line.split("==")
+            key = name.lower().replace("_", "-").replace(".", "-")
+            assert lock[key] == version, f"{file}: {name}: {version} vs uv.lock {lock.get(name)}"
 
 
 def test_every_container_recipe_installs_that_file_from_the_recipe_base_image():
@@ -21,8 +23,12 @@ def test_every_container_recipe_installs_that_file_from_the_recipe_base_image():
         text = (ROOT / "containers" / recipe).read_text()
         assert "nvcr.io/nvidia/nemo:25.11.nemotron_3_nano" in text and "requirements.txt" in text
     # one script pins the image's training stack and installs: each recipe and the job-start install call it
-    for user in ("containers/Dockerfile", "containers/apptainer.def", "containers/build.sh", "stages/in_image.sh"):
+    for user in ("containers/Dockerfile", "containers/apptainer.def", "containers/build.sh", "src/nano3/extras.py"):
         assert "install_extras.sh" in (ROOT / user).read_text(), user
+    # the job start installs through nano3.extras; each build bakes the side folder of export and eval
+    assert "nano3.extras" in (ROOT / "stages" / "in_image.sh").read_text()
+    for recipe in ("Dockerfile", "apptainer.def", "build.sh"):
+        assert "nano3.extras --bake /opt/nano3/nemotron-h" in (ROOT / "containers" / recipe).read_text(), recipe
 
 
 def test_every_image_build_ends_with_the_sanity_step_on_the_sources_it_copies():

@@ -16,6 +16,7 @@ from nano3.data.splits import blend_datasets, split_stream, windows
 from nano3.errors import UserError, brief
 from nano3.eval import long_context
 from nano3.export.footprint import check_stage
+from nano3.extras import ensure_nemotron_h
 from nano3.files import atomic_write_json, atomic_write_text, read_json
 from nano3.model.hf import chunk_moe_tokens, free_gpu_memory, steady_gpu_allocator, use_cpu_mamba_chunks
 from nano3.model.logits import input_device, summed_loss
@@ -132,6 +133,7 @@ def report(metrics: dict, samples: list[dict]) -> str:
 
 def run(params, args) -> dict:
     """Stage `eval`."""
+    ensure_nemotron_h()  # as export: transformers' NemotronH loads the exported model
     metrics = eval_stage(params)
     out = params.settings.eval.out_dir
     print(f"eval: report {out}/report.md, results {out}/results.json (the headline in metrics.json)")

@@ -19,6 +19,7 @@ from nano3.data.tokenizers import read_info
 from nano3.errors import UserError
 from nano3.export.footprint import check_stage
 from nano3.export.hf import save_hf_tokenizer
+from nano3.extras import ensure_nemotron_h
 from nano3.files import atomic_dir, atomic_write_json, link_or_copy, read_json
 from nano3.model.hf import nemotron_h_config, steady_gpu_allocator
 from nano3.model.presets import model_preset
@@ -99,6 +100,7 @@ def export_stage(params) -> dict:
 
 def run(params, args) -> dict:
     """Stage `export`."""
+    ensure_nemotron_h()  # on an image without transformers' NemotronH: its side folder, or one line before any work
     record = export_stage(params)
     check = record["logits_check"]
     print(f"export: {record['source']} iteration {record['iteration']} -> {params.settings.export.out_dir}"

@@ -137,8 +137,8 @@ _frozen: dict[str, Path] = {}
 
 def frozen_checkout(params_file: str) -> Path:
     """What the jobs of this submission run, copied once per submitting process: the package (src/nano3), the
-    stage scripts, configs/ and the params file. A queued or requeued job reads them at every start; from this copy, an
-    edit of the checkout after submission (params, code, another branch) reaches only later submissions."""
+    stage scripts, configs/, containers/ and the params file. A queued or requeued job reads them at every start; from
+    this copy, an edit of the checkout after submission (params, code, another branch) reaches only later submissions."""
     if params_file not in _frozen:
         prune_frozen()
         name = Path(params_file).name if Path(params_file).is_absolute() else params_file
@@ -148,6 +148,7 @@ def frozen_checkout(params_file: str) -> Path:
             shutil.copytree("src/nano3", tmp / "src" / "nano3", ignore=junk)
             shutil.copytree("stages", tmp / "stages", ignore=junk)
             shutil.copytree("configs", tmp / "configs", ignore=junk)  # deviations.yaml, read beside the package
+            shutil.copytree("containers", tmp / "containers", ignore=junk)  # image_extras = install's requirements
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(params_file, tmp / name)
             (tmp / "params_name").write_text(name)
