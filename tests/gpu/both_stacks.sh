@@ -12,6 +12,9 @@ set -uo pipefail
 ROOT=$(pwd)
 K=${2:-"loss_falls or blend_switch or lr_curve or lc_starts or exported or effective_config or production_config or without_callbacks"}
 lane_path() { if [ "$1" = older ]; then echo "${OLDER_SITE:-/root/older-site}:$ROOT/src"; else echo "$ROOT/src"; fi; }
+# The older lane is the recipe image's stand-in: a job there runs with image_extras = "install", and export and eval
+# install their side folder (transformers 5) from the wheels older_stack.sh prepared (the machine has no index).
+lane_env() { if [ "$1" = older ]; then echo "NANO3_IMAGE_EXTRAS=install PIP_NO_INDEX=1 PIP_FIND_LINKS=$ROOT/.dev-older/side"; fi; }
 case "${1:-}" in
   start)
     gpu=0; ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU') || true; [ "${ngpus:-0}" -ge 1 ] || ngpus=1
@@ -36,7 +39,7 @@ PY
         touch "$dir.ready"
       fi
       own="K_${lane^^}"
-      CUDA_VISIBLE_DEVICES=$((gpu % ngpus)) NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=$dir PYTHONPATH=$(lane_path $lane) \
+      env $(lane_env $lane) CUDA_VISIBLE_DEVICES=$((gpu % ngpus)) NANO3_SYSTEM_PYTHON=1 NANO3_GPU_SMOKE_DIR=$dir PYTHONPATH=$(lane_path $lane) \
         PYTHONUNBUFFERED=1 setsid nohup python3 -m pytest -m gpu tests/gpu -v -s -k "${!own:-$K}" > /root/lane-$lane.log 2>&1 &
       echo $! > /root/lane-$lane.pid
       gpu=$((gpu + 1))

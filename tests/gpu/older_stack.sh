@@ -10,19 +10,24 @@
 #   then run anything on the older stack with   PYTHONPATH=/root/older-site:$PWD/src
 #
 # --target keeps both stacks on one machine: PYTHONPATH picks one. Transformer Engine, mamba-ssm and torch stay
-# the current stack's (TE 2.20.2, where Bridge 0.3.1 asks for < 2.13). transformers: the machine's 5.x when
-# Bridge 0.3.1 imports with it (the Hugging Face export needs NemotronH, which transformers 4.x lacks), else 4.57.6.
+# the current stack's (TE 2.20.2, where Bridge 0.3.1 asks for < 2.13). The image's Python packages come from the
+# stand-in of tests/standin/recipe_image.txt (transformers 4.57.6 without NemotronH, huggingface-hub 0.36, datasets
+# 4.4, protobuf 6.33; numpy and pyarrow stay the machine's, built against its torch), so this stack is the recipe
+# image's as far as a bare GPU machine allows. .dev-older/side holds containers/nemotron-h.txt's wheels: export and
+# eval install their side folder from it (tests/gpu/both_stacks.sh sets PIP_FIND_LINKS for the lane).
 set -euo pipefail
 SITE=${OLDER_SITE:-/root/older-site}
 case "${1:-}" in
   prepare)
     ROOT=$(git rev-parse --show-toplevel); OUT=$ROOT/.dev-older
     grep -qx '/.dev-older/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.dev-older/' >> "$ROOT/.git/info/exclude"
-    rm -rf "$OUT" && mkdir -p "$OUT/base" "$OUT/tf4"
+    rm -rf "$OUT" && mkdir -p "$OUT/base" "$OUT/standin" "$OUT/side"
     PLAT=""; for t in manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 any; do PLAT="$PLAT --platform $t"; done
     get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT -d "$@"; }
     get "$OUT/base" megatron-bridge==0.3.1 megatron-core==0.16.1
-    get "$OUT/tf4" transformers==4.57.6 huggingface-hub==0.36.0
+    get "$OUT/standin" $(grep -iE '^(transformers|huggingface-hub|tokenizers|datasets|fsspec|protobuf)==' \
+                          "$ROOT/tests/standin/recipe_image.txt")
+    get "$OUT/side" $(grep -vE '^[[:space:]]*(#|$)' "$ROOT/containers/nemotron-h.txt")
     cp "$0" "$OUT/older_stack.sh"
     echo "prepared $OUT ($(du -sh "$OUT" | cut -f1)); carry it and run: bash .dev-older/older_stack.sh install" ;;
   install)
@@ -31,17 +36,14 @@ case "${1:-}" in
     $PIP "$HERE"/base/*.whl
     # megatron-core's wheel lacks the Makefile Bridge runs at start-up (as in ../shared/gpu/install.sh)
     MK=$SITE/megatron/core/datasets/Makefile; [ -f "$MK" ] || printf 'all:\n\t@true\n' > "$MK"
+    $PIP "$HERE"/standin/*.whl  # the recipe image's transformers, hub, datasets, protobuf
     check='import warnings; warnings.filterwarnings("ignore")
 from megatron.bridge.training.pretrain import pretrain
 from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
 from megatron.bridge import AutoBridge
-import megatron.bridge, megatron.core, transformers
+import megatron.bridge, megatron.core, transformers, huggingface_hub
 print("older stack ready: megatron-bridge", megatron.bridge.__version__, "megatron-core", megatron.core.__version__,
-      "transformers", transformers.__version__)'
-    if ! PYTHONPATH=$SITE python3 -c "$check" 2> /root/older-check.log; then
-      tail -3 /root/older-check.log; echo "Bridge 0.3.1 does not import with this transformers: installing 4.57.6"
-      $PIP "$HERE"/tf4/*.whl
-      PYTHONPATH=$SITE python3 -c "$check"
-    fi ;;
+      "transformers", transformers.__version__, "huggingface-hub", huggingface_hub.__version__)'
+    PYTHONPATH=$SITE python3 -c "$check" ;;
   *) echo "usage: $0 prepare|install" >&2; exit 2 ;;
 esac
