@@ -12,7 +12,7 @@
 # --target keeps both stacks on one machine: PYTHONPATH picks one. Transformer Engine, mamba-ssm and torch stay
 # the current stack's (TE 2.20.2, where Bridge 0.3.1 asks for < 2.13). The image's Python packages come from the
 # stand-in of tests/standin/recipe_image.txt (transformers 4.57.6 without NemotronH, huggingface-hub 0.36, datasets
-# 4.4, protobuf 6.33; numpy and pyarrow stay the machine's, built against its torch), so this stack is the recipe
+# 4.4; numpy, pyarrow and protobuf stay the machine's), so this stack is the recipe
 # image's as far as a bare GPU machine allows. .dev-older/side holds containers/nemotron-h.txt's wheels: export and
 # eval install their side folder from it (tests/gpu/both_stacks.sh sets PIP_FIND_LINKS for the lane).
 set -euo pipefail
@@ -25,7 +25,8 @@ case "${1:-}" in
     PLAT=""; for t in manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 any; do PLAT="$PLAT --platform $t"; done
     get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT -d "$@"; }
     get "$OUT/base" megatron-bridge==0.3.1 megatron-core==0.16.1
-    get "$OUT/standin" $(grep -iE '^(transformers|huggingface-hub|tokenizers|datasets|fsspec|protobuf)==' \
+    # not its protobuf 6.33: the machine's other packages (2026-12-03) need protobuf 7's API at import
+    get "$OUT/standin" $(grep -iE '^(transformers|huggingface-hub|tokenizers|datasets|fsspec)==' \
                           "$ROOT/tests/standin/recipe_image.txt")
     get "$OUT/side" $(grep -vE '^[[:space:]]*(#|$)' "$ROOT/containers/nemotron-h.txt")
     cp "$0" "$OUT/older_stack.sh"
