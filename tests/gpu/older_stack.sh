@@ -37,7 +37,7 @@ case "${1:-}" in
     $PIP "$HERE"/base/*.whl
     # megatron-core's wheel lacks the Makefile Bridge runs at start-up (as in ../shared/gpu/install.sh)
     MK=$SITE/megatron/core/datasets/Makefile; [ -f "$MK" ] || printf 'all:\n\t@true\n' > "$MK"
-    $PIP "$HERE"/standin/*.whl  # the recipe image's transformers, hub, datasets, protobuf
+    $PIP "$HERE"/standin/*.whl  # the recipe image's transformers, hub, tokenizers, datasets
     check='import warnings; warnings.filterwarnings("ignore")
 from megatron.bridge.training.pretrain import pretrain
 from megatron.bridge.recipes.nemotronh.nemotron_3_nano import nemotron_3_nano_pretrain_config
