@@ -31,7 +31,6 @@ import nano3
 from nano3.errors import UserError
 
 ROOT = Path(nano3.__file__).resolve().parents[2]  # the checkout, or the job's frozen copy of it
-REQUIREMENTS = ROOT / "containers" / "requirements.txt"
 NEMOTRON_H = ROOT / "containers" / "nemotron-h.txt"
 INSTALL = ROOT / "containers" / "install_extras.sh"
 BAKED = "/opt/nano3/nemotron-h"  # the side folder in an image `make container` built (NANO3_NEMOTRON_H_DIR: elsewhere)
