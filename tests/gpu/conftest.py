@@ -149,10 +149,17 @@ def smoke(tmp_path_factory):
     if (repo / "checkpoints" / "lc.json").exists() and log_file.exists():
         return repo, log_file.read_text()
     blended_copy(repo)
-    log = run(repo, ["make", "smoke"], timeout=1800)
+    partial = repo / "logs" / "smoke.partial.log"  # attempts that failed: a retry resumes where they stopped
+    try:
+        log = run(repo, ["make", "smoke"], timeout=1800)
+    except AssertionError:
+        tried = (repo / "logs" / "gpu-tests.log").read_text()
+        with open(partial, "a") as f:
+            f.write(tried[tried.rindex("\n$ make smoke\n"):])
+        raise
     log_file.parent.mkdir(exist_ok=True)
-    with open(log_file, "a") as f:  # an interrupted first attempt's lines come first
-        f.write(log)
+    with open(log_file, "a") as f:  # a failed or interrupted attempt's lines come first: they trained what it resumed
+        f.write((partial.read_text() if partial.exists() else "") + log)
     log = log_file.read_text()
     print(log[-3000:])
     return repo, log
