@@ -47,6 +47,13 @@ def folder_for(requirements: Path, base: Path) -> Path:
     return base / f"{requirements.stem}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}-{image_digest()}"
 
 
+def install_into(requirements: Path, folder: Path, side: bool, *pip_args: str, **run) -> subprocess.CompletedProcess:
+    """containers/install_extras.sh into `folder` (its constraints beside), with this Python's pip, not PATH's."""
+    cmd = ["bash", str(INSTALL), str(requirements), str(folder / "constraints.txt"), *(["--side"] if side else []),
+           *pip_args, "--target", str(folder)]
+    return subprocess.run(cmd, env={**os.environ, "PYTHON": sys.executable}, **run)
+
+
 def install_once(requirements: Path, side: bool = False, base: Path | None = None, log=print) -> Path:
     """The folder holding `requirements` for this image, installed by this call if no task has yet."""
     final = folder_for(requirements, base or Path.cwd() / ".nano3-extras")
@@ -57,10 +64,8 @@ def install_once(requirements: Path, side: bool = False, base: Path | None = Non
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log(f"nano3: installing {requirements.name} into {final} (image_extras = install{', export/eval only' if side else ''})")
-    cmd = ["bash", str(INSTALL), str(requirements), str(work / "constraints.txt"), *(["--side"] if side else []),
-           "--quiet", "--target", str(work)]
-    done = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True,  # stdout: the folder only
-                          env={**os.environ, "PYTHON": sys.executable})  # this Python's pip, not PATH's
+    done = install_into(requirements, work, side, "--quiet", stdout=sys.stderr,  # stdout: the folder only
+                        stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         shutil.rmtree(work, ignore_errors=True)
         why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("error: ")
@@ -81,7 +86,7 @@ def has_nemotron_h() -> bool:
         return False
 
 
-def ensure_nemotron_h(argv: list[str] | None = None) -> None:
+def ensure_nemotron_h() -> None:
     """Export and eval load transformers' NemotronH. On an image without it, with `image_extras = "install"`, the
     side folder is installed (once) and the stage runs again with it first on PYTHONPATH; otherwise it stops
     here, before any work, in one line saying what to set."""
@@ -103,9 +108,8 @@ def ensure_nemotron_h(argv: list[str] | None = None) -> None:
     side = baked or install_once(NEMOTRON_H, side=True)
     print(f"nano3: {have} lacks NemotronH: this stage runs with {side} first on PYTHONPATH", flush=True)
     path = os.pathsep.join(filter(None, [str(side), os.environ.get("PYTHONPATH")]))
-    argv = sys.argv if argv is None else argv
     env = {**os.environ, "PYTHONPATH": path, "NANO3_NEMOTRON_H_SIDE": str(side)}
-    os.execve(sys.executable, [sys.executable, *argv], env)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def bake(folder: Path) -> None:
@@ -115,8 +119,7 @@ def bake(folder: Path) -> None:
         print(f"nano3: this image's transformers has NemotronH: no side folder at {folder}")
         return
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["bash", str(INSTALL), str(NEMOTRON_H), str(folder / "constraints.txt"), "--side",
-                           "--no-cache-dir", "--target", str(folder)], env={**os.environ, "PYTHON": sys.executable})
+    done = install_into(NEMOTRON_H, folder, True)
     if done.returncode != 0:
         raise UserError(f"{NEMOTRON_H}: the side folder's install failed (exit {done.returncode})")
 
